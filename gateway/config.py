@@ -1,0 +1,328 @@
+"""Configuration: a TOML file and command-line options become one frozen, validated `Config`.
+
+Every setting is declared once, in `SETTINGS`, with its default, its parser and its help text.
+`etc/ftp-gateway.toml` documents the same table. Invalid values raise `ConfigError` whose message
+names the setting and says what is wrong, in one line, so start-up can print it and exit.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.addresses import HostPort, parse_host_port
+from gateway.policy import Rule
+
+UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message is one line naming it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a running gateway needs to know, after validation."""
+
+    listen: tuple[str, ...] = ("tcp:2121:interface=127.0.0.1",)
+    upstream: tuple[str, int] | None = None
+    upstream_rules: tuple[Rule, ...] = ()
+    upstream_data_mode: str = "passive"
+    passive_ports: tuple[int, int] | None = None
+    masquerade_address: str | None = None
+    follow_pasv_address: bool = False
+    allow_foreign_data_address: bool = False
+    source_address: str | None = None
+    login_timeout: float = 60.0
+    idle_timeout: float = 900.0
+    data_connect_timeout: float = 30.0
+    stall_timeout: float = 300.0
+    max_line: int = 4096
+    max_pending_commands: int = 32
+    max_reply_lines: int = 1000
+    max_reply_bytes: int = 256 * 1024
+    greeting: str = "FTP gateway ready."
+    demo: bool = False
+
+    @property
+    def forward(self) -> bool:
+        """Forward (egress proxy) mode: no fixed upstream, USER name@host chooses it."""
+        return self.upstream is None
+
+
+def _string(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _optional_string(name: str, value: object) -> str | None:
+    return None if value in (None, "") else _string(name, value)
+
+
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+    return tuple(_string(name, item) for item in value)
+
+
+def _listen(name: str, value: object) -> tuple[str, ...]:
+    endpoints = _strings(name, value)
+    if not endpoints:
+        raise ConfigError(f"{name}: at least one listening endpoint is needed")
+    return endpoints
+
+
+def _upstream(name: str, value: object) -> tuple[str, int] | None:
+    text = _optional_string(name, value)
+    if text is None:
+        return None
+    try:
+        return parse_host_port(text, 21)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _rules(action: str) -> Callable[[str, object], tuple[Rule, ...]]:
+    def parse(name: str, value: object) -> tuple[Rule, ...]:
+        try:
+            return tuple(Rule.parse(action, cidr) for cidr in _strings(name, value))
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, object], str]:
+    def parse(name: str, value: object) -> str:
+        if value not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _port_range(name: str, value: object) -> tuple[int, int] | None:
+    text = _optional_string(name, value)
+    if text is None:
+        return None
+    low, sep, high = text.partition("-")
+    if (
+        sep
+        and low.strip().isdigit()
+        and high.strip().isdigit()
+        and 1024 <= int(low) <= int(high) <= 65535
+    ):
+        return int(low), int(high)
+    raise ConfigError(
+        f"{name}: expected 'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535, got {text!r}"
+    )
+
+
+def _ip(name: str, value: object) -> str | None:
+    text = _optional_string(name, value)
+    if text is None:
+        return None
+    try:
+        return HostPort.of(text, 1).host
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an IP address") from None
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "true",
+        "yes",
+        "on",
+        "1",
+        "false",
+        "no",
+        "off",
+        "0",
+    ):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def _number(low: float, high: float) -> Callable[[str, object], float]:
+    def parse(name: str, value: object) -> float:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not low <= number <= high:
+            raise ConfigError(f"{name}: expected a number from {low:g} to {high:g}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str, object], int]:
+    def parse(name: str, value: object) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(
+                f"{name}: expected a whole number from {low} to {high}, got {value!r}"
+            )
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configuration setting: where it lives in TOML, which Config field it fills."""
+
+    key: str  # dotted TOML key, also used in error messages
+    attr: str  # Config field
+    parse: Callable[[str, object], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "listen", _listen, "Twisted server endpoint strings to accept clients on."),
+    Setting(
+        "upstream",
+        "upstream",
+        _upstream,
+        "Reverse mode: HOST:PORT every session goes to. Empty: forward mode (USER name@host).",
+    ),
+    Setting(
+        "allow_upstream",
+        "upstream_rules",
+        _rules("allow"),
+        "Forward mode: CIDR networks that may be reached even if private or loopback.",
+    ),
+    Setting(
+        "deny_upstream",
+        "upstream_rules",
+        _rules("deny"),
+        "Forward mode: CIDR networks that are never reached, checked before allow_upstream.",
+    ),
+    Setting(
+        "data.upstream_mode",
+        "upstream_data_mode",
+        _choice(*UPSTREAM_DATA_MODES),
+        "How the gateway opens data connections to the upstream.",
+    ),
+    Setting(
+        "data.passive_ports",
+        "passive_ports",
+        _port_range,
+        "Port range for passive listeners, 'LOW-HIGH'. Empty: any free port.",
+    ),
+    Setting(
+        "data.masquerade_address",
+        "masquerade_address",
+        _ip,
+        "IPv4 address advertised in 227 replies instead of the local one (gateway behind NAT).",
+    ),
+    Setting(
+        "data.follow_pasv_address",
+        "follow_pasv_address",
+        _bool,
+        "Connect to the IP an upstream names in 227 instead of its control address.",
+    ),
+    Setting(
+        "data.allow_foreign_address",
+        "allow_foreign_data_address",
+        _bool,
+        "Let PORT/EPRT name an address other than the client's own (FXP). Unsafe.",
+    ),
+    Setting(
+        "data.source_address",
+        "source_address",
+        _ip,
+        "Local IP for connections to upstreams. Empty: chosen by the system.",
+    ),
+    Setting("timeouts.login", "login_timeout", _number(1, 86400), "Seconds to complete login."),
+    Setting("timeouts.idle", "idle_timeout", _number(1, 86400), "Seconds without a command."),
+    Setting(
+        "timeouts.data_connect",
+        "data_connect_timeout",
+        _number(1, 3600),
+        "Seconds to establish a data connection.",
+    ),
+    Setting(
+        "timeouts.stall",
+        "stall_timeout",
+        _number(1, 86400),
+        "Seconds a transfer may go without moving a byte.",
+    ),
+    Setting("limits.max_line", "max_line", _integer(512, 65536), "Longest control line, bytes."),
+    Setting(
+        "limits.max_pending_commands",
+        "max_pending_commands",
+        _integer(1, 1000),
+        "Pipelined client commands held while one is in progress.",
+    ),
+    Setting(
+        "limits.max_reply_lines",
+        "max_reply_lines",
+        _integer(1, 100000),
+        "Most lines in one upstream reply.",
+    ),
+    Setting(
+        "limits.max_reply_bytes",
+        "max_reply_bytes",
+        _integer(1024, 16 * 1024 * 1024),
+        "Largest upstream reply, bytes.",
+    ),
+    Setting("greeting", "greeting", _string, "Forward mode's 220 greeting text."),
+)
+
+_BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted not in _BY_KEY:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML configuration file into flat dotted keys."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    return _flatten(table)
+
+
+def build(*layers: Mapping[str, Any]) -> Config:
+    """Merge layers of dotted settings (later layers win) over the defaults and validate."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in _BY_KEY:
+                raise ConfigError(f"{key}: unknown setting")
+            merged[key] = value
+    values: dict[str, Any] = {}
+    rules: list[Rule] = []
+    for key, raw in merged.items():
+        setting = _BY_KEY[key]
+        parsed = setting.parse(key, raw)
+        if setting.attr == "upstream_rules":
+            rules.extend(parsed)
+        else:
+            values[setting.attr] = parsed
+    # Deny rules first so an explicit deny inside an allowed network wins.
+    rules.sort(key=lambda rule: rule.action != "deny")
+    values["upstream_rules"] = tuple(rules)
+    return Config(**values)

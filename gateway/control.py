@@ -1,0 +1,371 @@
+"""The Twisted shell around `gateway.session`: control-connection protocols and the factory.
+
+`ClientControl` feeds client bytes through the codec into its `Session` and carries out the
+effects the session returns. It owns the session's upstream control connection and its data
+connections; none of the decisions are made here.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IAddress, IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.addresses import HostPort
+from gateway.codec import CommandReader, Reply, ReplyReader
+from gateway.config import Config
+from gateway.data import DataConnection, PassiveListener, RelayResult, relay
+from gateway.effects import (
+    CloseClient,
+    CloseData,
+    CloseUpstream,
+    ConnectData,
+    ConnectUpstream,
+    Effect,
+    ListenData,
+    Log,
+    ResolveUpstream,
+    Side,
+    StartRelay,
+    ToClient,
+    ToUpstream,
+)
+from gateway.errors import RemoteProtocolError
+from gateway.policy import UpstreamPolicy
+from gateway.session import Session
+
+_log = Logger(namespace="gateway.session")
+
+
+def _hostport(address: IAddress) -> HostPort:
+    return HostPort.of(address.host, address.port)  # type: ignore[attr-defined]
+
+
+class UpstreamControl(Protocol):
+    """The gateway's control connection to the upstream server: frames replies for the session."""
+
+    def __init__(self, owner: ClientControl) -> None:
+        self.owner = owner
+        config = owner.factory.config
+        self.reader = ReplyReader(
+            max_line=config.max_line,
+            max_lines=config.max_reply_lines,
+            max_bytes=config.max_reply_bytes,
+        )
+
+    def connectionMade(self) -> None:
+        self.owner.upstream_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            replies = self.reader.feed(data)
+        except RemoteProtocolError as e:
+            self.owner.run(self.owner.session.upstream_failed(e))
+            return
+        for answer in replies:
+            self.owner.run(self.owner.session.upstream_reply(answer))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.owner.upstream_gone(self)
+
+
+class _DataChannels:
+    """The data listeners and connections of one session's current transfer."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[Side, PassiveListener] = {}
+        self.connections: dict[Side, DataConnection] = {}
+        self.pending: list[Deferred[Any]] = []
+        self.relay: Deferred[RelayResult] | None = None
+
+    def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        for pending in self.pending:
+            pending.cancel()
+        for connection in self.connections.values():
+            connection.abort()
+
+
+class ClientControl(Protocol):
+    """One client session: the client control connection plus everything it owns."""
+
+    factory: GatewayFactory
+
+    def __init__(self) -> None:
+        self.session: Session
+        self.upstream: UpstreamControl | None = None
+        self._upstream_connecting: Deferred[Any] | None = None
+        self._data = _DataChannels()
+        self._pending_upstream: list[bytes] = []
+
+    # ------------------------------------------------------------------ client connection
+
+    def connectionMade(self) -> None:
+        config = self.factory.config
+        peer = _hostport(self.transport.getPeer())  # type: ignore[union-attr]
+        local = _hostport(self.transport.getHost())  # type: ignore[union-attr]
+        self.log = Logger(namespace="gateway.session", source=self)
+        self.peer = peer
+        self.reader = CommandReader(max_line=config.max_line)
+        self.session = Session(
+            config, client_peer=peer, client_local=local, policy=self.factory.policy
+        )
+        self.log.info("Client {client} connected", client=str(peer))
+        self.run(self.session.start())
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.reader.feed(data):
+            if self.session.closed:
+                return
+            self.run(self.session.client_line(event))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.log.info("Client {client} disconnected", client=str(self.peer))
+        self.run(self.session.client_lost())
+
+    # ---------------------------------------------------------------------- effects
+
+    def run(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            self._do(effect)
+
+    def _do(self, effect: Effect) -> None:
+        match effect:
+            case ToClient(answer):
+                self._write_client(answer)
+            case ToUpstream(command):
+                self.log.debug("To upstream: {command}", command=str(command))
+                if self.upstream is not None and self.upstream.transport is not None:
+                    self.upstream.transport.write(command.encode())
+                else:
+                    self._pending_upstream.append(command.encode())
+            case ResolveUpstream(host, port):
+                self._resolve(host, port)
+            case ConnectUpstream(host, port):
+                self._connect_upstream(host, port)
+            case ListenData(side):
+                self._listen(side)
+            case ConnectData(side, target):
+                self._connect_data(side, target)
+            case StartRelay(source):
+                self._start_relay(source)
+            case CloseData():
+                self._data.close()
+                self._data = _DataChannels()
+            case CloseClient():
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            case CloseUpstream():
+                if self._upstream_connecting is not None:
+                    self._upstream_connecting.cancel()
+                if self.upstream is not None and self.upstream.transport is not None:
+                    self.upstream.transport.loseConnection()
+            case Log(level, fmt, fields):
+                getattr(self.log, level)(fmt, client=str(self.peer), **fields)
+
+    def _write_client(self, answer: Reply) -> None:
+        self.log.debug("To client: {code}", code=answer.code)
+        self.transport.write(answer.encode())  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------- upstream control
+
+    def _resolve(self, host: str, port: int) -> None:
+        # Resolve once; policy judges the addresses and the session connects to exactly the
+        # address it approved (no second lookup between check and connect).
+        d = self.factory.resolve(host, port)
+        d.addCallbacks(
+            lambda addresses: self.run(self.session.upstream_resolved(addresses)),
+            lambda failure: self.run(self.session.upstream_resolved([], failure.getErrorMessage())),
+        )
+
+    def _connect_upstream(self, host: str, port: int) -> None:
+        endpoint = self.factory.client_endpoint(host, port)
+        d = endpoint.connect(_UpstreamFactory(self))
+        self._upstream_connecting = d
+
+        def failed(failure: Failure) -> None:
+            self._upstream_connecting = None
+            if not failure.check(error.ConnectingCancelledError):
+                self.run(self.session.upstream_connect_failed(_reason(failure)))
+
+        d.addCallbacks(lambda _: setattr(self, "_upstream_connecting", None), failed)
+
+    def upstream_made(self, upstream: UpstreamControl) -> None:
+        if self.session.closed:
+            upstream.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.upstream = upstream
+        transport = upstream.transport
+        self.run(
+            self.session.upstream_connected(
+                _hostport(transport.getHost()),  # type: ignore[union-attr]
+                _hostport(transport.getPeer()),  # type: ignore[union-attr]
+            )
+        )
+        for line in self._pending_upstream:
+            transport.write(line)  # type: ignore[union-attr]
+        self._pending_upstream.clear()
+
+    def upstream_gone(self, upstream: UpstreamControl) -> None:
+        if upstream is self.upstream:
+            self.upstream = None
+            self.run(self.session.upstream_lost())
+
+    # ------------------------------------------------------------------------ data side
+
+    def _control_transport(self, side: Side) -> Any:
+        return self.transport if side is Side.CLIENT else self.upstream.transport  # type: ignore[union-attr]
+
+    def _listen(self, side: Side) -> None:
+        config = self.factory.config
+        control = self._control_transport(side)
+        local = _hostport(control.getHost())
+        peer = _hostport(control.getPeer())
+        channels = self._data
+        try:
+            listener = PassiveListener(
+                self.factory.reactor,
+                self.factory.reactor,
+                bind_host=local.host,
+                peer_host=peer.host,
+                timeout=config.data_connect_timeout,
+                port_range=config.passive_ports,
+                on_failure=lambda reason: self._data_failed(channels, side, reason),
+            )
+        except error.CannotListenError as e:
+            self.log.error("Cannot open a passive listener: {error}", error=str(e))
+            self.run(self.session.data_failed(side, "no passive port available"))
+            return
+        channels.listeners[side] = listener
+        listener.connected.addCallback(lambda conn: self._data_made(channels, side, conn))
+        self.run(self.session.data_listening(side, listener.address))
+
+    def _connect_data(self, side: Side, target: HostPort) -> None:
+        config = self.factory.config
+        control = self._control_transport(side)
+        # Data connections leave from the same local address as their control connection, so
+        # the peer sees one IP for the whole session (servers check this; RFC 2577 section 5).
+        bind = (_hostport(control.getHost()).host, 0)
+        reactor = self.factory.reactor
+        endpoint_type = TCP4ClientEndpoint if target.family == 4 else TCP6ClientEndpoint
+        endpoint = endpoint_type(
+            reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
+        )
+        channels = self._data
+        connection = DataConnection()
+        d = endpoint.connect(_Reuse(connection))
+        channels.pending.append(d)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(error.ConnectingCancelledError):
+                self._data_failed(channels, side, _reason(failure))
+
+        d.addCallbacks(lambda conn: self._data_made(channels, side, conn), failed)
+
+    def _data_made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        if channels is not self._data:  # a stale connection from a closed transfer
+            connection.abort()
+            return
+        channels.connections[side] = connection
+        connection.on_lost = lambda conn, reason: self._early_loss(channels, side, reason)
+        self.run(self.session.data_connected(side))
+
+    def _early_loss(self, channels: _DataChannels, side: Side, reason: Failure) -> None:
+        # Lost before the relay took it over: a paused connection only notices a close once
+        # the relay resumes it, so this is mostly a reset seen while writing.
+        if channels is self._data and channels.relay is None:
+            self._data_failed(channels, side, _reason(reason))
+
+    def _data_failed(self, channels: _DataChannels, side: Side, reason: str) -> None:
+        if channels is self._data:
+            self.run(self.session.data_failed(side, reason))
+
+    def _start_relay(self, source: Side) -> None:
+        channels = self._data
+        sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
+        d = relay(channels.connections[source], channels.connections[sink])
+        channels.relay = d
+
+        def finished(result: RelayResult) -> None:
+            self.log.info(
+                "Transfer {direction} {outcome}: {detail}",
+                direction="download" if source is Side.UPSTREAM else "upload",
+                outcome="complete" if result.ok else "failed",
+                detail=result.detail,
+                bytes=result.bytes,
+            )
+            if channels is self._data:
+                self.run(self.session.relay_finished(result.ok, result.detail))
+
+        d.addCallback(finished)
+
+
+class _Reuse(Factory):
+    """A factory that hands out one prepared protocol instance."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return self.protocol_instance
+
+
+class _UpstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, owner: ClientControl) -> None:
+        self.owner = owner
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return UpstreamControl(self.owner)
+
+
+def _reason(failure: Failure) -> str:
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+class GatewayFactory(Factory):
+    """Builds one `ClientControl` per accepted client; holds what sessions share."""
+
+    protocol = ClientControl
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
+        self.policy = UpstreamPolicy(rules=config.upstream_rules)
+
+    def client_endpoint(self, host: str, port: int) -> Any:
+        bind = (self.config.source_address, 0) if self.config.source_address else None
+        if not _is_ip(host):
+            # Reverse mode names its upstream; HostnameEndpoint tries IPv6 and IPv4 (RFC 8305).
+            return HostnameEndpoint(self.reactor, host, port, timeout=30, bindAddress=bind)
+        if HostPort.of(host, port).family == 6:
+            return TCP6ClientEndpoint(self.reactor, host, port, timeout=30, bindAddress=bind)
+        return TCP4ClientEndpoint(self.reactor, host, port, timeout=30, bindAddress=bind)
+
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        """Every address `host` resolves to, IPv4 and IPv6, in the resolver's order."""
+
+        def lookup() -> list[str]:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookup)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        HostPort.of(host, 1)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,199 @@
+"""Data connections: one-shot passive listeners, active connectors and the byte relay.
+
+Every data connection starts paused: bytes stay in the kernel until both sides of a transfer
+are connected and the relay starts. The relay pairs the two transports as producer and consumer
+(`registerProducer(..., streaming=True)`) so a slow reader pauses a fast writer and memory per
+transfer stays bounded by the transports' buffers, whatever the file size.
+
+The relay is the seam for a faster implementation: `relay(source, sink)` takes two connected
+`DataConnection`s and returns a Deferred firing with a `RelayResult`; nothing else in the
+gateway knows how bytes move.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.addresses import HostPort
+
+_log = Logger(namespace="gateway.data")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    ok: bool
+    bytes: int
+    detail: str
+
+
+class DataConnection(Protocol):
+    """One data connection, paused from the moment it is made until a relay takes it over."""
+
+    def __init__(self, on_lost: Callable[[DataConnection, Failure], None] | None = None) -> None:
+        self.receiver: Callable[[bytes], None] | None = None
+        self.on_lost = on_lost
+        self.connected_deferred: Deferred[DataConnection] = Deferred()
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.connected_deferred.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.receiver is not None:
+            self.receiver(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost(self, reason)
+
+    def abort(self) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def relay(source: DataConnection, sink: DataConnection) -> Deferred[RelayResult]:
+    """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
+
+    Succeeds only when the source ended cleanly and the sink's transport flushed and closed
+    cleanly; any reset, or the sink going away first, fails the relay and aborts the other side.
+    """
+    done: Deferred[RelayResult] = Deferred()
+    count = 0
+    source_ended = False
+
+    def finish(ok: bool, detail: str) -> None:
+        if not done.called:
+            if not ok:
+                source.abort()
+                sink.abort()
+            done.callback(RelayResult(ok, count, detail))
+
+    def receive(data: bytes) -> None:
+        nonlocal count
+        count += len(data)
+        sink.transport.write(data)  # type: ignore[union-attr]
+
+    def source_lost(_: DataConnection, reason: Failure) -> None:
+        nonlocal source_ended
+        source_ended = True
+        if reason.check(error.ConnectionDone):
+            sink.transport.unregisterProducer()  # type: ignore[union-attr]
+            sink.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            finish(False, f"{_describe(reason)} after {count} bytes")
+
+    def sink_lost(_: DataConnection, reason: Failure) -> None:
+        if source_ended and reason.check(error.ConnectionDone):
+            finish(True, f"{count} bytes")
+        elif source_ended:
+            finish(False, f"{_describe(reason)} while delivering the last bytes")
+        else:
+            finish(False, f"receiving side closed the connection after {count} bytes")
+
+    source.receiver = receive
+    source.on_lost = source_lost
+    sink.on_lost = sink_lost
+    sink.transport.registerProducer(source.transport, True)  # type: ignore[union-attr]
+    # The sink never sends anything meaningful; reading it lets us see it close or reset.
+    sink.transport.resumeProducing()  # type: ignore[union-attr]
+    source.transport.resumeProducing()  # type: ignore[union-attr]
+    return done
+
+
+def _describe(reason: Failure) -> str:
+    if reason.check(error.ConnectionDone):
+        return "connection closed"
+    return reason.getErrorMessage() or "connection lost"
+
+
+class _OneShotFactory(Factory):
+    noisy = False
+
+    def __init__(self, listener: PassiveListener) -> None:
+        self.listener = listener
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        return self.listener._accept(addr)
+
+
+class PassiveListener:
+    """A listener that accepts one connection, from one IP, within a timeout.
+
+    Connections from any other address are dropped and logged (data-port theft, RFC 2577
+    section 5). After the first good connection, or the timeout, it stops listening.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        *,
+        bind_host: str,
+        peer_host: str | None,
+        timeout: float,
+        port_range: tuple[int, int] | None,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self._reactor = reactor
+        self._peer = peer_host
+        self._on_failure = on_failure
+        self.connection: DataConnection | None = None
+        self.connected: Deferred[DataConnection] = Deferred()
+        self._port: IListeningPort = self._listen(bind_host, port_range)
+        self._timer = clock.callLater(timeout, self._timed_out, timeout)
+
+    def _listen(self, host: str, port_range: tuple[int, int] | None) -> IListeningPort:
+        factory = _OneShotFactory(self)
+        if port_range is None:
+            return self._reactor.listenTCP(0, factory, interface=host)
+        low, high = port_range
+        ports = list(range(low, high + 1))
+        random.shuffle(ports)
+        for port in ports[:256]:
+            try:
+                return self._reactor.listenTCP(port, factory, interface=host)
+            except error.CannotListenError:
+                continue
+        raise error.CannotListenError(host, low, OSError("no free port in the passive range"))
+
+    @property
+    def address(self) -> HostPort:
+        host = self._port.getHost()
+        return HostPort.of(host.host, host.port)  # type: ignore[attr-defined]
+
+    def _accept(self, addr: object) -> Protocol | None:
+        peer = getattr(addr, "host", None)
+        if self.connection is not None:
+            return None
+        if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
+            _log.warn(
+                "Dropped data connection from {peer} on a listener for {expected} "
+                "(possible data-port theft)",
+                peer=peer,
+                expected=self._peer,
+            )
+            return None
+        self.connection = DataConnection()
+        self.connection.connected_deferred.chainDeferred(self.connected)
+        self.close()
+        return self.connection
+
+    def _timed_out(self, timeout: float) -> None:
+        self.close()
+        self._on_failure(f"no data connection within {timeout:g} seconds")
+
+    def close(self) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        self._port.stopListening()

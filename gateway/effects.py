@@ -1,0 +1,111 @@
+"""What the pure session asks its shell to do, and the names of the two sides.
+
+Every effect is a frozen value. The Twisted shell (`gateway.control`) carries them out in order
+and reports what happened back to the session as method calls.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.addresses import HostPort
+from gateway.codec import Command, Reply
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveUpstream:
+    """Forward mode: look up `host`; answer with `Session.upstream_resolved`."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstream:
+    """Open the upstream control connection; answer with `upstream_connected` or
+    `upstream_connect_failed`. `host` is an IP address already checked by policy (forward mode)
+    or the configured upstream name (reverse mode)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListenData:
+    """Open a one-shot passive listener for `side` on the local address of that side's control
+    connection; answer with `data_listening`, then `data_connected` or `data_failed`."""
+
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectData:
+    """Connect a data channel for `side` to `target`; answer with `data_connected` or
+    `data_failed`."""
+
+    side: Side
+    target: HostPort
+
+
+@dataclass(frozen=True, slots=True)
+class StartRelay:
+    """Both data connections are up: move bytes from `source` to the other side until EOF;
+    answer with `relay_finished`."""
+
+    source: Side
+
+
+@dataclass(frozen=True, slots=True)
+class CloseData:
+    """Close every data listener and connection of the session, aborting any relay."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseClient:
+    """Close the client control connection once queued replies are written."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseUpstream:
+    """Close the upstream control connection once queued commands are written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A log event from the core; `fields` are named values for `twisted.logger`."""
+
+    level: str  # "debug" | "info" | "warn" | "error"
+    format: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = (
+    ToClient
+    | ToUpstream
+    | ResolveUpstream
+    | ConnectUpstream
+    | ListenData
+    | ConnectData
+    | StartRelay
+    | CloseData
+    | CloseClient
+    | CloseUpstream
+    | Log
+)

@@ -1,0 +1,724 @@
+"""The per-session state machine: pure, no I/O.
+
+A `Session` pairs one client control connection with one upstream control connection. Its
+methods take what happened (a client command, an upstream reply, a data connection made or
+lost) and return the effects the shell must carry out (`gateway.effects`). Three rules shape it:
+
+- One client command is served at a time. Commands that arrive while one is in progress are
+  queued (bounded) so every command gets exactly one final reply, in order (RFC 959 section 4.2).
+  ABOR is the exception: it acts on the transfer in progress at once.
+- Upstream replies are paired with the commands the gateway sent, first in first out. Each sent
+  command carries the handler for its replies, so replies the gateway itself asked for (EPSV,
+  PASV, PORT, REST, ABOR) never reach the client by mistake.
+- The data channel belongs to the gateway. The client chooses active or passive with
+  PORT/EPRT/PASV/EPSV, which the gateway answers itself; the upstream side is chosen by
+  `Config.upstream_data_mode`. A transfer's final reply reaches the client only when the upstream
+  has answered *and* the relay has finished; if the relay failed the client gets 425/426, never
+  the upstream's 226.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.addresses import (
+    HostPort,
+    UserTarget,
+    format_eprt_argument,
+    format_epsv_reply,
+    format_pasv_reply,
+    format_port_argument,
+    parse_eprt_argument,
+    parse_epsv_argument,
+    parse_epsv_reply,
+    parse_pasv_reply,
+    parse_port_argument,
+    parse_user_target,
+)
+from gateway.codec import BadLine, Command, Reply
+from gateway.config import Config
+from gateway.effects import (
+    CloseClient,
+    CloseData,
+    CloseUpstream,
+    ConnectData,
+    ConnectUpstream,
+    Effect,
+    ListenData,
+    Log,
+    ResolveUpstream,
+    Side,
+    StartRelay,
+    ToClient,
+    ToUpstream,
+)
+from gateway.errors import ProtocolError
+from gateway.policy import UpstreamPolicy, check_data_target
+
+#: Commands that move data, and which side the bytes come from.
+TRANSFER_SOURCES = {
+    "RETR": Side.UPSTREAM,
+    "LIST": Side.UPSTREAM,
+    "NLST": Side.UPSTREAM,
+    "MLSD": Side.UPSTREAM,
+    "STOR": Side.CLIENT,
+    "STOU": Side.CLIENT,
+    "APPE": Side.CLIENT,
+}
+
+#: FEAT lines the gateway cannot relay: it does not pass TLS through (it would blind the
+#: PORT/PASV translation) and does not speak the long-address commands of RFC 1639.
+_HIDDEN_FEATURES = ("AUTH", "PBSZ", "PROT", "CCC", "LPSV", "LPRT", "SPSV")
+#: Data-channel features the gateway always provides to the client (RFC 2428).
+_OWN_FEATURES = ("EPRT", "EPSV")
+
+_ONE_CHAR_COMMANDS = ("NOOP", "SYST", "HELP")
+
+Handler = Callable[[Reply], list[Effect]]
+
+
+def reply(code: int, text: str) -> ToClient:
+    return ToClient(Reply.of(code, text))
+
+
+@dataclass(slots=True)
+class _ClientData:
+    """How the client asked to receive the next data connection."""
+
+    verb: str  # PORT, EPRT, PASV or EPSV
+    target: HostPort | None = None  # active modes: where to connect
+    connected: bool = False  # passive modes: the client already connected
+    failure: str | None = None
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """One data-moving command, from the upstream data setup to the final reply."""
+
+    command: Command
+    source: Side
+    client: _ClientData
+    restart: str | None
+    command_sent: bool = False
+    preliminary_sent: bool = False
+    client_connecting: bool = False
+    client_connected: bool = False
+    upstream_connected: bool = False
+    relay_started: bool = False
+    relay_result: tuple[bool, str] | None = None
+    upstream_final: Reply | None = None
+    aborted: bool = False
+
+
+class Session:
+    """One client session; see the module docstring for the rules it keeps."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        client_peer: HostPort,
+        client_local: HostPort,
+        policy: UpstreamPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy or UpstreamPolicy(rules=config.upstream_rules)
+        self.client_peer = client_peer
+        self.client_local = client_local
+        self.upstream_peer: HostPort | None = None
+        self.upstream_local: HostPort | None = None
+        self.closed = False
+        self._busy = False
+        self._draining = False
+        self._queue: deque[Command | BadLine] = deque()
+        self._expect: deque[Handler] = deque()
+        self._target: UserTarget | None = None
+        self._client_data: _ClientData | None = None
+        self._transfer: _Transfer | None = None
+        self._restart: str | None = None
+        self._epsv_all = False
+        self._epsv_refused = False
+        self._quitting = False
+
+    # ----------------------------------------------------------------- inputs from the shell
+
+    def start(self) -> list[Effect]:
+        """The client connected."""
+        if self.config.upstream is None:
+            return [reply(220, self.config.greeting + " Log in as USER name@host[:port].")]
+        host, port = self.config.upstream
+        self._busy = True  # the upstream's greeting answers the connection itself
+        return [ConnectUpstream(host, port)]
+
+    def client_line(self, event: Command | BadLine) -> list[Effect]:
+        """A line arrived on the client control connection."""
+        if self.closed:
+            return []
+        if isinstance(event, Command) and event.verb == "ABOR" and self._transfer is not None:
+            return self._abort()
+        if self._busy:
+            if len(self._queue) >= self.config.max_pending_commands:
+                return self._close(
+                    Reply.of(421, "Too many commands sent without waiting for replies; closing.")
+                )
+            self._queue.append(event)
+            return []
+        return self._dispatch(event)
+
+    def upstream_resolved(self, addresses: list[str], error: str | None = None) -> list[Effect]:
+        """Forward mode: the upstream name resolved to `addresses` (empty on failure)."""
+        target = self._target
+        if target is None or self.closed:
+            return []
+        if not addresses:
+            return self._login_refused(f"Cannot resolve {target.host}: {error or 'no address'}.")
+        chosen, decision = self.policy.choose(addresses)
+        if chosen is None:
+            return [
+                Log(
+                    "warn",
+                    "Upstream {host} denied by policy: {reason}",
+                    _f(target.host, decision.reason),
+                ),
+                *self._login_refused(
+                    f"Upstream {target.host} is denied by policy: {decision.reason}."
+                ),
+            ]
+        return [ConnectUpstream(chosen, target.port)]
+
+    def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
+        """The upstream control connection is open; its greeting comes next."""
+        self.upstream_local, self.upstream_peer = local, peer
+        self._expect.append(self._on_greeting)
+        return [Log("info", "Connected to upstream {peer}", {"peer": str(peer)})]
+
+    def upstream_connect_failed(self, reason: str) -> list[Effect]:
+        if self.closed:
+            return []
+        if self.config.upstream is None:
+            target = self._target
+            where = f"{target.host}:{target.port}" if target else "the upstream"
+            return self._login_refused(f"Cannot connect to {where}: {reason}.")
+        return self._close(Reply.of(421, f"Upstream server unavailable: {reason}."))
+
+    def upstream_reply(self, answer: Reply) -> list[Effect]:
+        """A complete reply arrived on the upstream control connection."""
+        if self.closed:
+            return []
+        if answer.code == 421 and not self._quitting:
+            # RFC 959 section 4.2: 421 means the server is closing the control connection.
+            return self._close(answer)
+        if not self._expect:
+            return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
+        handler = self._expect[0]
+        if answer.final:
+            self._expect.popleft()
+        return handler(answer)
+
+    def upstream_failed(self, error: ProtocolError) -> list[Effect]:
+        """The upstream sent something that is not FTP (e.g. an endless reply)."""
+        return [
+            Log("warn", "Upstream protocol error: {error}", {"error": str(error)}),
+            *self._close(Reply.of(421, f"Upstream server error: {error}")),
+        ]
+
+    def upstream_lost(self) -> list[Effect]:
+        if self.closed:
+            return []
+        if self._quitting:
+            return self._close(None)
+        return self._close(Reply.of(421, "Upstream server closed the connection."))
+
+    def client_lost(self) -> list[Effect]:
+        if self.closed:
+            return []
+        self.closed = True
+        return [CloseData(), CloseUpstream()]
+
+    def data_listening(self, side: Side, address: HostPort) -> list[Effect]:
+        """A passive listener for `side` is bound to `address`."""
+        if side is Side.CLIENT:
+            data = self._client_data
+            if data is None:
+                return []
+            if data.verb == "EPSV":
+                text = format_epsv_reply(address.port)
+                return [reply(229, text), *self._finish()]
+            advertised = HostPort.of(self.config.masquerade_address or address.host, address.port)
+            return [reply(227, format_pasv_reply(advertised)), *self._finish()]
+        transfer = self._transfer
+        if transfer is None:
+            return []
+        advertised = address
+        if advertised.family == 4 and not (
+            self.config.upstream_data_mode == "client" and transfer.client.verb == "EPRT"
+        ):
+            command = Command("PORT", format_port_argument(advertised))
+        else:
+            command = Command("EPRT", format_eprt_argument(advertised))
+        return self._send(command, lambda r: self._on_port(transfer, r))
+
+    def data_connected(self, side: Side) -> list[Effect]:
+        transfer = self._transfer
+        if transfer is None:
+            if side is Side.CLIENT and self._client_data is not None:
+                self._client_data.connected = True
+            return []
+        effects: list[Effect] = []
+        if side is Side.UPSTREAM:
+            transfer.upstream_connected = True
+            if not transfer.command_sent:
+                effects += self._send_transfer(transfer)
+        else:
+            transfer.client_connected = True
+        return effects + self._maybe_start_relay(transfer)
+
+    def data_failed(self, side: Side, reason: str) -> list[Effect]:
+        transfer = self._transfer
+        if transfer is None:
+            if side is Side.CLIENT and self._client_data is not None:
+                self._client_data.failure = reason
+            return [Log("info", "Client data connection failed: {reason}", {"reason": reason})]
+        if transfer.relay_started or transfer.relay_result is not None:
+            return []  # the relay reports its own outcome
+        transfer.relay_result = (False, f"{side.value} data connection failed: {reason}")
+        effects: list[Effect] = [CloseData()]
+        if not transfer.command_sent:
+            # Nothing is pending upstream for this transfer: answer now.
+            return effects + self._complete(transfer, Reply.of(425, self._setup_failure(transfer)))
+        return effects + self._maybe_complete(transfer)
+
+    def relay_finished(self, ok: bool, detail: str) -> list[Effect]:
+        transfer = self._transfer
+        if transfer is None or transfer.relay_result is not None:
+            return []
+        transfer.relay_result = (ok, detail)
+        return self._maybe_complete(transfer)
+
+    # -------------------------------------------------------------------- client commands
+
+    def _dispatch(self, event: Command | BadLine) -> list[Effect]:
+        if isinstance(event, BadLine):
+            return [ToClient(event.reply)]
+        try:
+            return self._command(event)
+        except ProtocolError as e:
+            return [reply(e.reply_code, e.message)]
+
+    def _command(self, command: Command) -> list[Effect]:
+        verb = command.verb
+        if verb == "QUIT":
+            return self._quit()
+        if verb == "FEAT" and self.upstream_peer is None:
+            return [ToClient(_features(None))]
+        if verb == "USER" and self.config.upstream is None:
+            return self._user_forward(command)
+        if self.upstream_peer is None:
+            if verb in _ONE_CHAR_COMMANDS:
+                return [reply(200 if verb == "NOOP" else 502, _pre_login_text(verb))]
+            if verb == "PASS":
+                return [reply(503, "Log in with USER name@host[:port] first.")]
+            return [reply(530, "Please log in with USER name@host[:port] first.")]
+        handler = _COMMANDS.get(verb)
+        if handler is not None:
+            return handler(self, command)
+        if verb in TRANSFER_SOURCES:
+            return self._begin_transfer(command)
+        return self._relay(command)
+
+    def _relay(self, command: Command) -> list[Effect]:
+        """Send the command upstream and give the client every reply to it."""
+        self._busy = True
+        return self._send(command, self._relay_reply)
+
+    def _relay_reply(self, answer: Reply) -> list[Effect]:
+        return [ToClient(answer), *(self._finish() if answer.final else [])]
+
+    def _user_forward(self, command: Command) -> list[Effect]:
+        target = parse_user_target(command.arg)
+        if self.upstream_peer is not None:
+            current = self._target
+            if (
+                target is not None
+                and current is not None
+                and (target.host, target.port)
+                != (
+                    current.host,
+                    current.port,
+                )
+            ):
+                return [reply(530, f"Already connected to {current.host}; reconnect to change.")]
+            user = target.user if target is not None else command.arg
+            return self._relay(Command("USER", user))
+        if target is None:
+            return [reply(530, "Log in as USER name@host[:port] to choose the upstream server.")]
+        self._target = target
+        self._busy = True
+        if _is_ip(target.host):
+            return self.upstream_resolved([target.host])
+        return [ResolveUpstream(target.host, target.port)]
+
+    def _login_refused(self, text: str) -> list[Effect]:
+        self._target = None
+        self._expect.clear()
+        self.upstream_peer = self.upstream_local = None
+        return [reply(530, text), *self._finish()]
+
+    def _on_greeting(self, answer: Reply) -> list[Effect]:
+        if self.config.upstream is not None:
+            # Reverse mode: the client sees the upstream's greeting as its own.
+            effects: list[Effect] = [ToClient(answer)]
+            if answer.final:
+                effects += self._finish() if answer.positive else self._close(None)
+            return effects
+        if not answer.final:
+            return []
+        target = self._target
+        assert target is not None
+        if not answer.positive:
+            return [
+                CloseUpstream(),
+                *self._login_refused(f"Upstream {target.host} refused the session: {answer.text}"),
+            ]
+        return self._send(Command("USER", target.user), self._relay_reply)
+
+    def _quit(self) -> list[Effect]:
+        if self.upstream_peer is None:
+            return self._close(Reply.of(221, "Goodbye."))
+        self._busy = self._quitting = True
+
+        def on_reply(answer: Reply) -> list[Effect]:
+            return self._close(Reply.of(221, "Goodbye.")) if answer.final else []
+
+        return self._send(Command("QUIT", ""), on_reply)
+
+    def _feat(self, command: Command) -> list[Effect]:
+        self._busy = True
+
+        def on_reply(answer: Reply) -> list[Effect]:
+            if not answer.final:
+                return []
+            return [ToClient(_features(answer)), *self._finish()]
+
+        return self._send(command, on_reply)
+
+    def _refuse_tls(self, command: Command) -> list[Effect]:
+        return [reply(502, "TLS is not available on this gateway.")]
+
+    def _refuse_long(self, command: Command) -> list[Effect]:
+        return [reply(502, "Command not implemented; use EPRT or EPSV.")]
+
+    def _rest(self, command: Command) -> list[Effect]:
+        # Held until the transfer command, so nothing (EPSV, PASV) comes between the two on the
+        # upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer command.
+        if not command.arg.strip().isdigit():
+            return [reply(501, "REST needs a byte offset.")]
+        self._restart = command.arg.strip()
+        return [reply(350, f"Restarting at {self._restart}. Send STOR or RETR.")]
+
+    # ----------------------------------------------------------- data channel, client side
+
+    def _port(self, command: Command) -> list[Effect]:
+        if self._epsv_all:
+            return [reply(503, "Only EPSV is allowed after EPSV ALL (RFC 2428 section 4).")]
+        if command.verb == "PORT":
+            target = parse_port_argument(command.arg)
+        else:
+            target = parse_eprt_argument(command.arg)
+        code, decision = check_data_target(
+            self.client_peer.host, target, allow_foreign=self.config.allow_foreign_data_address
+        )
+        if not decision.allowed:
+            return [
+                Log(
+                    "warn",
+                    "Refused {verb} to {target} from {client}: {reason}",
+                    {
+                        "verb": command.verb,
+                        "target": str(target),
+                        "client": str(self.client_peer),
+                        "reason": decision.reason,
+                    },
+                ),
+                reply(code, f"Illegal {command.verb} command: {decision.reason}."),
+            ]
+        effects = self._drop_client_data()
+        self._client_data = _ClientData(command.verb, target=target)
+        return [*effects, reply(200, f"{command.verb} command successful.")]
+
+    def _pasv(self, command: Command) -> list[Effect]:
+        if command.verb == "PASV":
+            if self._epsv_all:
+                return [reply(503, "Only EPSV is allowed after EPSV ALL (RFC 2428 section 4).")]
+            if self.client_local.family != 4:
+                return [reply(522, "PASV cannot describe an IPv6 address; use EPSV.")]
+        else:
+            requested = parse_epsv_argument(command.arg)
+            if requested == "ALL":
+                self._epsv_all = True
+                return [reply(200, "EPSV ALL accepted.")]
+            supported = 1 if self.client_local.family == 4 else 2
+            if requested is not None and requested != supported:
+                # RFC 2428 section 3: answer 522 naming the protocol the server can use.
+                return [reply(522, f"Network protocol not supported, use ({supported}).")]
+        effects = self._drop_client_data()
+        self._client_data = _ClientData(command.verb)
+        self._busy = True
+        return [*effects, ListenData(Side.CLIENT)]
+
+    def _drop_client_data(self) -> list[Effect]:
+        """A new PORT/PASV replaces the previous one, closing its listener or connection."""
+        if self._client_data is None:
+            return []
+        self._client_data = None
+        return [CloseData()]
+
+    # -------------------------------------------------------------------------- transfers
+
+    def _begin_transfer(self, command: Command) -> list[Effect]:
+        client = self._client_data
+        if client is None:
+            return [reply(425, "Use PORT, EPRT, PASV or EPSV first.")]
+        self._client_data = None
+        if client.failure is not None:
+            return [CloseData(), reply(425, f"Cannot open data connection: {client.failure}.")]
+        transfer = _Transfer(
+            command,
+            TRANSFER_SOURCES[command.verb],
+            client,
+            restart=self._restart,
+            client_connected=client.connected,
+        )
+        self._restart = None
+        self._transfer = transfer
+        self._busy = True
+        mode = self._upstream_mode(client)
+        if mode == "active":
+            return [ListenData(Side.UPSTREAM)]
+        if mode == "epsv":
+            return self._send(Command("EPSV", ""), lambda r: self._on_epsv(transfer, r))
+        return self._send(Command("PASV", ""), lambda r: self._on_pasv(transfer, r))
+
+    def _upstream_mode(self, client: _ClientData) -> str:
+        mode = self.config.upstream_data_mode
+        if mode == "client":
+            mode = {"PORT": "active", "EPRT": "active", "PASV": "pasv", "EPSV": "epsv"}[client.verb]
+        elif mode == "passive":
+            mode = "pasv" if self._epsv_refused else "epsv"
+        assert self.upstream_peer is not None
+        if mode == "pasv" and self.upstream_peer.family == 6:
+            mode = "epsv"  # RFC 2428: PASV cannot carry an IPv6 address
+        return mode
+
+    def _on_epsv(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+        if transfer.aborted or not answer.final:
+            return []
+        assert self.upstream_peer is not None
+        if answer.code == 229:
+            port = parse_epsv_reply(answer.text)
+            return [ConnectData(Side.UPSTREAM, HostPort.of(self.upstream_peer.host, port))]
+        if self.config.upstream_data_mode == "passive" and answer.permanent:
+            # RFC 2428 section 3: a server without EPSV answers 500/502; fall back to PASV and
+            # remember, so later transfers in this session go straight to PASV.
+            self._epsv_refused = True
+            if self.upstream_peer.family == 4:
+                return self._send(Command("PASV", ""), lambda r: self._on_pasv(transfer, r))
+        return self._complete(transfer, Reply.of(425, f"Upstream refused EPSV: {answer.text}"))
+
+    def _on_pasv(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+        if transfer.aborted or not answer.final:
+            return []
+        assert self.upstream_peer is not None
+        if answer.code != 227:
+            return self._complete(transfer, Reply.of(425, f"Upstream refused PASV: {answer.text}"))
+        named = parse_pasv_reply(answer.text)
+        effects: list[Effect] = []
+        target = HostPort.of(self.upstream_peer.host, named.port)
+        if named.host != self.upstream_peer.host:
+            if self.config.follow_pasv_address and self.policy.check(named.host).allowed:
+                target = named
+            else:
+                effects.append(
+                    Log(
+                        "warn",
+                        "Upstream {peer} named {named} in its 227 reply; connecting to "
+                        "{target} instead (possible reverse bounce)",
+                        {
+                            "peer": str(self.upstream_peer),
+                            "named": str(named),
+                            "target": str(target),
+                        },
+                    )
+                )
+        return [*effects, ConnectData(Side.UPSTREAM, target)]
+
+    def _on_port(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+        if transfer.aborted or not answer.final:
+            return []
+        if not answer.positive:
+            return self._complete(transfer, Reply.of(425, f"Upstream refused PORT: {answer.text}"))
+        return self._send_transfer(transfer)
+
+    def _send_transfer(self, transfer: _Transfer) -> list[Effect]:
+        transfer.command_sent = True
+        if transfer.restart is None:
+            return self._send(transfer.command, lambda r: self._on_transfer(transfer, r))
+
+        def on_rest(answer: Reply) -> list[Effect]:
+            if transfer.aborted or not answer.final:
+                return []
+            if answer.code != 350:
+                # Nothing was started upstream: the data connection is useless now.
+                return self._complete(transfer, answer)
+            return self._send(transfer.command, lambda r: self._on_transfer(transfer, r))
+
+        return self._send(Command("REST", transfer.restart), on_rest)
+
+    def _on_transfer(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+        if transfer.aborted:
+            return []
+        if answer.preliminary:
+            effects: list[Effect] = []
+            if not transfer.preliminary_sent:
+                transfer.preliminary_sent = True
+                effects.append(ToClient(answer))
+            target = transfer.client.target
+            if target is not None and not transfer.client_connecting:
+                # RFC 959 section 3.2: in active mode the server connects after its 150.
+                transfer.client_connecting = True
+                effects.append(ConnectData(Side.CLIENT, target))
+            return effects
+        transfer.upstream_final = answer
+        return self._maybe_complete(transfer)
+
+    def _maybe_start_relay(self, transfer: _Transfer) -> list[Effect]:
+        if (
+            transfer.client_connected
+            and transfer.upstream_connected
+            and not transfer.relay_started
+            and transfer.relay_result is None
+        ):
+            transfer.relay_started = True
+            return [StartRelay(transfer.source)]
+        return []
+
+    def _maybe_complete(self, transfer: _Transfer) -> list[Effect]:
+        final = transfer.upstream_final
+        result = transfer.relay_result
+        if final is None:
+            return []  # the upstream has not answered yet; it will, once its data side ends
+        if result is None:
+            if final.positive and (transfer.relay_started or transfer.preliminary_sent):
+                # The upstream's 226 can overtake the bytes still being relayed, or the client's
+                # data connection may still be opening: hold it until the relay's outcome.
+                return []
+            return self._complete(transfer, final)
+        ok, detail = result
+        if ok:
+            return self._complete(transfer, final)
+        if not transfer.relay_started:
+            return self._complete(transfer, Reply.of(425, self._setup_failure(transfer)))
+        return self._complete(transfer, Reply.of(426, f"Transfer failed: {detail}."))
+
+    def _setup_failure(self, transfer: _Transfer) -> str:
+        detail = transfer.relay_result[1] if transfer.relay_result else "unknown error"
+        return f"Cannot open data connection: {detail}."
+
+    def _complete(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+        """Give the client the transfer's one final reply and end the transfer."""
+        if self._transfer is not transfer:
+            return []
+        self._transfer = None
+        return [CloseData(), ToClient(answer), *self._finish()]
+
+    def _abort(self) -> list[Effect]:
+        """ABOR during a transfer (RFC 959 section 4.1.3): close both data sides, tell the
+        upstream, answer 426 for the transfer and 226 for the ABOR, in that order."""
+        transfer = self._transfer
+        assert transfer is not None
+        transfer.aborted = True
+        self._transfer = None
+        # Every upstream reply still owed for this transfer is swallowed by its handler (they
+        # check `aborted`); the ABOR's own reply is swallowed here.
+        effects: list[Effect] = [CloseData(), Log("info", "Transfer aborted by client", {})]
+        effects += self._send(Command("ABOR", ""), lambda r: [])
+        effects += [
+            reply(426, "Connection closed; transfer aborted."),
+            reply(226, "ABOR command successful."),
+        ]
+        return effects + self._finish()
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _send(self, command: Command, handler: Handler) -> list[Effect]:
+        self._expect.append(handler)
+        return [ToUpstream(command)]
+
+    def _finish(self) -> list[Effect]:
+        """The client command in progress has its final reply: serve the queued ones."""
+        self._busy = False
+        if self._draining:
+            return []
+        self._draining = True
+        effects: list[Effect] = []
+        try:
+            while not self._busy and self._queue and not self.closed:
+                effects += self._dispatch(self._queue.popleft())
+        finally:
+            self._draining = False
+        return effects
+
+    def _close(self, last: Reply | None) -> list[Effect]:
+        if self.closed:
+            return []
+        self.closed = True
+        effects: list[Effect] = [ToClient(last)] if last is not None else []
+        return [*effects, CloseData(), CloseClient(), CloseUpstream()]
+
+
+_COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {
+    "PORT": Session._port,
+    "EPRT": Session._port,
+    "PASV": Session._pasv,
+    "EPSV": Session._pasv,
+    "LPRT": Session._refuse_long,
+    "LPSV": Session._refuse_long,
+    "FEAT": Session._feat,
+    "AUTH": Session._refuse_tls,
+    "PBSZ": Session._refuse_tls,
+    "PROT": Session._refuse_tls,
+    "CCC": Session._refuse_tls,
+    "REST": Session._rest,
+}
+
+
+def _features(upstream: Reply | None) -> Reply:
+    """The FEAT reply the client sees (RFC 2389): the upstream's features minus those the
+    gateway cannot relay, plus the data-channel features it provides itself."""
+    features: list[str] = []
+    if upstream is not None and upstream.code == 211:
+        for line in upstream.lines[1:-1] if len(upstream.lines) > 2 else ():
+            name = line.strip().split(" ", 1)[0].upper()
+            if name and name not in _HIDDEN_FEATURES and name not in _OWN_FEATURES:
+                features.append(" " + line.strip())
+    features += [" " + name for name in _OWN_FEATURES]
+    return Reply(211, ("Features:", *features, "End"))
+
+
+def _pre_login_text(verb: str) -> str:
+    return "OK." if verb == "NOOP" else f"{verb} is available after USER name@host[:port]."
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _f(host: str, reason: str) -> dict[str, str]:
+    return {"host": host, "reason": reason}

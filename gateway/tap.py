@@ -1,0 +1,104 @@
+"""Command-line options and service construction for `twistd ftp-gateway` and `ftp-gateway`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from gateway.config import Config, ConfigError, build, load_file
+from gateway.control import GatewayFactory
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "An FTP proxy gateway. With --upstream it is a reverse proxy for one server; without, "
+        "clients choose the server with USER name@host[:port] (forward mode). Options override "
+        "the configuration file; see etc/ftp-gateway.toml for every setting."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["upstream", "u", None, "Reverse mode: HOST:PORT of the upstream FTP server."],
+        [
+            "upstream-data-mode",
+            None,
+            None,
+            "Upstream data connections: passive, pasv, epsv, active or client.",
+        ],
+        ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
+        ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
+        ["source-address", None, None, "Local IP address for connections to upstreams."],
+    ]
+    optFlags = [
+        ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["allow-upstream"] = []
+        self["deny-upstream"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted server endpoint to accept clients on (repeatable).
+        Default: tcp:2121:interface=127.0.0.1"""
+        self["listen"].append(endpoint)
+
+    def opt_allow_upstream(self, cidr: str) -> None:
+        """Forward mode: allow upstreams in this CIDR network (repeatable)."""
+        self["allow-upstream"].append(cidr)
+
+    def opt_deny_upstream(self, cidr: str) -> None:
+        """Forward mode: deny upstreams in this CIDR network (repeatable)."""
+        self["deny-upstream"].append(cidr)
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings given on the command line, as dotted configuration keys."""
+        pairs = {
+            "listen": self["listen"],
+            "upstream": self["upstream"],
+            "allow_upstream": self["allow-upstream"],
+            "deny_upstream": self["deny-upstream"],
+            "data.upstream_mode": self["upstream-data-mode"],
+            "data.passive_ports": self["passive-ports"],
+            "data.masquerade_address": self["masquerade-address"],
+            "data.source_address": self["source-address"],
+        }
+        return {key: value for key, value in pairs.items() if value not in (None, [])}
+
+    def postOptions(self) -> None:
+        try:
+            layers = [load_file(self["config"])] if self["config"] else []
+            self.config: Config = build(*layers, self.overrides())
+        except ConfigError as e:
+            # One line naming the setting, not a usage dump or a traceback.
+            print(f"ftp-gateway: configuration error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if self["demo"] and self.config.upstream is not None:
+            print("ftp-gateway: --demo starts its own upstream; drop --upstream", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options.config
+    top = MultiService()
+    if options["demo"]:
+        from dataclasses import replace
+
+        from gateway.demo import DemoUpstream
+
+        demo = DemoUpstream()
+        demo.setServiceParent(top)
+        config = replace(config, upstream=("127.0.0.1", demo.port))
+    factory = GatewayFactory(config, reactor)
+    for endpoint in config.listen:
+        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+    return top

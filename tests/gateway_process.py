@@ -1,0 +1,89 @@
+"""Run the real gateway as a child process (`python -m gateway`, i.e. twistd) for tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(
+    host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_gateway(workdir: Path, *args: str, host: str = "127.0.0.1") -> GatewayProcess:
+    """Start `python -m gateway` listening on a free loopback port; waits until it listens."""
+    port = free_port(host)
+    interface = host.replace(":", "\\:")
+    log_path = workdir / f"gateway-{port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "gateway",
+        f"--logfile={log_path}",
+        "--listen",
+        f"tcp:{port}:interface={interface}",
+        *args,
+    ]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    proc = subprocess.Popen(
+        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    gateway = GatewayProcess(proc, host, port, log_path)
+    try:
+        wait_for_port(host, port, proc=proc)
+    except Exception:
+        gateway.stop()
+        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        raise RuntimeError(f"gateway did not start: {output}\n{gateway.log()}") from None
+    return gateway

@@ -1,0 +1,379 @@
+"""The pure session state machine, driven by hand: no sockets, no reactor."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.addresses import HostPort
+from gateway.codec import Command, CommandReader, Reply
+from gateway.config import Config, build
+from gateway.effects import (
+    CloseClient,
+    CloseData,
+    CloseUpstream,
+    ConnectData,
+    ConnectUpstream,
+    ListenData,
+    Log,
+    ResolveUpstream,
+    Side,
+    StartRelay,
+    ToClient,
+    ToUpstream,
+)
+from gateway.session import Session
+
+CLIENT = HostPort.of("192.0.2.10", 40000)
+LOCAL = HostPort.of("192.0.2.1", 2121)
+UP_LOCAL = HostPort.of("198.51.100.1", 50000)
+UP_PEER = HostPort.of("203.0.113.5", 21)
+
+
+def line(text: str) -> Command:
+    (event,) = CommandReader().feed(text.encode() + b"\r\n")
+    assert isinstance(event, Command)
+    return event
+
+
+def r(code: int, text: str = "x") -> Reply:
+    return Reply.of(code, text)
+
+
+def to_client(effects: list[object]) -> list[tuple[int, str]]:
+    return [(e.reply.code, e.reply.text) for e in effects if isinstance(e, ToClient)]
+
+
+def to_upstream(effects: list[object]) -> list[str]:
+    return [
+        f"{e.command.verb} {e.command.arg}".strip() for e in effects if isinstance(e, ToUpstream)
+    ]
+
+
+def without_logs(effects: list[object]) -> list[object]:
+    return [e for e in effects if not isinstance(e, Log)]
+
+
+def reverse(config: Config | None = None) -> Session:
+    """A reverse-mode session past the greeting."""
+    config = config or Config(upstream=("ftp.test", 21))
+    session = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    assert session.start() == [ConnectUpstream("ftp.test", 21)]
+    session.upstream_connected(UP_LOCAL, UP_PEER)
+    assert to_client(session.upstream_reply(r(220, "upstream ready"))) == [(220, "upstream ready")]
+    return session
+
+
+def test_commands_are_relayed_and_replies_paired_in_order_when_pipelined() -> None:
+    s = reverse()
+    assert to_upstream(s.client_line(line("USER alice"))) == ["USER alice"]
+    # Pipelined while USER is outstanding: held, not sent.
+    assert s.client_line(line("PASS secret")) == []
+    assert s.client_line(line("SYST")) == []
+    effects = s.upstream_reply(r(331, "password please"))
+    assert to_client(effects) == [(331, "password please")]
+    assert to_upstream(effects) == ["PASS secret"]
+    effects = s.upstream_reply(r(230, "welcome"))
+    assert to_client(effects) == [(230, "welcome")]
+    assert to_upstream(effects) == ["SYST"]
+    assert to_client(s.upstream_reply(r(215, "UNIX Type: L8"))) == [(215, "UNIX Type: L8")]
+
+
+def test_too_many_pipelined_commands_close_the_session_with_421() -> None:
+    s = reverse(Config(upstream=("ftp.test", 21), max_pending_commands=2))
+    s.client_line(line("NOOP"))
+    s.client_line(line("NOOP"))
+    s.client_line(line("NOOP"))
+    effects = s.client_line(line("NOOP"))
+    assert to_client(effects)[0][0] == 421
+    assert CloseClient() in effects and CloseUpstream() in effects
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("PORT 10,0,0,1,200,10", 500),  # someone else's address: bounce
+        ("PORT 192,0,2,10,0,21", 504),  # privileged port
+        ("EPRT |1|10.0.0.1|5000|", 500),
+        ("EPRT |2|::1|5000|", 500),
+        ("PORT 192,0,2,10,300,1", 501),  # malformed
+        ("EPRT |3|x|1|", 522),
+    ],
+)
+def test_port_refuses_bounce_and_malformed_targets(command: str, code: int) -> None:
+    s = reverse()
+    effects = s.client_line(line(command))
+    assert to_client(effects)[0][0] == code
+    assert to_upstream(effects) == []
+
+
+def _active_download(s: Session, verb: str = "RETR f") -> list[object]:
+    assert to_client(s.client_line(line("PORT 192,0,2,10,156,64"))) == [
+        (200, "PORT command successful.")
+    ]
+    effects = s.client_line(line(verb))
+    assert to_upstream(effects) == ["EPSV"]
+    effects = s.upstream_reply(r(229, "Entering Extended Passive Mode (|||6446|)"))
+    assert effects == [ConnectData(Side.UPSTREAM, HostPort.of(UP_PEER.host, 6446))]
+    assert to_upstream(s.data_connected(Side.UPSTREAM)) == [verb]
+    effects = s.upstream_reply(r(150, "Opening BINARY mode data connection"))
+    assert to_client(effects) == [(150, "Opening BINARY mode data connection")]
+    assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
+    return s.data_connected(Side.CLIENT)
+
+
+def test_active_client_download_through_passive_upstream_holds_226_until_relay_done() -> None:
+    s = reverse()
+    assert _active_download(s) == [StartRelay(Side.UPSTREAM)]
+    # The upstream's 226 overtakes the relayed bytes: it must not reach the client yet.
+    assert to_client(s.upstream_reply(r(226, "Transfer complete"))) == []
+    effects = s.relay_finished(True, "1000 bytes")
+    assert to_client(effects) == [(226, "Transfer complete")]
+    assert CloseData() in effects
+
+
+def test_failed_relay_turns_upstream_226_into_426() -> None:
+    s = reverse()
+    _active_download(s)
+    s.upstream_reply(r(226, "Transfer complete"))
+    effects = s.relay_finished(False, "receiving side closed the connection after 10 bytes")
+    (answer,) = to_client(effects)
+    assert answer[0] == 426 and "closed the connection" in answer[1]
+
+
+def test_relay_failure_before_upstream_answer_waits_for_it_then_426() -> None:
+    s = reverse()
+    _active_download(s)
+    assert to_client(s.relay_finished(False, "connection reset")) == []
+    assert to_client(s.upstream_reply(r(426, "Failure writing network stream")))[0][0] == 426
+
+
+def test_upstream_error_without_data_reaches_client_and_closes_data() -> None:
+    s = reverse()
+    s.client_line(line("PASV"))
+    s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30000))
+    s.client_line(line("RETR missing"))
+    s.upstream_reply(r(229, "(|||7000|)"))
+    s.data_connected(Side.UPSTREAM)
+    effects = s.upstream_reply(r(550, "No such file"))
+    assert to_client(effects) == [(550, "No such file")]
+    assert CloseData() in effects
+
+
+def test_passive_client_gets_gateway_address_and_relay_starts_when_both_sides_connected() -> None:
+    s = reverse()
+    effects = s.client_line(line("PASV"))
+    assert effects == [ListenData(Side.CLIENT)]
+    effects = s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30001))
+    assert to_client(effects) == [(227, "Entering Passive Mode (192,0,2,1,117,49).")]
+    assert s.data_connected(Side.CLIENT) == []  # curl connects before sending the command
+    assert to_upstream(s.client_line(line("STOR up.bin"))) == ["EPSV"]
+    s.upstream_reply(r(229, "(|||7001|)"))
+    effects = s.data_connected(Side.UPSTREAM)
+    # The client connected long ago: the relay starts as soon as the upstream side is up.
+    assert to_upstream(effects) == ["STOR up.bin"]
+    assert effects[-1] == StartRelay(Side.CLIENT)
+
+
+def test_upload_relay_starts_with_client_as_source() -> None:
+    s = reverse()
+    s.client_line(line("EPSV"))
+    effects = s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30002))
+    assert to_client(effects) == [(229, "Entering Extended Passive Mode (|||30002|)")]
+    s.client_line(line("STOR up.bin"))
+    s.upstream_reply(r(229, "(|||7002|)"))
+    s.data_connected(Side.UPSTREAM)
+    s.upstream_reply(r(150, "Ok to send data."))
+    assert s.data_connected(Side.CLIENT) == [StartRelay(Side.CLIENT)]
+
+
+def test_masquerade_address_replaces_the_227_address() -> None:
+    s = reverse(Config(upstream=("ftp.test", 21), masquerade_address="203.0.113.99"))
+    s.client_line(line("PASV"))
+    effects = s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30001))
+    assert to_client(effects) == [(227, "Entering Passive Mode (203,0,113,99,117,49).")]
+
+
+def test_epsv_refused_falls_back_to_pasv_and_remembers() -> None:
+    s = reverse()
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("LIST"))
+    effects = s.upstream_reply(r(500, "EPSV not understood"))
+    assert to_upstream(effects) == ["PASV"]
+    effects = s.upstream_reply(r(227, "Entering Passive Mode (203,0,113,5,27,88)"))
+    assert effects == [ConnectData(Side.UPSTREAM, HostPort.of(UP_PEER.host, 7000))]
+    s.data_connected(Side.UPSTREAM)
+    s.upstream_reply(r(150, "listing"))
+    s.data_connected(Side.CLIENT)
+    s.relay_finished(True, "")
+    s.upstream_reply(r(226, "done"))
+    s.client_line(line("PORT 192,0,2,10,156,65"))
+    assert to_upstream(s.client_line(line("NLST"))) == ["PASV"]
+
+
+def test_pasv_reply_naming_a_third_host_is_not_followed() -> None:
+    s = reverse()
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("RETR f"))
+    s.upstream_reply(r(500, "no EPSV"))
+    effects = s.upstream_reply(r(227, "Entering Passive Mode (10,1,2,3,27,88)"))
+    assert ConnectData(Side.UPSTREAM, HostPort.of(UP_PEER.host, 7000)) in effects
+    assert any(isinstance(e, Log) and e.level == "warn" for e in effects)
+
+
+def test_abor_during_transfer_answers_426_then_226_and_swallows_upstream_replies() -> None:
+    s = reverse()
+    _active_download(s)
+    effects = s.client_line(line("ABOR"))
+    assert to_client(effects) == [
+        (426, "Connection closed; transfer aborted."),
+        (226, "ABOR command successful."),
+    ]
+    assert to_upstream(effects) == ["ABOR"]
+    assert CloseData() in effects
+    # The upstream's answers to RETR and to ABOR stay with the gateway...
+    assert to_client(s.upstream_reply(r(426, "aborted"))) == []
+    assert to_client(s.upstream_reply(r(226, "ABOR ok"))) == []
+    # ...and the next command's reply is paired with it, not with the old ones.
+    s.client_line(line("PWD"))
+    assert to_client(s.upstream_reply(r(257, '"/"'))) == [(257, '"/"')]
+
+
+def test_abor_while_upstream_reply_pending_keeps_pairing() -> None:
+    s = reverse()
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("RETR f"))  # EPSV outstanding
+    s.client_line(line("ABOR"))
+    assert s.upstream_reply(r(229, "(|||6446|)")) == []  # no data connection for a dead transfer
+    assert s.upstream_reply(r(225, "no transfer")) == []
+    s.client_line(line("NOOP"))
+    assert to_client(s.upstream_reply(r(200, "noop"))) == [(200, "noop")]
+
+
+def test_rest_is_held_and_sent_right_before_the_transfer_command() -> None:
+    s = reverse()
+    assert to_client(s.client_line(line("REST 100")))[0][0] == 350
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("RETR f"))
+    s.upstream_reply(r(229, "(|||6446|)"))
+    assert to_upstream(s.data_connected(Side.UPSTREAM)) == ["REST 100"]
+    assert to_upstream(s.upstream_reply(r(350, "Restart position accepted"))) == ["RETR f"]
+
+
+def test_transfer_without_port_or_pasv_gets_425() -> None:
+    s = reverse()
+    assert to_client(s.client_line(line("RETR f"))) == [
+        (425, "Use PORT, EPRT, PASV or EPSV first.")
+    ]
+
+
+def test_epsv_all_refuses_other_data_commands() -> None:
+    s = reverse()
+    assert to_client(s.client_line(line("EPSV ALL")))[0][0] == 200
+    assert to_client(s.client_line(line("PORT 192,0,2,10,156,64")))[0][0] == 503
+    assert to_client(s.client_line(line("PASV")))[0][0] == 503
+    assert s.client_line(line("EPSV")) == [ListenData(Side.CLIENT)]
+
+
+def test_feat_advertises_gateway_features_and_hides_tls() -> None:
+    s = reverse()
+    s.client_line(line("FEAT"))
+    effects = s.upstream_reply(
+        Reply(211, ("Features:", " AUTH TLS", " PBSZ", " SIZE", " MDTM", "End"))
+    )
+    ((code, text),) = to_client(effects)
+    assert code == 211
+    assert " SIZE" in text.split("\n") and " EPSV" in text.split("\n")
+    assert " EPRT" in text.split("\n") and "AUTH" not in text
+
+
+def test_upstream_421_is_relayed_and_closes_everything() -> None:
+    s = reverse()
+    effects = s.upstream_reply(r(421, "Timeout"))
+    assert to_client(effects) == [(421, "Timeout")]
+    assert CloseClient() in effects
+
+
+def forward(config: Config | None = None) -> Session:
+    session = Session(config or Config(), client_peer=CLIENT, client_local=LOCAL)
+    assert to_client(session.start())[0][0] == 220
+    return session
+
+
+def test_forward_mode_connects_to_host_after_last_at_and_logs_in_with_the_rest() -> None:
+    s = forward()
+    assert s.client_line(line("USER alice@corp@203.0.113.7:2121")) == [
+        ConnectUpstream("203.0.113.7", 2121)
+    ]
+    s.upstream_connected(UP_LOCAL, HostPort.of("203.0.113.7", 2121))
+    effects = s.upstream_reply(r(220, "hello"))
+    assert to_client(effects) == []  # the upstream greeting is the gateway's to swallow
+    assert to_upstream(effects) == ["USER alice@corp"]
+    assert to_client(s.upstream_reply(r(331, "pass"))) == [(331, "pass")]
+
+
+def test_forward_mode_resolves_names_and_connects_to_the_checked_address() -> None:
+    s = forward()
+    assert s.client_line(line("USER bob@ftp.example.net")) == [
+        ResolveUpstream("ftp.example.net", 21)
+    ]
+    effects = s.upstream_resolved(["10.0.0.5", "203.0.113.8"])
+    assert effects == [ConnectUpstream("203.0.113.8", 21)]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "224.0.0.1"])
+def test_forward_mode_refuses_denied_upstreams_with_530(host: str) -> None:
+    s = forward()
+    effects = without_logs(s.client_line(line(f"USER x@{host}")))
+    ((code, text),) = to_client(effects)
+    assert code == 530 and "denied by policy" in text
+    assert not any(isinstance(e, ConnectUpstream) for e in effects)
+    # The session stays usable: a later allowed USER works.
+    assert s.client_line(line("USER x@203.0.113.1")) == [ConnectUpstream("203.0.113.1", 21)]
+
+
+def test_forward_mode_allow_rule_opens_loopback() -> None:
+    s = forward(build({"allow_upstream": ["127.0.0.0/8"]}))
+    assert s.client_line(line("USER x@127.0.0.1:2100")) == [ConnectUpstream("127.0.0.1", 2100)]
+
+
+def test_forward_mode_commands_before_login_are_refused() -> None:
+    s = forward()
+    assert to_client(s.client_line(line("LIST")))[0][0] == 530
+    assert to_client(s.client_line(line("PASS x")))[0][0] == 503
+    assert to_client(s.client_line(line("USER plainname")))[0][0] == 530
+
+
+def test_forward_mode_unreachable_upstream_gets_530_and_session_survives() -> None:
+    s = forward()
+    s.client_line(line("USER x@203.0.113.1"))
+    ((code, text),) = to_client(s.upstream_connect_failed("Connection refused"))
+    assert code == 530 and "Connection refused" in text
+    assert to_client(s.client_line(line("NOOP")))[0][0] == 200
+
+
+def test_quit_relays_to_upstream_then_closes() -> None:
+    s = reverse()
+    assert to_upstream(s.client_line(line("QUIT"))) == ["QUIT"]
+    effects = s.upstream_reply(r(221, "bye"))
+    assert to_client(effects) == [(221, "Goodbye.")]
+    assert CloseClient() in effects and CloseUpstream() in effects
+
+
+def test_client_data_listener_timeout_before_transfer_gives_425_on_transfer() -> None:
+    s = reverse()
+    s.client_line(line("PASV"))
+    s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30001))
+    s.data_failed(Side.CLIENT, "no data connection within 30 seconds")
+    (answer,) = to_client(s.client_line(line("RETR f")))
+    assert answer[0] == 425 and "30 seconds" in answer[1]
+
+
+def test_upstream_data_connect_failure_answers_425_without_sending_the_command() -> None:
+    s = reverse()
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("RETR f"))
+    s.upstream_reply(r(229, "(|||6446|)"))
+    effects = s.data_failed(Side.UPSTREAM, "Connection refused")
+    assert to_upstream(effects) == []
+    (answer,) = to_client(effects)
+    assert answer[0] == 425 and "Connection refused" in answer[1]

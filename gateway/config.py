@@ -17,6 +17,8 @@ from gateway.addresses import HostPort, parse_host_port
 from gateway.policy import Rule
 
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
+CLIENT_TLS_MODES = ("off", "optional", "required")
+UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
 
 
 class ConfigError(ValueError):
@@ -45,7 +47,19 @@ class Config:
     max_reply_lines: int = 1000
     max_reply_bytes: int = 256 * 1024
     greeting: str = "FTP gateway ready."
-    demo: bool = False
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+    client_tls: str = "optional"
+    tls_min_version: str = "1.2"
+    require_data_session_reuse: bool = False
+    upstream_tls: str = "auto"
+    upstream_ca_file: str | None = None
+    upstream_fingerprint: str | None = None
+    upstream_tls_name: str | None = None
+
+    @property
+    def client_tls_available(self) -> bool:
+        return self.client_tls != "off" and self.tls_certificate is not None
 
     @property
     def forward(self) -> bool:
@@ -177,6 +191,16 @@ def _integer(low: int, high: int) -> Callable[[str, object], int]:
     return parse
 
 
+def _fingerprint(name: str, value: object) -> str | None:
+    text = _optional_string(name, value)
+    if text is None:
+        return None
+    digits = text.replace(":", "").lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ConfigError(f"{name}: expected a SHA-256 fingerprint (64 hex digits), got {text!r}")
+    return digits
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One configuration setting: where it lives in TOML, which Config field it fills."""
@@ -277,6 +301,60 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest upstream reply, bytes.",
     ),
     Setting("greeting", "greeting", _string, "Forward mode's 220 greeting text."),
+    Setting(
+        "tls.certificate",
+        "tls_certificate",
+        _optional_string,
+        "PEM file with the gateway's certificate (leaf first, chain may follow, key may too).",
+    ),
+    Setting(
+        "tls.private_key",
+        "tls_private_key",
+        _optional_string,
+        "PEM file with the private key, if not in the certificate file.",
+    ),
+    Setting(
+        "tls.client",
+        "client_tls",
+        _choice(*CLIENT_TLS_MODES),
+        "Explicit FTPS for clients (AUTH TLS): off, optional or required.",
+    ),
+    Setting(
+        "tls.min_version",
+        "tls_min_version",
+        _choice("1.2", "1.3"),
+        "Lowest TLS version accepted on either side.",
+    ),
+    Setting(
+        "tls.require_data_session_reuse",
+        "require_data_session_reuse",
+        _bool,
+        "Refuse client data connections that do not resume the control connection's session.",
+    ),
+    Setting(
+        "tls.upstream",
+        "upstream_tls",
+        _choice(*UPSTREAM_TLS_MODES),
+        "FTPS towards the upstream: off, auto, required, implicit or match_client.",
+    ),
+    Setting(
+        "tls.upstream_ca_file",
+        "upstream_ca_file",
+        _optional_string,
+        "PEM CA certificates to verify upstreams with, instead of the system store.",
+    ),
+    Setting(
+        "tls.upstream_fingerprint",
+        "upstream_fingerprint",
+        _fingerprint,
+        "Pin the upstream certificate by SHA-256 fingerprint (reverse mode).",
+    ),
+    Setting(
+        "tls.upstream_name",
+        "upstream_tls_name",
+        _optional_string,
+        "Name to verify the upstream certificate against. Empty: the upstream host name.",
+    ),
 )
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -325,4 +403,7 @@ def build(*layers: Mapping[str, Any]) -> Config:
     # Deny rules first so an explicit deny inside an allowed network wins.
     rules.sort(key=lambda rule: rule.action != "deny")
     values["upstream_rules"] = tuple(rules)
-    return Config(**values)
+    config = Config(**values)
+    if config.client_tls == "required" and config.tls_certificate is None:
+        raise ConfigError("tls.client: 'required' needs tls.certificate")
+    return config

@@ -12,17 +12,29 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IAddress, IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IHandshakeListener,
+    IReactorCore,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway.addresses import HostPort
 from gateway.codec import CommandReader, Reply, ReplyReader
 from gateway.config import Config
-from gateway.data import DataConnection, PassiveListener, RelayResult, relay
+from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
 from gateway.effects import (
     CloseClient,
     CloseData,
@@ -34,13 +46,22 @@ from gateway.effects import (
     Log,
     ResolveUpstream,
     Side,
+    StartClientTLS,
     StartRelay,
+    StartUpstreamTLS,
     ToClient,
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
 from gateway.policy import UpstreamPolicy
 from gateway.session import Session
+from gateway.tls import (
+    ResumingClientCreator,
+    client_options,
+    describe_failure,
+    fingerprint,
+    server_options,
+)
 
 _log = Logger(namespace="gateway.session")
 
@@ -49,11 +70,18 @@ def _hostport(address: IAddress) -> HostPort:
     return HostPort.of(address.host, address.port)  # type: ignore[attr-defined]
 
 
+@implementer(IHandshakeListener)
 class UpstreamControl(Protocol):
-    """The gateway's control connection to the upstream server: frames replies for the session."""
+    """The gateway's control connection to the upstream server: frames replies for the session.
 
-    def __init__(self, owner: ClientControl) -> None:
+    `tls_options` is set once TLS starts (explicit AUTH TLS or implicit); upstream data
+    connections resume this connection's session through it.
+    """
+
+    def __init__(self, owner: ClientControl, tls_options: Any = None) -> None:
         self.owner = owner
+        self.tls_options = tls_options
+        self.handshake_done = False
         config = owner.factory.config
         self.reader = ReplyReader(
             max_line=config.max_line,
@@ -63,6 +91,25 @@ class UpstreamControl(Protocol):
 
     def connectionMade(self) -> None:
         self.owner.upstream_made(self)
+
+    def start_tls(self, options: Any) -> None:
+        self.tls_options = options
+        self.transport.startTLS(options)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        pinned = self.owner.factory.config.upstream_fingerprint
+        if pinned is not None:
+            seen = fingerprint(self.transport.getPeerCertificate())  # type: ignore[union-attr]
+            if seen != pinned:
+                self.owner.run(
+                    self.owner.session.upstream_tls_failed(
+                        f"the upstream's certificate fingerprint {seen} is not the pinned one"
+                    )
+                )
+                return
+        if not self.owner.session.closed:
+            self.owner.run(self.owner.session.upstream_tls_ready())
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -74,6 +121,8 @@ class UpstreamControl(Protocol):
             self.owner.run(self.owner.session.upstream_reply(answer))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.tls_options is not None and not self.handshake_done:
+            self.owner.run(self.owner.session.upstream_tls_failed(describe_failure(reason)))
         self.owner.upstream_gone(self)
 
 
@@ -90,7 +139,8 @@ class _DataChannels:
         for listener in self.listeners.values():
             listener.close()
         for pending in self.pending:
-            pending.cancel()
+            if not pending.called:
+                pending.cancel()
         for connection in self.connections.values():
             connection.abort()
 
@@ -106,6 +156,7 @@ class ClientControl(Protocol):
         self._upstream_connecting: Deferred[Any] | None = None
         self._data = _DataChannels()
         self._pending_upstream: list[bytes] = []
+        self._tls_switched = False
 
     # ------------------------------------------------------------------ client connection
 
@@ -120,6 +171,7 @@ class ClientControl(Protocol):
             config, client_peer=peer, client_local=local, policy=self.factory.policy
         )
         self.log.info("Client {client} connected", client=str(peer))
+        _urgent_inline(self.transport)
         self.run(self.session.start())
 
     def dataReceived(self, data: bytes) -> None:
@@ -127,6 +179,10 @@ class ClientControl(Protocol):
             if self.session.closed:
                 return
             self.run(self.session.client_line(event))
+            if self._tls_switched:
+                # RFC 4217 section 4: nothing sent in clear text after AUTH may be acted on.
+                self._tls_switched = False
+                return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.log.info("Client {client} disconnected", client=str(self.peer))
@@ -150,12 +206,19 @@ class ClientControl(Protocol):
                     self._pending_upstream.append(command.encode())
             case ResolveUpstream(host, port):
                 self._resolve(host, port)
-            case ConnectUpstream(host, port):
-                self._connect_upstream(host, port)
-            case ListenData(side):
-                self._listen(side)
-            case ConnectData(side, target):
-                self._connect_data(side, target)
+            case ConnectUpstream(host, port, implicit_tls):
+                self._connect_upstream(host, port, implicit_tls)
+            case StartClientTLS():
+                self.reader.discard()
+                self._tls_switched = True
+                self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
+            case StartUpstreamTLS(name):
+                assert self.upstream is not None
+                self.upstream.start_tls(self.factory.upstream_tls_options(name))
+            case ListenData(side, tls):
+                self._listen(side, tls)
+            case ConnectData(side, target, tls):
+                self._connect_data(side, target, tls)
             case StartRelay(source):
                 self._start_relay(source)
             case CloseData():
@@ -186,9 +249,15 @@ class ClientControl(Protocol):
             lambda failure: self.run(self.session.upstream_resolved([], failure.getErrorMessage())),
         )
 
-    def _connect_upstream(self, host: str, port: int) -> None:
+    def _connect_upstream(self, host: str, port: int, implicit_tls: bool) -> None:
         endpoint = self.factory.client_endpoint(host, port)
-        d = endpoint.connect(_UpstreamFactory(self))
+        tls = None
+        if implicit_tls:
+            # Implicit FTPS (port 990 style): TLS from the first byte.
+            name = self.factory.config.upstream_tls_name or host
+            tls = self.factory.upstream_tls_options(name)
+            endpoint = wrapClientTLS(tls, endpoint)
+        d = endpoint.connect(_UpstreamFactory(self, tls))
         self._upstream_connecting = d
 
         def failed(failure: Failure) -> None:
@@ -224,7 +293,20 @@ class ClientControl(Protocol):
     def _control_transport(self, side: Side) -> Any:
         return self.transport if side is Side.CLIENT else self.upstream.transport  # type: ignore[union-attr]
 
-    def _listen(self, side: Side) -> None:
+    def _data_tls(self, side: Side, tls: bool) -> DataTLS | None:
+        if not tls:
+            return None
+        if side is Side.CLIENT:
+            return DataTLS(
+                self.factory.server_tls,
+                server=True,
+                require_reuse=self.factory.config.require_data_session_reuse,
+            )
+        assert self.upstream is not None and self.upstream.tls_options is not None
+        control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
+        return DataTLS(ResumingClientCreator(self.upstream.tls_options, control), server=False)
+
+    def _listen(self, side: Side, tls: bool) -> None:
         config = self.factory.config
         control = self._control_transport(side)
         local = _hostport(control.getHost())
@@ -238,6 +320,7 @@ class ClientControl(Protocol):
                 peer_host=peer.host,
                 timeout=config.data_connect_timeout,
                 port_range=config.passive_ports,
+                tls=self._data_tls(side, tls),
                 on_failure=lambda reason: self._data_failed(channels, side, reason),
             )
         except error.CannotListenError as e:
@@ -245,10 +328,10 @@ class ClientControl(Protocol):
             self.run(self.session.data_failed(side, "no passive port available"))
             return
         channels.listeners[side] = listener
-        listener.connected.addCallback(lambda conn: self._data_made(channels, side, conn))
+        listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
         self.run(self.session.data_listening(side, listener.address))
 
-    def _connect_data(self, side: Side, target: HostPort) -> None:
+    def _connect_data(self, side: Side, target: HostPort, tls: bool) -> None:
         config = self.factory.config
         control = self._control_transport(side)
         # Data connections leave from the same local address as their control connection, so
@@ -260,7 +343,7 @@ class ClientControl(Protocol):
             reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
         )
         channels = self._data
-        connection = DataConnection()
+        connection = DataConnection(self._data_tls(side, tls))
         d = endpoint.connect(_Reuse(connection))
         channels.pending.append(d)
 
@@ -268,13 +351,23 @@ class ClientControl(Protocol):
             if not failure.check(error.ConnectingCancelledError):
                 self._data_failed(channels, side, _reason(failure))
 
-        d.addCallbacks(lambda conn: self._data_made(channels, side, conn), failed)
+        d.addCallbacks(lambda conn: self._watch(channels, side, conn), failed)
 
-    def _data_made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+    def _watch(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        """A data connection exists; it counts once `ready` fires (after any TLS)."""
         if channels is not self._data:  # a stale connection from a closed transfer
             connection.abort()
             return
         channels.connections[side] = connection
+        connection.ready.addCallbacks(
+            lambda conn: self._data_made(channels, side, conn),
+            lambda failure: self._data_failed(channels, side, _reason(failure)),
+        )
+
+    def _data_made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        if channels is not self._data:
+            connection.abort()
+            return
         connection.on_lost = lambda conn, reason: self._early_loss(channels, side, reason)
         self.run(self.session.data_connected(side))
 
@@ -323,11 +416,24 @@ class _Reuse(Factory):
 class _UpstreamFactory(Factory):
     noisy = False
 
-    def __init__(self, owner: ClientControl) -> None:
+    def __init__(self, owner: ClientControl, tls_options: Any) -> None:
         self.owner = owner
+        self.tls_options = tls_options
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        return UpstreamControl(self.owner)
+        return UpstreamControl(self.owner, self.tls_options)
+
+
+def _urgent_inline(transport: Any) -> None:
+    """Read TCP urgent data in line. RFC 959 section 4.1.3 has clients send Telnet Synch (IAC
+    DM) as urgent data before ABOR, and Python's ftplib sends the whole ABOR line that way;
+    without SO_OOBINLINE the kernel keeps the urgent byte out of the stream and the line
+    never completes."""
+    try:
+        handle = transport.getHandle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    except (AttributeError, OSError):
+        pass  # not a socket (e.g. a test transport or a UNIX endpoint)
 
 
 def _reason(failure: Failure) -> str:
@@ -343,6 +449,22 @@ class GatewayFactory(Factory):
         self.config = config
         self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
         self.policy = UpstreamPolicy(rules=config.upstream_rules)
+        self.server_tls: Any = None
+        if config.tls_certificate is not None:
+            self.server_tls = server_options(
+                config.tls_certificate, config.tls_private_key, config.tls_min_version
+            )
+
+    def upstream_tls_options(self, name: str) -> Any:
+        """A fresh client context per upstream session: its data connections resume the
+        session of its control connection, and only that one."""
+        config = self.config
+        return client_options(
+            name,
+            ca_file=config.upstream_ca_file,
+            pinned=config.upstream_fingerprint is not None,
+            min_version=config.tls_min_version,
+        )
 
     def client_endpoint(self, host: str, port: int) -> Any:
         bind = (self.config.source_address, 0) if self.config.source_address else None

@@ -15,13 +15,20 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway.addresses import HostPort
 
@@ -35,31 +42,93 @@ class RelayResult:
     detail: str
 
 
-class DataConnection(Protocol):
-    """One data connection, paused from the moment it is made until a relay takes it over."""
+class TLSReuseRequired(Exception):
+    """A client data connection did not resume the control connection's TLS session."""
 
-    def __init__(self, on_lost: Callable[[DataConnection, Failure], None] | None = None) -> None:
+
+@dataclass(frozen=True, slots=True)
+class DataTLS:
+    """How to protect one data connection (RFC 4217 PROT P).
+
+    `server` says which TLS role the gateway plays: server towards clients, client towards
+    upstreams, whichever side opened the TCP connection. `require_reuse` refuses a client
+    whose handshake did not resume the control connection's session.
+    """
+
+    options: Any
+    server: bool
+    require_reuse: bool = False
+
+
+@implementer(IHandshakeListener)
+class DataConnection(Protocol):
+    """One data connection, paused from the moment it is ready until a relay takes it over.
+
+    `ready` fires with the connection once it is usable: at once for plain TCP, after the
+    handshake for TLS. Bytes that arrive before the relay starts (a TLS peer may send some with
+    its last handshake flight) are kept and handed to the relay first.
+    """
+
+    def __init__(self, tls: DataTLS | None = None, *, accepted: bool = False) -> None:
+        self.tls = tls
+        self.accepted = accepted
         self.receiver: Callable[[bytes], None] | None = None
-        self.on_lost = on_lost
-        self.connected_deferred: Deferred[DataConnection] = Deferred()
+        self.on_lost: Callable[[DataConnection, Failure], None] | None = None
+        self.ready: Deferred[DataConnection] = Deferred()
         self.lost = False
+        self._early: list[bytes] = []
 
     def connectionMade(self) -> None:
+        if self.tls is None:
+            self._ready()
+            return
+        # startTLS's `normal` is True when the TLS role follows the TCP role.
+        normal = self.accepted == self.tls.server
+        self.transport.startTLS(self.tls.options, normal)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        assert self.tls is not None
+        if self.tls.require_reuse and not _session_reused(self.transport):
+            self.ready.errback(
+                Failure(TLSReuseRequired("the data connection did not resume the TLS session"))
+            )
+            self.abort()
+            return
+        self._ready()
+
+    def _ready(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        self.connected_deferred.callback(self)
+        self.ready.callback(self)
+
+    def attach(self, receiver: Callable[[bytes], None]) -> None:
+        """Deliver everything from now on (and anything that came early) to `receiver`."""
+        self.receiver = receiver
+        early, self._early = self._early, []
+        for data in early:
+            receiver(data)
 
     def dataReceived(self, data: bytes) -> None:
         if self.receiver is not None:
             self.receiver(data)
+        else:
+            self._early.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
-        if self.on_lost is not None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+        elif self.on_lost is not None:
             self.on_lost(self, reason)
 
     def abort(self) -> None:
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _session_reused(transport: Any) -> bool:
+    from OpenSSL._util import lib
+
+    return bool(lib.SSL_session_reused(transport.getHandle()._ssl))
 
 
 def relay(source: DataConnection, sink: DataConnection) -> Deferred[RelayResult]:
@@ -101,7 +170,7 @@ def relay(source: DataConnection, sink: DataConnection) -> Deferred[RelayResult]
         else:
             finish(False, f"receiving side closed the connection after {count} bytes")
 
-    source.receiver = receive
+    source.attach(receive)
     source.on_lost = source_lost
     sink.on_lost = sink_lost
     sink.transport.registerProducer(source.transport, True)  # type: ignore[union-attr]
@@ -143,13 +212,15 @@ class PassiveListener:
         peer_host: str | None,
         timeout: float,
         port_range: tuple[int, int] | None,
+        tls: DataTLS | None,
         on_failure: Callable[[str], None],
     ) -> None:
         self._reactor = reactor
         self._peer = peer_host
+        self._tls = tls
         self._on_failure = on_failure
         self.connection: DataConnection | None = None
-        self.connected: Deferred[DataConnection] = Deferred()
+        self.accepted: Deferred[DataConnection] = Deferred()
         self._port: IListeningPort = self._listen(bind_host, port_range)
         self._timer = clock.callLater(timeout, self._timed_out, timeout)
 
@@ -184,9 +255,9 @@ class PassiveListener:
                 expected=self._peer,
             )
             return None
-        self.connection = DataConnection()
-        self.connection.connected_deferred.chainDeferred(self.connected)
+        self.connection = DataConnection(self._tls, accepted=True)
         self.close()
+        self.accepted.callback(self.connection)
         return self.connection
 
     def _timed_out(self, timeout: float) -> None:

@@ -45,14 +45,30 @@ class ConnectUpstream:
 
     host: str
     port: int
+    implicit_tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartClientTLS:
+    """Switch the client control connection to TLS, as server, after the queued 234."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartUpstreamTLS:
+    """Switch the upstream control connection to TLS, as client, verifying the upstream's
+    certificate for `name`; answer with `upstream_tls_ready` or `upstream_tls_failed`."""
+
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
 class ListenData:
     """Open a one-shot passive listener for `side` on the local address of that side's control
-    connection; answer with `data_listening`, then `data_connected` or `data_failed`."""
+    connection; answer with `data_listening`, then `data_connected` or `data_failed`. With
+    `tls`, the connection is protected (RFC 4217 PROT P) before it counts as connected."""
 
     side: Side
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,7 @@ class ConnectData:
 
     side: Side
     target: HostPort
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +118,8 @@ Effect = (
     | ToUpstream
     | ResolveUpstream
     | ConnectUpstream
+    | StartClientTLS
+    | StartUpstreamTLS
     | ListenData
     | ConnectData
     | StartRelay

@@ -51,7 +51,9 @@ from gateway.effects import (
     Log,
     ResolveUpstream,
     Side,
+    StartClientTLS,
     StartRelay,
+    StartUpstreamTLS,
     ToClient,
     ToUpstream,
 )
@@ -69,11 +71,16 @@ TRANSFER_SOURCES = {
     "APPE": Side.CLIENT,
 }
 
-#: FEAT lines the gateway cannot relay: it does not pass TLS through (it would blind the
-#: PORT/PASV translation) and does not speak the long-address commands of RFC 1639.
+#: FEAT lines the gateway does not relay: TLS is the gateway's own on each side (passing it
+#: through would blind the PORT/PASV translation), and it does not speak RFC 1639's long
+#: addresses.
 _HIDDEN_FEATURES = ("AUTH", "PBSZ", "PROT", "CCC", "LPSV", "LPRT", "SPSV")
 #: Data-channel features the gateway always provides to the client (RFC 2428).
 _OWN_FEATURES = ("EPRT", "EPSV")
+#: Features the gateway provides when clients may use TLS (RFC 4217 section 6).
+_TLS_FEATURES = ("AUTH TLS", "AUTH SSL", "PBSZ", "PROT")
+#: Commands a client may send before AUTH TLS when TLS is required.
+_BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
 
 _ONE_CHAR_COMMANDS = ("NOOP", "SYST", "HELP")
 
@@ -89,6 +96,7 @@ class _ClientData:
     """How the client asked to receive the next data connection."""
 
     verb: str  # PORT, EPRT, PASV or EPSV
+    tls: bool  # PROT P was in force when the client chose the mode
     target: HostPort | None = None  # active modes: where to connect
     connected: bool = False  # passive modes: the client already connected
     failure: str | None = None
@@ -142,6 +150,13 @@ class Session:
         self._epsv_all = False
         self._epsv_refused = False
         self._quitting = False
+        # RFC 4217 state, one set per side: the gateway terminates TLS on each.
+        self.client_tls = False
+        self._client_pbsz = False
+        self._client_prot = False
+        self.upstream_tls = False
+        self._upstream_prot = False
+        self._after_upstream_tls: Callable[[], list[Effect]] | None = None
 
     # ----------------------------------------------------------------- inputs from the shell
 
@@ -151,7 +166,7 @@ class Session:
             return [reply(220, self.config.greeting + " Log in as USER name@host[:port].")]
         host, port = self.config.upstream
         self._busy = True  # the upstream's greeting answers the connection itself
-        return [ConnectUpstream(host, port)]
+        return [ConnectUpstream(host, port, implicit_tls=self.config.upstream_tls == "implicit")]
 
     def client_line(self, event: Command | BadLine) -> list[Effect]:
         """A line arrived on the client control connection."""
@@ -187,7 +202,8 @@ class Session:
                     f"Upstream {target.host} is denied by policy: {decision.reason}."
                 ),
             ]
-        return [ConnectUpstream(chosen, target.port)]
+        implicit = self.config.upstream_tls == "implicit"
+        return [ConnectUpstream(chosen, target.port, implicit_tls=implicit)]
 
     def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         """The upstream control connection is open; its greeting comes next."""
@@ -204,6 +220,26 @@ class Session:
             return self._login_refused(f"Cannot connect to {where}: {reason}.")
         return self._close(Reply.of(421, f"Upstream server unavailable: {reason}."))
 
+    def upstream_tls_ready(self) -> list[Effect]:
+        """The upstream control connection's TLS handshake succeeded and was verified."""
+        then = self._after_upstream_tls
+        self._after_upstream_tls = None
+        if self.closed or then is None:
+            return []
+        self.upstream_tls = True
+        return self._protect_upstream(then)
+
+    def upstream_tls_failed(self, reason: str) -> list[Effect]:
+        """The upstream's certificate was refused or its handshake failed: never fall back."""
+        return [
+            Log(
+                "warn",
+                "TLS to upstream {peer} failed: {reason}",
+                {"peer": str(self.upstream_peer), "reason": reason},
+            ),
+            *self._close(Reply.of(421, f"Cannot secure the connection to the upstream: {reason}.")),
+        ]
+
     def upstream_reply(self, answer: Reply) -> list[Effect]:
         """A complete reply arrived on the upstream control connection."""
         if self.closed:
@@ -216,7 +252,20 @@ class Session:
         handler = self._expect[0]
         if answer.final:
             self._expect.popleft()
-        return handler(answer)
+        try:
+            return handler(answer)
+        except ProtocolError as e:
+            # A reply the gateway must understand (227, 229) was malformed.
+            transfer = self._transfer
+            log = Log("warn", "Bad upstream reply: {error}", {"error": e.message})
+            if transfer is not None:
+                return [
+                    log,
+                    *self._complete(
+                        transfer, Reply.of(425, f"Cannot open data connection: {e.message}")
+                    ),
+                ]
+            return [log, *self._close(Reply.of(421, f"Upstream server error: {e.message}"))]
 
     def upstream_failed(self, error: ProtocolError) -> list[Effect]:
         """The upstream sent something that is not FTP (e.g. an endless reply)."""
@@ -312,8 +361,12 @@ class Session:
         verb = command.verb
         if verb == "QUIT":
             return self._quit()
+        if self.config.client_tls == "required" and not self.client_tls and verb not in _BEFORE_TLS:
+            return [reply(530, "TLS is required on this gateway: send AUTH TLS first.")]
+        if verb in ("AUTH", "PBSZ", "PROT", "CCC"):
+            return _TLS_COMMANDS[verb](self, command)
         if verb == "FEAT" and self.upstream_peer is None:
-            return [ToClient(_features(None))]
+            return [ToClient(_features(None, self.config.client_tls_available))]
         if verb == "USER" and self.config.upstream is None:
             return self._user_forward(command)
         if self.upstream_peer is None:
@@ -368,14 +421,16 @@ class Session:
         return [reply(530, text), *self._finish()]
 
     def _on_greeting(self, answer: Reply) -> list[Effect]:
-        if self.config.upstream is not None:
-            # Reverse mode: the client sees the upstream's greeting as its own.
-            effects: list[Effect] = [ToClient(answer)]
-            if answer.final:
-                effects += self._finish() if answer.positive else self._close(None)
-            return effects
         if not answer.final:
-            return []
+            # Reverse mode shows a 120 "ready in n minutes" as it comes.
+            return [ToClient(answer)] if self.config.upstream is not None else []
+        if self.config.upstream is not None:
+            # Reverse mode: the client sees the upstream's greeting as its own, once the
+            # upstream side is secured, so the client's USER and PASS never go out in clear
+            # text when policy wants TLS upstream.
+            if not answer.positive:
+                return self._close(answer)
+            return self._secure_upstream(lambda: [ToClient(answer), *self._finish()])
         target = self._target
         assert target is not None
         if not answer.positive:
@@ -383,7 +438,128 @@ class Session:
                 CloseUpstream(),
                 *self._login_refused(f"Upstream {target.host} refused the session: {answer.text}"),
             ]
-        return self._send(Command("USER", target.user), self._relay_reply)
+        return self._secure_upstream(
+            lambda: self._send(Command("USER", target.user), self._relay_reply)
+        )
+
+    # ------------------------------------------------------------------ TLS, upstream side
+
+    def _tls_name(self) -> str:
+        if self.config.upstream_tls_name:
+            return self.config.upstream_tls_name
+        if self.config.upstream is not None:
+            return self.config.upstream[0]
+        assert self._target is not None
+        return self._target.host
+
+    def _secure_upstream(self, then: Callable[[], list[Effect]]) -> list[Effect]:
+        """Bring the upstream control connection to the TLS state policy asks for, then
+        continue with `then` (RFC 4217 sections 4-9: AUTH TLS, PBSZ 0, PROT P)."""
+        mode = self.config.upstream_tls
+        if mode == "implicit":
+            self.upstream_tls = True
+            return self._protect_upstream(then)
+        if mode == "required" or (mode == "match_client" and self.client_tls):
+            return self._upstream_auth(then)
+        if mode != "auto":
+            return then()
+
+        def on_feat(answer: Reply) -> list[Effect]:
+            if not answer.final:
+                return []
+            offers = answer.positive and any(
+                line.strip().upper().startswith("AUTH") and "TLS" in line.upper()
+                for line in answer.lines[1:]
+            )
+            return self._upstream_auth(then) if offers else then()
+
+        return self._send(Command("FEAT", ""), on_feat)
+
+    def _upstream_auth(self, then: Callable[[], list[Effect]]) -> list[Effect]:
+        def on_auth(answer: Reply) -> list[Effect]:
+            if not answer.final:
+                return []
+            if answer.code != 234:
+                return self._close(
+                    Reply.of(
+                        421,
+                        f"The upstream refused TLS ({answer.code} {answer.lines[0]}); "
+                        "policy does not allow continuing in clear text.",
+                    )
+                )
+            self._after_upstream_tls = then
+            return [StartUpstreamTLS(self._tls_name())]
+
+        return self._send(Command("AUTH", "TLS"), on_auth)
+
+    def _protect_upstream(self, then: Callable[[], list[Effect]]) -> list[Effect]:
+        def on_prot(answer: Reply) -> list[Effect]:
+            if not answer.final:
+                return []
+            if not answer.positive:
+                return self._close(
+                    Reply.of(421, f"The upstream refused data protection: {answer.text}")
+                )
+            self._upstream_prot = True
+            return then()
+
+        def on_pbsz(answer: Reply) -> list[Effect]:
+            if not answer.final:
+                return []
+            return self._send(Command("PROT", "P"), on_prot)
+
+        return self._send(Command("PBSZ", "0"), on_pbsz)
+
+    # -------------------------------------------------------------------- TLS, client side
+
+    def _auth(self, command: Command) -> list[Effect]:
+        mechanism = command.arg.strip().upper()
+        if not self.config.client_tls_available:
+            return [reply(502, "TLS is not available on this gateway.")]
+        if mechanism not in ("TLS", "SSL", "TLS-C", "TLS-P"):
+            return [reply(504, "Unknown security mechanism; use AUTH TLS.")]
+        if self.client_tls:
+            return [reply(503, "TLS is already active.")]
+        self.client_tls = True
+        if mechanism in ("SSL", "TLS-P"):
+            # Old clients: AUTH SSL implied protected data (draft-murray-auth-ftp-ssl).
+            self._client_pbsz = self._client_prot = True
+        effects: list[Effect] = [reply(234, f"AUTH {mechanism} successful."), StartClientTLS()]
+        if (
+            self.config.upstream_tls == "match_client"
+            and self.upstream_peer is not None
+            and not self.upstream_tls
+        ):
+            self._busy = True
+            effects += self._upstream_auth(self._finish)
+        return effects
+
+    def _pbsz(self, command: Command) -> list[Effect]:
+        if not self.client_tls:
+            return [reply(503, "PBSZ needs AUTH TLS first.")]
+        self._client_pbsz = True
+        # RFC 4217 section 9: the only buffer size for TLS is 0.
+        return [reply(200, "PBSZ=0")]
+
+    def _prot(self, command: Command) -> list[Effect]:
+        if not self.client_tls:
+            return [reply(503, "PROT needs AUTH TLS first.")]
+        if not self._client_pbsz:
+            return [reply(503, "PROT needs PBSZ first.")]
+        level = command.arg.strip().upper()
+        if level not in ("C", "P"):
+            return [
+                reply(
+                    536 if level in ("S", "E") else 504,
+                    f"Protection level {level!r} is not supported; use C or P.",
+                )
+            ]
+        self._client_prot = level == "P"
+        return [reply(200, f"Protection level set to {level}.")]
+
+    def _ccc(self, command: Command) -> list[Effect]:
+        # RFC 4217 section 12.2 makes CCC optional; clear text after login helps nobody here.
+        return [reply(533, "CCC is refused: the control connection stays encrypted.")]
 
     def _quit(self) -> list[Effect]:
         if self.upstream_peer is None:
@@ -401,12 +577,10 @@ class Session:
         def on_reply(answer: Reply) -> list[Effect]:
             if not answer.final:
                 return []
-            return [ToClient(_features(answer)), *self._finish()]
+            features = _features(answer, self.config.client_tls_available)
+            return [ToClient(features), *self._finish()]
 
         return self._send(command, on_reply)
-
-    def _refuse_tls(self, command: Command) -> list[Effect]:
-        return [reply(502, "TLS is not available on this gateway.")]
 
     def _refuse_long(self, command: Command) -> list[Effect]:
         return [reply(502, "Command not implemented; use EPRT or EPSV.")]
@@ -446,7 +620,7 @@ class Session:
                 reply(code, f"Illegal {command.verb} command: {decision.reason}."),
             ]
         effects = self._drop_client_data()
-        self._client_data = _ClientData(command.verb, target=target)
+        self._client_data = _ClientData(command.verb, self._client_prot, target=target)
         return [*effects, reply(200, f"{command.verb} command successful.")]
 
     def _pasv(self, command: Command) -> list[Effect]:
@@ -465,9 +639,9 @@ class Session:
                 # RFC 2428 section 3: answer 522 naming the protocol the server can use.
                 return [reply(522, f"Network protocol not supported, use ({supported}).")]
         effects = self._drop_client_data()
-        self._client_data = _ClientData(command.verb)
+        self._client_data = _ClientData(command.verb, self._client_prot)
         self._busy = True
-        return [*effects, ListenData(Side.CLIENT)]
+        return [*effects, ListenData(Side.CLIENT, tls=self._client_prot)]
 
     def _drop_client_data(self) -> list[Effect]:
         """A new PORT/PASV replaces the previous one, closing its listener or connection."""
@@ -482,6 +656,9 @@ class Session:
         client = self._client_data
         if client is None:
             return [reply(425, "Use PORT, EPRT, PASV or EPSV first.")]
+        if self.config.client_tls == "required" and not client.tls:
+            # RFC 4217 section 9: 521 when policy refuses the data protection level.
+            return [reply(521, "Data connections must be protected: send PROT P first.")]
         self._client_data = None
         if client.failure is not None:
             return [CloseData(), reply(425, f"Cannot open data connection: {client.failure}.")]
@@ -497,7 +674,7 @@ class Session:
         self._busy = True
         mode = self._upstream_mode(client)
         if mode == "active":
-            return [ListenData(Side.UPSTREAM)]
+            return [ListenData(Side.UPSTREAM, tls=self._upstream_prot)]
         if mode == "epsv":
             return self._send(Command("EPSV", ""), lambda r: self._on_epsv(transfer, r))
         return self._send(Command("PASV", ""), lambda r: self._on_pasv(transfer, r))
@@ -519,7 +696,8 @@ class Session:
         assert self.upstream_peer is not None
         if answer.code == 229:
             port = parse_epsv_reply(answer.text)
-            return [ConnectData(Side.UPSTREAM, HostPort.of(self.upstream_peer.host, port))]
+            target = HostPort.of(self.upstream_peer.host, port)
+            return [ConnectData(Side.UPSTREAM, target, tls=self._upstream_prot)]
         if self.config.upstream_data_mode == "passive" and answer.permanent:
             # RFC 2428 section 3: a server without EPSV answers 500/502; fall back to PASV and
             # remember, so later transfers in this session go straight to PASV.
@@ -553,7 +731,7 @@ class Session:
                         },
                     )
                 )
-        return [*effects, ConnectData(Side.UPSTREAM, target)]
+        return [*effects, ConnectData(Side.UPSTREAM, target, tls=self._upstream_prot)]
 
     def _on_port(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
         if transfer.aborted or not answer.final:
@@ -589,7 +767,7 @@ class Session:
             if target is not None and not transfer.client_connecting:
                 # RFC 959 section 3.2: in active mode the server connects after its 150.
                 transfer.client_connecting = True
-                effects.append(ConnectData(Side.CLIENT, target))
+                effects.append(ConnectData(Side.CLIENT, target, tls=transfer.client.tls))
             return effects
         transfer.upstream_final = answer
         return self._maybe_complete(transfer)
@@ -687,15 +865,19 @@ _COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {
     "LPRT": Session._refuse_long,
     "LPSV": Session._refuse_long,
     "FEAT": Session._feat,
-    "AUTH": Session._refuse_tls,
-    "PBSZ": Session._refuse_tls,
-    "PROT": Session._refuse_tls,
-    "CCC": Session._refuse_tls,
     "REST": Session._rest,
 }
 
 
-def _features(upstream: Reply | None) -> Reply:
+_TLS_COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {
+    "AUTH": Session._auth,
+    "PBSZ": Session._pbsz,
+    "PROT": Session._prot,
+    "CCC": Session._ccc,
+}
+
+
+def _features(upstream: Reply | None, tls: bool) -> Reply:
     """The FEAT reply the client sees (RFC 2389): the upstream's features minus those the
     gateway cannot relay, plus the data-channel features it provides itself."""
     features: list[str] = []
@@ -705,6 +887,8 @@ def _features(upstream: Reply | None) -> Reply:
             if name and name not in _HIDDEN_FEATURES and name not in _OWN_FEATURES:
                 features.append(" " + line.strip())
     features += [" " + name for name in _OWN_FEATURES]
+    if tls:
+        features += [" " + name for name in _TLS_FEATURES]
     return Reply(211, ("Features:", *features, "End"))
 
 

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
+from gateway.tls import TLSConfigError, server_options
 
 
 class Options(usage.Options):
@@ -74,7 +75,13 @@ class Options(usage.Options):
         try:
             layers = [load_file(self["config"])] if self["config"] else []
             self.config: Config = build(*layers, self.overrides())
-        except ConfigError as e:
+            if self.config.tls_certificate is not None:
+                server_options(
+                    self.config.tls_certificate,
+                    self.config.tls_private_key,
+                    self.config.tls_min_version,
+                )
+        except (ConfigError, TLSConfigError) as e:
             # One line naming the setting, not a usage dump or a traceback.
             print(f"ftp-gateway: configuration error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

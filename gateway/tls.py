@@ -69,13 +69,6 @@ def fingerprint(certificate: crypto.X509) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def normalise_fingerprint(text: str) -> str:
-    digits = text.replace(":", "").strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", digits):
-        raise ValueError("expected a SHA-256 fingerprint: 64 hex digits, colons allowed")
-    return digits
-
-
 def client_options(
     hostname: str, *, ca_file: str | None, pinned: bool, min_version: str
 ) -> ClientTLSOptions:

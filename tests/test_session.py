@@ -59,7 +59,11 @@ def reverse(config: Config | None = None) -> Session:
     session = Session(config, client_peer=CLIENT, client_local=LOCAL)
     assert session.start() == [ConnectUpstream("ftp.test", 21)]
     session.upstream_connected(UP_LOCAL, UP_PEER)
-    assert to_client(session.upstream_reply(r(220, "upstream ready"))) == [(220, "upstream ready")]
+    # With the default upstream TLS policy "auto", the gateway asks for FEAT before anything.
+    effects = session.upstream_reply(r(220, "upstream ready"))
+    assert to_client(effects) == [] and to_upstream(effects) == ["FEAT"]
+    effects = session.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
+    assert to_client(effects) == [(220, "upstream ready")]
     return session
 
 
@@ -286,6 +290,14 @@ def test_feat_advertises_gateway_features_and_hides_tls() -> None:
     assert " EPRT" in text.split("\n") and "AUTH" not in text
 
 
+def test_feat_advertises_tls_when_a_certificate_is_configured() -> None:
+    s = reverse(Config(upstream=("ftp.test", 21), tls_certificate="gw.pem"))
+    s.client_line(line("FEAT"))
+    ((code, text),) = to_client(s.upstream_reply(Reply(211, ("Features:", " AUTH TLS", "End"))))
+    assert code == 211
+    assert " AUTH TLS" in text.split("\n") and " PROT" in text.split("\n")
+
+
 def test_upstream_421_is_relayed_and_closes_everything() -> None:
     s = reverse()
     effects = s.upstream_reply(r(421, "Timeout"))
@@ -307,6 +319,8 @@ def test_forward_mode_connects_to_host_after_last_at_and_logs_in_with_the_rest()
     s.upstream_connected(UP_LOCAL, HostPort.of("203.0.113.7", 2121))
     effects = s.upstream_reply(r(220, "hello"))
     assert to_client(effects) == []  # the upstream greeting is the gateway's to swallow
+    assert to_upstream(effects) == ["FEAT"]
+    effects = s.upstream_reply(r(500, "FEAT not understood"))
     assert to_upstream(effects) == ["USER alice@corp"]
     assert to_client(s.upstream_reply(r(331, "pass"))) == [(331, "pass")]
 

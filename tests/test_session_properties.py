@@ -117,7 +117,11 @@ def drive(lines: list[bytes], epsv_works: bool) -> tuple[list[Reply], int, bool]
         session.upstream_connected(HostPort.of("198.51.100.1", 5), HostPort.of("203.0.113.5", 21))
     )
     apply(session.upstream_reply(Reply.of(220, "hi")))
+    while owed:  # the FEAT the gateway asks before login
+        for answer in owed.popleft():
+            apply(session.upstream_reply(answer))
     greeting = len(to_client)
+    assert greeting == 1
     reader = CommandReader()
     aborted_transfers = 0
     for raw in lines:

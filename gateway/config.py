@@ -47,6 +47,13 @@ class Config:
     max_reply_lines: int = 1000
     max_reply_bytes: int = 256 * 1024
     greeting: str = "FTP gateway ready."
+    proxy_auth: tuple[str, ...] = ()
+    denied_commands: frozenset[str] = frozenset()
+    read_only: bool = False
+    client_rules: tuple[Rule, ...] = ()
+    max_sessions: int = 1000
+    max_sessions_per_ip: int = 50
+    max_failed_logins: int = 5
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     client_tls: str = "optional"
@@ -191,6 +198,57 @@ def _integer(low: int, high: int) -> Callable[[str, object], int]:
     return parse
 
 
+def _verbs(name: str, value: object) -> frozenset[str]:
+    verbs = _strings(name, value)
+    for verb in verbs:
+        if not verb.isalpha() or len(verb) > 8:
+            raise ConfigError(f"{name}: {verb!r} is not an FTP command name")
+    return frozenset(verb.upper() for verb in verbs)
+
+
+def _rule_tables(name: str, value: object) -> tuple[Rule, ...]:
+    """[[upstream_rules]] tables: action plus any of cidr, host (pattern), ports."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
+    rules = []
+    for index, table in enumerate(value, 1):
+        where = f"{name}[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table with action, cidr, host or ports")
+        unknown = set(table) - {"action", "cidr", "host", "ports"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        if not set(table) & {"cidr", "host", "ports"}:
+            raise ConfigError(f"{where}: a rule needs at least one of cidr, host or ports")
+        try:
+            rules.append(
+                Rule.build(
+                    str(table.get("action", "")),
+                    cidr=table.get("cidr"),
+                    host=table.get("host"),
+                    ports=None if table.get("ports") is None else str(table["ports"]),
+                )
+            )
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return tuple(rules)
+
+
+def _checkers(name: str, value: object) -> tuple[str, ...]:
+    from twisted.cred.strcred import findCheckerFactory
+
+    descriptions = _strings(name, value)
+    for description in descriptions:
+        try:
+            findCheckerFactory(description.partition(":")[0])
+        except Exception:
+            raise ConfigError(
+                f"{name}: {description.partition(':')[0]!r} is not a twisted.cred checker "
+                "(use file:PATH, memory:USER:PASSWORD:..., unix)"
+            ) from None
+    return descriptions
+
+
 def _fingerprint(name: str, value: object) -> str | None:
     text = _optional_string(name, value)
     if text is None:
@@ -230,6 +288,60 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream_rules",
         _rules("deny"),
         "Forward mode: CIDR networks that are never reached, checked before allow_upstream.",
+    ),
+    Setting(
+        "upstream_rules",
+        "upstream_rules",
+        _rule_tables,
+        "Forward mode: [[upstream_rules]] tables (action, cidr, host, ports), first match wins.",
+    ),
+    Setting(
+        "allow_clients",
+        "client_rules",
+        _rules("allow"),
+        "CIDR networks clients may connect from. Empty: any, unless denied.",
+    ),
+    Setting(
+        "deny_clients",
+        "client_rules",
+        _rules("deny"),
+        "CIDR networks clients may not connect from (checked first).",
+    ),
+    Setting(
+        "proxy_auth",
+        "proxy_auth",
+        _checkers,
+        "Forward mode: twisted.cred checkers for proxy logins (file:PATH, memory:U:P, unix).",
+    ),
+    Setting(
+        "commands.deny",
+        "denied_commands",
+        _verbs,
+        "Client commands the gateway refuses with 502.",
+    ),
+    Setting(
+        "commands.read_only",
+        "read_only",
+        _bool,
+        "Refuse STOR, STOU, APPE, DELE, RNFR, RNTO, MKD, RMD and SITE with 550.",
+    ),
+    Setting(
+        "limits.max_sessions",
+        "max_sessions",
+        _integer(1, 1000000),
+        "Concurrent sessions in total; more get 421.",
+    ),
+    Setting(
+        "limits.max_sessions_per_ip",
+        "max_sessions_per_ip",
+        _integer(1, 1000000),
+        "Concurrent sessions from one client IP; more get 421.",
+    ),
+    Setting(
+        "limits.max_failed_logins",
+        "max_failed_logins",
+        _integer(1, 1000),
+        "Failed proxy logins per client IP per minute before refusing with 421.",
     ),
     Setting(
         "data.upstream_mode",
@@ -392,18 +504,26 @@ def build(*layers: Mapping[str, Any]) -> Config:
                 raise ConfigError(f"{key}: unknown setting")
             merged[key] = value
     values: dict[str, Any] = {}
-    rules: list[Rule] = []
+    upstream_tables: tuple[Rule, ...] = ()
+    lists: dict[str, list[Rule]] = {"upstream_rules": [], "client_rules": []}
     for key, raw in merged.items():
         setting = _BY_KEY[key]
         parsed = setting.parse(key, raw)
-        if setting.attr == "upstream_rules":
-            rules.extend(parsed)
+        if key == "upstream_rules":
+            upstream_tables = parsed
+        elif setting.attr in lists:
+            lists[setting.attr].extend(parsed)
         else:
             values[setting.attr] = parsed
-    # Deny rules first so an explicit deny inside an allowed network wins.
-    rules.sort(key=lambda rule: rule.action != "deny")
-    values["upstream_rules"] = tuple(rules)
+    for attr, rules in lists.items():
+        # Deny rules first, so an explicit deny inside an allowed network wins.
+        rules.sort(key=lambda rule: rule.action != "deny")
+        values[attr] = tuple(rules)
+    # Ordered [[upstream_rules]] tables come first: there, the first match wins as written.
+    values["upstream_rules"] = upstream_tables + values["upstream_rules"]
     config = Config(**values)
+    if config.proxy_auth and config.upstream is not None:
+        raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
     if config.client_tls == "required" and config.tls_certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")
     return config

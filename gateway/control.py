@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet import error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -36,6 +38,7 @@ from gateway.codec import CommandReader, Reply, ReplyReader
 from gateway.config import Config
 from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
 from gateway.effects import (
+    Authenticate,
     CloseClient,
     CloseData,
     CloseUpstream,
@@ -53,7 +56,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
-from gateway.policy import UpstreamPolicy
+from gateway.policy import LoginThrottle, UpstreamPolicy, check_client
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
@@ -82,6 +85,7 @@ class UpstreamControl(Protocol):
         self.owner = owner
         self.tls_options = tls_options
         self.handshake_done = False
+        self.local: HostPort | None = None
         config = owner.factory.config
         self.reader = ReplyReader(
             max_line=config.max_line,
@@ -172,9 +176,25 @@ class ClientControl(Protocol):
         )
         self.log.info("Client {client} connected", client=str(peer))
         _urgent_inline(self.transport)
+        clock = self.factory.reactor
+        self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
+        self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
         self.run(self.session.start())
 
+    def _timer(self, what: str) -> None:
+        if what == "login" and self.session.logged_in:
+            return
+        if what == "idle" and self.session.transferring:
+            # A transfer keeps the session alive; the stall timeout guards the transfer.
+            self._idle_timer = self.factory.reactor.callLater(
+                self.factory.config.idle_timeout, self._timer, "idle"
+            )
+            return
+        self.run(self.session.timed_out(what))
+
     def dataReceived(self, data: bytes) -> None:
+        if self._idle_timer.active():
+            self._idle_timer.reset(self.factory.config.idle_timeout)
         for event in self.reader.feed(data):
             if self.session.closed:
                 return
@@ -186,6 +206,10 @@ class ClientControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.log.info("Client {client} disconnected", client=str(self.peer))
+        for timer in (self._login_timer, self._idle_timer):
+            if timer.active():
+                timer.cancel()
+        self.factory.session_ended(self)
         self.run(self.session.client_lost())
 
     # ---------------------------------------------------------------------- effects
@@ -204,6 +228,8 @@ class ClientControl(Protocol):
                     self.upstream.transport.write(command.encode())
                 else:
                     self._pending_upstream.append(command.encode())
+            case Authenticate(user, password):
+                self._authenticate(user, password)
             case ResolveUpstream(host, port):
                 self._resolve(host, port)
             case ConnectUpstream(host, port, implicit_tls):
@@ -249,6 +275,20 @@ class ClientControl(Protocol):
             lambda failure: self.run(self.session.upstream_resolved([], failure.getErrorMessage())),
         )
 
+    def _authenticate(self, user: str, password: str) -> None:
+        throttle = self.factory.login_throttle
+        now = self.factory.reactor.seconds()
+        if throttle.blocked(self.peer.host, now):
+            self.run(self.session.proxy_auth_result(False, throttled=True))
+            return
+
+        def done(ok: bool) -> None:
+            if not ok:
+                throttle.failed(self.peer.host, self.factory.reactor.seconds())
+            self.run(self.session.proxy_auth_result(ok))
+
+        self.factory.check_proxy_login(user, password).addCallback(done)
+
     def _connect_upstream(self, host: str, port: int, implicit_tls: bool) -> None:
         endpoint = self.factory.client_endpoint(host, port)
         tls = None
@@ -273,9 +313,11 @@ class ClientControl(Protocol):
             return
         self.upstream = upstream
         transport = upstream.transport
+        upstream.local = _hostport(transport.getHost())  # type: ignore[union-attr]
+        self.factory.outbound.add(upstream.local)
         self.run(
             self.session.upstream_connected(
-                _hostport(transport.getHost()),  # type: ignore[union-attr]
+                upstream.local,
                 _hostport(transport.getPeer()),  # type: ignore[union-attr]
             )
         )
@@ -284,6 +326,8 @@ class ClientControl(Protocol):
         self._pending_upstream.clear()
 
     def upstream_gone(self, upstream: UpstreamControl) -> None:
+        if upstream.local is not None:
+            self.factory.outbound.discard(upstream.local)
         if upstream is self.upstream:
             self.upstream = None
             self.run(self.session.upstream_lost())
@@ -384,7 +428,9 @@ class ClientControl(Protocol):
     def _start_relay(self, source: Side) -> None:
         channels = self._data
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
-        d = relay(channels.connections[source], channels.connections[sink])
+        reactor = self.factory.reactor
+        stall = self.factory.config.stall_timeout
+        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
         channels.relay = d
 
         def finished(result: RelayResult) -> None:
@@ -411,6 +457,17 @@ class _Reuse(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         return self.protocol_instance
+
+
+class _Refuse(Protocol):
+    """Answers a refused client with one reply and closes."""
+
+    def __init__(self, answer: Reply) -> None:
+        self.answer = answer
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.answer.encode())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
 
 class _UpstreamFactory(Factory):
@@ -444,16 +501,72 @@ class GatewayFactory(Factory):
     """Builds one `ClientControl` per accepted client; holds what sessions share."""
 
     protocol = ClientControl
+    noisy = False
 
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
         self.policy = UpstreamPolicy(rules=config.upstream_rules)
+        self.sessions: dict[str, int] = {}
+        self.active = 0
+        #: Local addresses of the gateway's own upstream control connections: a client
+        #: connecting from one of them is the gateway proxying to itself.
+        self.outbound: set[HostPort] = set()
+        self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
+        self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
         self.server_tls: Any = None
         if config.tls_certificate is not None:
             self.server_tls = server_options(
                 config.tls_certificate, config.tls_private_key, config.tls_min_version
             )
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        peer = _hostport(addr)
+        refusal = self._admission(peer)
+        if refusal is not None:
+            _log.warn("Refused client {client}: {reason}", client=str(peer), reason=refusal)
+            return _Refuse(Reply.of(421, refusal))
+        self.active += 1
+        self.sessions[peer.host] = self.sessions.get(peer.host, 0) + 1
+        protocol = super().buildProtocol(addr)
+        return protocol
+
+    def _admission(self, peer: HostPort) -> str | None:
+        """Why a new client may not start a session, or None."""
+        if peer in self.outbound:
+            return "Connection loop: the gateway was asked to connect to itself."
+        decision = check_client(self.config.client_rules, peer.host)
+        if not decision.allowed:
+            return "Access denied by the gateway's client policy."
+        if self.active >= self.config.max_sessions:
+            return "Too many sessions on this gateway; try again later."
+        if self.sessions.get(peer.host, 0) >= self.config.max_sessions_per_ip:
+            return "Too many sessions from your address; try again later."
+        return None
+
+    def session_ended(self, protocol: ClientControl) -> None:
+        self.active -= 1
+        left = self.sessions.get(protocol.peer.host, 1) - 1
+        if left > 0:
+            self.sessions[protocol.peer.host] = left
+        else:
+            self.sessions.pop(protocol.peer.host, None)
+
+    def check_proxy_login(self, user: str, password: str) -> Deferred[bool]:
+        """True when any configured twisted.cred checker accepts the credentials."""
+        credentials = UsernamePassword(user.encode(), password.encode())
+
+        async def check() -> bool:
+            for checker in self.checkers:
+                if IUsernamePassword in checker.credentialInterfaces:
+                    try:
+                        await maybeDeferred(checker.requestAvatarId, credentials)
+                    except Exception:
+                        continue
+                    return True
+            return False
+
+        return Deferred.fromCoroutine(check())
 
     def upstream_tls_options(self, name: str) -> Any:
         """A fresh client context per upstream session: its data connections resume the

@@ -131,17 +131,35 @@ def _session_reused(transport: Any) -> bool:
     return bool(lib.SSL_session_reused(transport.getHandle()._ssl))
 
 
-def relay(source: DataConnection, sink: DataConnection) -> Deferred[RelayResult]:
+def relay(
+    source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
 
     Succeeds only when the source ended cleanly and the sink's transport flushed and closed
-    cleanly; any reset, or the sink going away first, fails the relay and aborts the other side.
+    cleanly; any reset, the sink going away first, or `stall` seconds without a byte moving,
+    fails the relay and aborts both sides.
     """
     done: Deferred[RelayResult] = Deferred()
     count = 0
+    seen = -1
     source_ended = False
 
+    def watchdog() -> None:
+        nonlocal seen, timer
+        if done.called:
+            return
+        if count == seen:
+            finish(False, f"no data moved for {stall:g} seconds after {count} bytes")
+            return
+        seen = count
+        timer = clock.callLater(stall, watchdog)
+
+    timer = clock.callLater(0, watchdog)
+
     def finish(ok: bool, detail: str) -> None:
+        if timer.active():
+            timer.cancel()
         if not done.called:
             if not ok:
                 source.abort()

@@ -49,6 +49,15 @@ class ConnectUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Check proxy credentials (forward mode); answer with `proxy_auth_result`. The password
+    is never logged."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class StartClientTLS:
     """Switch the client control connection to TLS, as server, after the queued 234."""
 
@@ -118,6 +127,7 @@ Effect = (
     | ToUpstream
     | ResolveUpstream
     | ConnectUpstream
+    | Authenticate
     | StartClientTLS
     | StartUpstreamTLS
     | ListenData

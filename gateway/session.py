@@ -34,6 +34,7 @@ from gateway.addresses import (
     parse_eprt_argument,
     parse_epsv_argument,
     parse_epsv_reply,
+    parse_host_port,
     parse_pasv_reply,
     parse_port_argument,
     parse_user_target,
@@ -41,6 +42,7 @@ from gateway.addresses import (
 from gateway.codec import BadLine, Command, Reply
 from gateway.config import Config
 from gateway.effects import (
+    Authenticate,
     CloseClient,
     CloseData,
     CloseUpstream,
@@ -58,7 +60,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import ProtocolError
-from gateway.policy import UpstreamPolicy, check_data_target
+from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
 
 #: Commands that move data, and which side the bytes come from.
 TRANSFER_SOURCES = {
@@ -100,6 +102,17 @@ class _ClientData:
     target: HostPort | None = None  # active modes: where to connect
     connected: bool = False  # passive modes: the client already connected
     failure: str | None = None
+
+
+@dataclass(slots=True)
+class _ProxyLogin:
+    """Forward mode: a login to the gateway itself in progress (proxy authentication)."""
+
+    style: str  # "user", "joined", "joined-acct" or "proxy-user@host"
+    proxy_user: str
+    target: UserTarget | None = None
+    site_user: str | None = None
+    site_password: str | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +170,16 @@ class Session:
         self.upstream_tls = False
         self._upstream_prot = False
         self._after_upstream_tls: Callable[[], list[Effect]] | None = None
+        # Forward mode: proxy authentication and what to do once the upstream greets.
+        self._proxy_ok = not config.proxy_auth
+        self._login: _ProxyLogin | None = None
+        self._after_connect: Callable[[], list[Effect]] | None = None
+        self.logged_in = False
+        self.commands = CommandPolicy(config.denied_commands, config.read_only)
+
+    @property
+    def transferring(self) -> bool:
+        return self._transfer is not None
 
     # ----------------------------------------------------------------- inputs from the shell
 
@@ -190,7 +213,7 @@ class Session:
             return []
         if not addresses:
             return self._login_refused(f"Cannot resolve {target.host}: {error or 'no address'}.")
-        chosen, decision = self.policy.choose(addresses)
+        chosen, decision = self.policy.choose(addresses, target.port, target.host)
         if chosen is None:
             return [
                 Log(
@@ -367,13 +390,26 @@ class Session:
             return _TLS_COMMANDS[verb](self, command)
         if verb == "FEAT" and self.upstream_peer is None:
             return [ToClient(_features(None, self.config.client_tls_available))]
-        if verb == "USER" and self.config.upstream is None:
-            return self._user_forward(command)
+        if self.config.upstream is None:
+            if verb == "USER":
+                return self._user_forward(command)
+            if self.upstream_peer is None:
+                if verb == "PASS":
+                    return self._pass_forward(command)
+                if verb == "ACCT":
+                    return self._acct_forward(command)
+                if verb in ("OPEN", "SITE") and self._proxy_ok and command.arg:
+                    return self._open(command)
+        refusal = self.commands.check(verb)
+        if refusal is not None:
+            code, text = refusal
+            return [
+                Log("info", "Refused {verb} by command policy", {"verb": verb}),
+                reply(code, text),
+            ]
         if self.upstream_peer is None:
             if verb in _ONE_CHAR_COMMANDS:
                 return [reply(200 if verb == "NOOP" else 502, _pre_login_text(verb))]
-            if verb == "PASS":
-                return [reply(503, "Log in with USER name@host[:port] first.")]
             return [reply(530, "Please log in with USER name@host[:port] first.")]
         handler = _COMMANDS.get(verb)
         if handler is not None:
@@ -388,31 +424,156 @@ class Session:
         return self._send(command, self._relay_reply)
 
     def _relay_reply(self, answer: Reply) -> list[Effect]:
+        if answer.code == 230:
+            self.logged_in = True
         return [ToClient(answer), *(self._finish() if answer.final else [])]
 
+    # ------------------------------------------------------------ forward mode: logging in
+
     def _user_forward(self, command: Command) -> list[Effect]:
+        if not self._proxy_ok and self.upstream_peer is None:
+            return self._proxy_user(command.arg)
         target = parse_user_target(command.arg)
         if self.upstream_peer is not None:
             current = self._target
             if (
                 target is not None
                 and current is not None
-                and (target.host, target.port)
-                != (
-                    current.host,
-                    current.port,
-                )
+                and (target.host, target.port) != (current.host, current.port)
             ):
                 return [reply(530, f"Already connected to {current.host}; reconnect to change.")]
             user = target.user if target is not None else command.arg
             return self._relay(Command("USER", user))
         if target is None:
             return [reply(530, "Log in as USER name@host[:port] to choose the upstream server.")]
+        return self._connect_to(target, self._site_login(target.user, None))
+
+    def _proxy_user(self, arg: str) -> list[Effect]:
+        """USER while the gateway still needs the proxy credentials. The login styles are
+        those of proxy-aware clients (lftp's ftp:proxy-auth-type names them)."""
+        name, space, account = arg.partition(" ")
+        if space and "@" in name:
+            # joined-acct: USER user@host proxyuser; PASS password; ACCT proxypassword
+            target = parse_user_target(name)
+            assert target is not None
+            self._login = _ProxyLogin("joined-acct", account.strip(), target, target.user)
+            return [reply(331, "Password required.")]
+        target = parse_user_target(arg)
+        if target is not None and "@" in target.user:
+            # joined: USER user@proxyuser@host; PASS password@proxypassword
+            site_user, _, proxy_user = target.user.rpartition("@")
+            self._login = _ProxyLogin(
+                "joined", proxy_user, UserTarget(site_user, target.host, target.port), site_user
+            )
+            return [reply(331, "Password required: send password@proxy_password.")]
+        if target is not None:
+            # proxy-user@host: USER proxyuser@host; PASS proxypassword; then USER/PASS as usual
+            self._login = _ProxyLogin("proxy-user@host", target.user, target)
+            return [reply(331, f"Proxy password required for {target.user}.")]
+        # user / open: USER proxyuser; PASS proxypassword; then USER name@host or OPEN host
+        self._login = _ProxyLogin("user", arg)
+        return [reply(331, f"Proxy password required for {arg}.")]
+
+    def _pass_forward(self, command: Command) -> list[Effect]:
+        login = self._login
+        if login is None or self._proxy_ok:
+            return [reply(503, "Log in with USER name@host[:port] first.")]
+        if login.style == "joined":
+            site_password, sep, proxy_password = command.arg.rpartition("@")
+            if not sep:
+                self._login = None
+                return [reply(530, "Send the password as password@proxy_password.")]
+            login.site_password = site_password
+            return self._authenticate(login.proxy_user, proxy_password)
+        if login.style == "joined-acct":
+            login.site_password = command.arg
+            return [reply(332, "Proxy password required: send it with ACCT.")]
+        return self._authenticate(login.proxy_user, command.arg)
+
+    def _acct_forward(self, command: Command) -> list[Effect]:
+        login = self._login
+        if login is None or login.style != "joined-acct" or login.site_password is None:
+            return [reply(503, "ACCT is not expected now.")]
+        return self._authenticate(login.proxy_user, command.arg)
+
+    def _open(self, command: Command) -> list[Effect]:
+        """OPEN host[:port] (or SITE host) after a proxy login: connect without logging in."""
+        try:
+            host, port = parse_host_port(command.arg, 21)
+        except ValueError as e:
+            return [reply(501, f"{command.verb} needs a host[:port]: {e}.")]
+        target = UserTarget("", host, port)
+        return self._connect_to(target, self._announce(target))
+
+    def _authenticate(self, user: str, password: str) -> list[Effect]:
+        self._busy = True
+        return [Authenticate(user, password)]
+
+    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
+        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+        login = self._login
+        if login is None or self.closed:
+            return []
+        fields = {"user": login.proxy_user}
+        if throttled:
+            return [
+                Log("warn", "Proxy login for {user} refused: too many failures", fields),
+                *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
+            ]
+        if not ok:
+            self._login = None
+            return [
+                Log("warn", "Proxy login failed for {user}", fields),
+                reply(530, "Proxy login incorrect."),
+                *self._finish(),
+            ]
+        self._proxy_ok = True
+        effects: list[Effect] = [Log("info", "Proxy user {user} authenticated", fields)]
+        target = login.target
+        if target is None:
+            self._login = None
+            text = "Proxy login accepted. Now USER name@host[:port], or OPEN host."
+            return [*effects, reply(230, text), *self._finish()]
+        if login.style == "proxy-user@host":
+            return effects + self._connect_to(target, self._announce(target))
+        assert login.site_user is not None
+        return effects + self._connect_to(
+            target, self._site_login(login.site_user, login.site_password)
+        )
+
+    def _connect_to(self, target: UserTarget, then: Callable[[], list[Effect]]) -> list[Effect]:
         self._target = target
+        self._after_connect = then
         self._busy = True
         if _is_ip(target.host):
             return self.upstream_resolved([target.host])
         return [ResolveUpstream(target.host, target.port)]
+
+    def _site_login(self, user: str, password: str | None) -> Callable[[], list[Effect]]:
+        """Log in upstream; with `password` already collected (joined styles) answer the
+        upstream's 331 ourselves, so the client gets the reply to its own last command."""
+
+        def on_user(answer: Reply) -> list[Effect]:
+            if answer.code == 331 and password is not None:
+                return self._send(Command("PASS", password), self._relay_reply)
+            return self._relay_reply(answer)
+
+        return lambda: self._send(Command("USER", user), on_user)
+
+    def _announce(self, target: UserTarget) -> Callable[[], list[Effect]]:
+        text = f"Connected to {target.host}; log in with USER and PASS."
+        return lambda: [reply(220, text), *self._finish()]
+
+    def timed_out(self, what: str) -> list[Effect]:
+        """A session timer ran out (`login` or `idle`): RFC 959 section 4.2, 421 and close."""
+        text = {
+            "login": "Login timed out; closing the connection.",
+            "idle": "Idle timeout; closing the connection.",
+        }[what]
+        return [
+            Log("info", "Session {what} timeout", {"what": what}),
+            *self._close(Reply.of(421, text)),
+        ]
 
     def _login_refused(self, text: str) -> list[Effect]:
         self._target = None
@@ -438,9 +599,9 @@ class Session:
                 CloseUpstream(),
                 *self._login_refused(f"Upstream {target.host} refused the session: {answer.text}"),
             ]
-        return self._secure_upstream(
-            lambda: self._send(Command("USER", target.user), self._relay_reply)
-        )
+        then = self._after_connect or self._site_login(target.user, None)
+        self._after_connect = None
+        return self._secure_upstream(then)
 
     # ------------------------------------------------------------------ TLS, upstream side
 
@@ -716,7 +877,10 @@ class Session:
         effects: list[Effect] = []
         target = HostPort.of(self.upstream_peer.host, named.port)
         if named.host != self.upstream_peer.host:
-            if self.config.follow_pasv_address and self.policy.check(named.host).allowed:
+            if (
+                self.config.follow_pasv_address
+                and self.policy.check(named.host, named.port).allowed
+            ):
                 target = named
             else:
                 effects.append(

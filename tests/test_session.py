@@ -8,6 +8,7 @@ from gateway.addresses import HostPort
 from gateway.codec import Command, CommandReader, Reply
 from gateway.config import Config, build
 from gateway.effects import (
+    Authenticate,
     CloseClient,
     CloseData,
     CloseUpstream,
@@ -391,3 +392,108 @@ def test_upstream_data_connect_failure_answers_425_without_sending_the_command()
     assert to_upstream(effects) == []
     (answer,) = to_client(effects)
     assert answer[0] == 425 and "Connection refused" in answer[1]
+
+
+# ----------------------------------------------------------------- proxy authentication
+
+AUTH = build({"proxy_auth": ["memory:proxy:secret"], "allow_upstream": ["127.0.0.0/8"]})
+
+
+def authenticated(s: Session, effects: list[object], ok: bool = True) -> list[object]:
+    assert Authenticate("proxy", "secret") in effects or not ok
+    return s.proxy_auth_result(ok)
+
+
+def greet(s: Session, peer: str = "127.0.0.1") -> list[object]:
+    s.upstream_connected(UP_LOCAL, HostPort.of(peer, 2100))
+    s.upstream_reply(r(220, "hello"))
+    return s.upstream_reply(r(500, "no FEAT"))
+
+
+def test_auth_user_style_then_user_at_host() -> None:
+    s = forward(AUTH)
+    assert to_client(s.client_line(line("USER proxy")))[0][0] == 331
+    effects = s.client_line(line("PASS secret"))
+    assert effects == [Authenticate("proxy", "secret")]
+    assert to_client(s.proxy_auth_result(True))[0][0] == 230
+    assert s.client_line(line("USER site@127.0.0.1:2100")) == [ConnectUpstream("127.0.0.1", 2100)]
+    assert to_upstream(greet(s)) == ["USER site"]
+
+
+def test_auth_open_style() -> None:
+    s = forward(AUTH)
+    s.client_line(line("USER proxy"))
+    s.client_line(line("PASS secret"))
+    s.proxy_auth_result(True)
+    assert s.client_line(line("OPEN 127.0.0.1:2100")) == [ConnectUpstream("127.0.0.1", 2100)]
+    assert to_client(greet(s))[0][0] == 220
+    assert to_upstream(s.client_line(line("USER site"))) == ["USER site"]
+
+
+def test_auth_joined_style_sends_site_password_itself() -> None:
+    s = forward(AUTH)
+    assert to_client(s.client_line(line("USER site@proxy@127.0.0.1:2100")))[0][0] == 331
+    effects = s.client_line(line("PASS sitepw@secret"))
+    assert effects == [Authenticate("proxy", "secret")]
+    assert s.proxy_auth_result(True)[-1] == ConnectUpstream("127.0.0.1", 2100)
+    assert to_upstream(greet(s)) == ["USER site"]
+    effects = s.upstream_reply(r(331, "password"))
+    assert to_client(effects) == [] and to_upstream(effects) == ["PASS sitepw"]
+    assert to_client(s.upstream_reply(r(230, "in"))) == [(230, "in")]
+    assert s.logged_in
+
+
+def test_auth_joined_acct_style() -> None:
+    s = forward(AUTH)
+    assert to_client(s.client_line(line("USER site@127.0.0.1:2100 proxy")))[0][0] == 331
+    assert to_client(s.client_line(line("PASS sitepw")))[0][0] == 332
+    assert s.client_line(line("ACCT secret")) == [Authenticate("proxy", "secret")]
+    s.proxy_auth_result(True)
+    assert to_upstream(greet(s)) == ["USER site"]
+    assert to_upstream(s.upstream_reply(r(331, "password"))) == ["PASS sitepw"]
+
+
+def test_auth_failure_is_530_and_nothing_is_contacted() -> None:
+    s = forward(AUTH)
+    s.client_line(line("USER site@proxy@127.0.0.1:2100"))
+    s.client_line(line("PASS sitepw@wrong"))
+    effects = s.proxy_auth_result(False)
+    assert to_client(effects) == [(530, "Proxy login incorrect.")]
+    assert not any(isinstance(e, ConnectUpstream | ResolveUpstream) for e in effects)
+    assert to_client(s.proxy_auth_result(False, throttled=True)) == []  # no login pending
+
+
+def test_auth_throttled_closes_with_421() -> None:
+    s = forward(AUTH)
+    s.client_line(line("USER proxy"))
+    s.client_line(line("PASS x"))
+    effects = s.proxy_auth_result(False, throttled=True)
+    assert to_client(effects)[0][0] == 421 and CloseClient() in effects
+
+
+def test_auth_required_refuses_plain_user_at_host_without_contacting_upstream() -> None:
+    s = forward(AUTH)
+    effects = s.client_line(line("USER site@127.0.0.1:2100"))
+    assert to_client(effects)[0][0] == 331  # proxy-user@host style: the password is the proxy's
+    assert not any(isinstance(e, ConnectUpstream) for e in effects)
+
+
+@pytest.mark.parametrize("verb", ["STOR x", "DELE x", "RNFR x", "MKD d", "SITE CHMOD 1 x", "APPE x"])
+def test_read_only_preset_refuses_writes(verb: str) -> None:
+    s = reverse(build({"upstream": "ftp.test", "commands.read_only": True}))
+    effects = s.client_line(line(verb))
+    assert to_client(effects)[0][0] == 550 and to_upstream(effects) == []
+    assert to_upstream(s.client_line(line("RETR x"))) == []  # no PORT yet: 425, not refused
+
+
+def test_command_deny_list() -> None:
+    s = reverse(build({"upstream": "ftp.test", "commands.deny": ["SITE", "mdtm"]}))
+    assert to_client(s.client_line(line("MDTM f")))[0][0] == 502
+    assert to_upstream(s.client_line(line("SIZE f"))) == ["SIZE f"]
+
+
+def test_timeouts_close_with_421() -> None:
+    s = reverse()
+    effects = s.timed_out("idle")
+    assert to_client(effects)[0] == (421, "Idle timeout; closing the connection.")
+    assert CloseUpstream() in effects

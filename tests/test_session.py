@@ -478,7 +478,9 @@ def test_auth_required_refuses_plain_user_at_host_without_contacting_upstream() 
     assert not any(isinstance(e, ConnectUpstream) for e in effects)
 
 
-@pytest.mark.parametrize("verb", ["STOR x", "DELE x", "RNFR x", "MKD d", "SITE CHMOD 1 x", "APPE x"])
+@pytest.mark.parametrize(
+    "verb", ["STOR x", "DELE x", "RNFR x", "MKD d", "SITE CHMOD 1 x", "APPE x"]
+)
 def test_read_only_preset_refuses_writes(verb: str) -> None:
     s = reverse(build({"upstream": "ftp.test", "commands.read_only": True}))
     effects = s.client_line(line(verb))

@@ -61,7 +61,6 @@ from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
     client_options,
-    describe_failure,
     fingerprint,
     server_options,
 )
@@ -126,7 +125,8 @@ class UpstreamControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
-            self.owner.run(self.owner.session.upstream_tls_failed(describe_failure(reason)))
+            reason_text = self.tls_options.describe(reason)
+            self.owner.run(self.owner.session.upstream_tls_failed(reason_text))
         self.owner.upstream_gone(self)
 
 
@@ -403,6 +403,7 @@ class ClientControl(Protocol):
             connection.abort()
             return
         channels.connections[side] = connection
+        self.run(self.session.data_opened(side))
         connection.ready.addCallbacks(
             lambda conn: self._data_made(channels, side, conn),
             lambda failure: self._data_failed(channels, side, _reason(failure)),

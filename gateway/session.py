@@ -333,7 +333,19 @@ class Session:
             command = Command("EPRT", format_eprt_argument(advertised))
         return self._send(command, lambda r: self._on_port(transfer, r))
 
+    def data_opened(self, side: Side) -> list[Effect]:
+        """The TCP connection of a data channel is up (TLS, if any, not yet negotiated).
+
+        The upstream's transfer command goes out now: a server accepts the TLS handshake on a
+        data connection only once it has the command (RFC 4217 section 7), so waiting for the
+        handshake first would deadlock."""
+        transfer = self._transfer
+        if transfer is None or side is not Side.UPSTREAM or transfer.command_sent:
+            return []
+        return self._send_transfer(transfer)
+
     def data_connected(self, side: Side) -> list[Effect]:
+        """A data channel is ready for the relay (after its TLS handshake, if protected)."""
         transfer = self._transfer
         if transfer is None:
             if side is Side.CLIENT and self._client_data is not None:
@@ -349,11 +361,19 @@ class Session:
         return effects + self._maybe_start_relay(transfer)
 
     def data_failed(self, side: Side, reason: str) -> list[Effect]:
+        log = Log(
+            "warn",
+            "{side} data connection failed: {reason}",
+            {"side": side.value, "reason": reason},
+        )
+        return [log, *self._data_failed(side, reason)]
+
+    def _data_failed(self, side: Side, reason: str) -> list[Effect]:
         transfer = self._transfer
         if transfer is None:
             if side is Side.CLIENT and self._client_data is not None:
                 self._client_data.failure = reason
-            return [Log("info", "Client data connection failed: {reason}", {"reason": reason})]
+            return []
         if transfer.relay_started or transfer.relay_result is not None:
             return []  # the relay reports its own outcome
         transfer.relay_result = (False, f"{side.value} data connection failed: {reason}")

@@ -17,7 +17,7 @@ from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet._sslverify import ClientTLSOptions
+from twisted.internet._sslverify import ClientTLSOptions, _verifyCB
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
@@ -69,19 +69,80 @@ def fingerprint(certificate: crypto.X509) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+#: OpenSSL X509_V_ERR codes and what to tell a person about them.
+_VERIFY_ERRORS = {
+    9: "the upstream's certificate is not valid yet",
+    10: "the upstream's certificate has expired",
+    2: "the upstream's certificate is signed by an unknown CA",
+    18: "the upstream's certificate is self-signed and not trusted",
+    19: "the upstream's certificate is signed by an unknown CA",
+    20: "the upstream's certificate is signed by an unknown CA",
+    21: "the upstream's certificate is signed by an unknown CA",
+    23: "the upstream's certificate has been revoked",
+}
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class UpstreamTLS:
+    """TLS client settings for one upstream session, recording why verification failed.
+
+    With a pinned fingerprint the chain is not checked against CAs and the name is not
+    checked; the caller compares the fingerprint after the handshake, before it sends
+    anything. Otherwise service-identity checks the name once the chain verified.
+    """
+
+    def __init__(self, hostname: str, context: SSL.Context | None, verify: Any) -> None:
+        self.hostname = hostname
+        self.verify_errors: list[int] = []
+        self._context = context
+        self._verify: ClientTLSOptions | None = verify
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        if self._verify is None:
+            connection = SSL.Connection(self._context, None)
+            connection.set_app_data(tlsProtocol)
+            connection.set_connect_state()
+            if not re.fullmatch(r"[0-9.]+|.*:.*", self.hostname):
+                connection.set_tlsext_host_name(self.hostname.encode("idna"))
+            return connection
+        connection = self._verify.clientConnectionForTLS(tlsProtocol)
+        # Twisted's callback checks the chain and the name; wrap it to remember why a chain
+        # was refused, so the client hears "expired" rather than "verify failed".
+        check = _verifyCB(tlsProtocol, self._verify._hostnameIsDnsName, self._verify._hostnameASCII)
+
+        def record(
+            conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: bool
+        ) -> bool:
+            if not ok:
+                self.verify_errors.append(errno)
+            return check(conn, cert, errno, depth, ok)
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, record)
+        return connection
+
+    def describe(self, reason: Any) -> str:
+        """A sentence saying why the TLS handshake with the upstream failed."""
+        for errno in self.verify_errors:
+            if errno in _VERIFY_ERRORS:
+                return _VERIFY_ERRORS[errno]
+        text = str(getattr(reason, "value", reason))
+        if "VerificationError" in text or "hostname" in text.lower() or "match" in text.lower():
+            return f"the upstream's certificate does not match the name {self.hostname}"
+        if self.verify_errors:
+            return (
+                f"the upstream's certificate could not be verified (error {self.verify_errors[0]})"
+            )
+        return f"TLS handshake failed: {text}"
+
+
 def client_options(
     hostname: str, *, ca_file: str | None, pinned: bool, min_version: str
-) -> ClientTLSOptions:
-    """Context factory for one upstream session's control connection.
-
-    With `pinned`, the chain is not checked against CAs (the caller compares the fingerprint
-    after the handshake, before sending anything); otherwise the certificate must chain to the
-    system store or `ca_file` and match `hostname` (service-identity).
-    """
+) -> UpstreamTLS:
+    """TLS client settings for one upstream session's control and data connections."""
     extra: dict[str, Any] = {"raiseMinimumTo": _VERSIONS[min_version]}
     if pinned:
-        options = ssl.CertificateOptions(verify=False, **extra)
-        return ClientTLSOptions(hostname, options.getContext())
+        context = ssl.CertificateOptions(verify=False, **extra).getContext()
+        return UpstreamTLS(hostname, context, None)
     trust: Any = ssl.platformTrust()
     if ca_file:
         pem = _read(ca_file, "CA file")
@@ -89,7 +150,8 @@ def client_options(
         if not blocks:
             raise TLSConfigError(f"no PEM certificate in CA file {ca_file}")
         trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust, extraCertificateOptions=extra)
+    options = ssl.optionsForClientTLS(hostname, trustRoot=trust, extraCertificateOptions=extra)
+    return UpstreamTLS(hostname, None, options)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -97,7 +159,7 @@ class ResumingClientCreator:
     """Creates upstream data-connection TLS clients that resume the control connection's
     session (RFC 4217 section 10 recommends it; many servers require it)."""
 
-    def __init__(self, base: ClientTLSOptions, control: SSL.Connection) -> None:
+    def __init__(self, base: UpstreamTLS, control: SSL.Connection) -> None:
         self._base = base
         self._control = control
 
@@ -107,22 +169,3 @@ class ResumingClientCreator:
         if session is not None:
             connection.set_session(session)
         return connection
-
-
-def describe_failure(reason: Any) -> str:
-    """A sentence saying why a TLS handshake with an upstream failed."""
-    text = str(getattr(reason, "value", reason))
-    lowered = text.lower()
-    if "expired" in lowered:
-        return "the upstream's certificate has expired"
-    if "hostname" in lowered or "verificationerror" in lowered or "doesn't match" in lowered:
-        return "the upstream's certificate does not match its host name"
-    if (
-        "unable to get local issuer" in lowered
-        or "self-signed" in lowered
-        or "self signed" in lowered
-    ):
-        return "the upstream's certificate is signed by an unknown CA"
-    if "certificate verify failed" in lowered:
-        return "the upstream's certificate could not be verified"
-    return f"TLS handshake failed: {text}"

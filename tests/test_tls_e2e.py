@@ -1,0 +1,331 @@
+"""FTPS on both sides with real parts: vsftpd and proftpd requiring TLS session reuse,
+ftplib.FTP_TLS, curl --ssl-reqd and lftp as clients, and certificates that must be refused."""
+
+from __future__ import annotations
+
+import ftplib
+import os
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clients import (
+    curl,
+    file_sha256,
+    ftplib_get,
+    ftplib_put,
+    lftp,
+    lftp_sent,
+    sent_commands,
+    sha256,
+)
+from gateway_process import GatewayProcess, start_gateway
+from pki import Pki, make_pki
+from servers import RunningServer, start_server
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    return os.urandom(3 * MIB + 17)
+
+
+def _serve(server: RunningServer, payload: bytes) -> RunningServer:
+    (server.root / "file.bin").write_bytes(payload)
+    (server.root / "file.bin").chmod(0o644)
+    return server
+
+
+@pytest.fixture(scope="module")
+def vsftpd_tls(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki, payload: bytes
+) -> Iterator[RunningServer]:
+    server = start_server(
+        "vsftpd",
+        tmp_path_factory.mktemp("vsftpd-tls"),
+        tls="required",
+        cert=pki.server_cert,
+        key=pki.server_key,
+        require_ssl_reuse=True,
+    )
+    yield _serve(server, payload)
+    server.stop()
+
+
+def gateway_config(tmp: Path, pki: Pki, **tls: str) -> Path:
+    """A TOML file with the gateway's own certificate and the test CA for upstreams."""
+    settings = {
+        "certificate": str(pki.server_chain),
+        "private_key": str(pki.server_key),
+        "upstream_ca_file": str(pki.ca_cert),
+        "upstream_name": "localhost",
+        **tls,
+    }
+    path = tmp / f"tls-{len(list(tmp.glob('tls-*.toml')))}.toml"
+    path.write_text("[tls]\n" + "".join(f'{key} = "{value}"\n' for key, value in settings.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki, vsftpd_tls: RunningServer
+) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("gw-tls")
+    config = gateway_config(tmp, pki, upstream="required")
+    gw = start_gateway(tmp, "--upstream", f"127.0.0.1:{vsftpd_tls.port}", "--config", str(config))
+    yield gw
+    gw.stop()
+
+
+def ftps(port: int, pki: Pki, server: RunningServer, *, passive: bool = True) -> ftplib.FTP_TLS:
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ftp = ftplib.FTP_TLS(context=context, timeout=60)
+    ftp.connect("localhost", port)
+    ftp.login(server.user, server.password)  # AUTH TLS first, then USER/PASS
+    ftp.prot_p()
+    ftp.set_pasv(passive)
+    return ftp
+
+
+def test_ftplib_without_session_reuse_fails_directly(vsftpd_tls: RunningServer, pki: Pki) -> None:
+    """Python's FTP_TLS does not resume the TLS session on data connections: vsftpd with
+    require_ssl_reuse refuses it when it connects directly."""
+    ftp = ftps(vsftpd_tls.port, pki, vsftpd_tls)
+    with pytest.raises((ftplib.Error, ssl.SSLError, OSError)):
+        ftplib_get(ftp, "file.bin")
+    ftp.close()
+
+
+@pytest.mark.parametrize("passive", [True, False], ids=["passive", "active"])
+def test_ftplib_tls_through_gateway_reaches_server_requiring_reuse(
+    gateway: GatewayProcess, vsftpd_tls: RunningServer, pki: Pki, payload: bytes, passive: bool
+) -> None:
+    ftp = ftps(gateway.port, pki, vsftpd_tls, passive=passive)
+    assert sha256(ftplib_get(ftp, "file.bin")) == sha256(payload)
+    name = f"up-ftplib-{passive}.bin"
+    assert ftplib_put(ftp, name, payload).startswith("226")
+    ftp.quit()
+    assert file_sha256(vsftpd_tls.root / name) == sha256(payload)
+
+
+def test_curl_ssl_reqd_passive(
+    gateway: GatewayProcess, vsftpd_tls: RunningServer, pki: Pki, payload: bytes, tmp_path: Path
+) -> None:
+    base = f"ftp://{vsftpd_tls.user}:{vsftpd_tls.password}@localhost:{gateway.port}"
+    out = tmp_path / "curl.bin"
+    result = curl(f"{base}/file.bin", "--ssl-reqd", "--cacert", str(pki.ca_cert), "-o", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    assert "AUTH" in sent_commands(result.stderr) and "PROT" in sent_commands(result.stderr)
+    assert file_sha256(out) == sha256(payload)
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    result = curl(f"{base}/up-curl.bin", "--ssl-reqd", "--cacert", str(pki.ca_cert), "-T", str(src))
+    assert result.returncode == 0, result.stderr.decode()
+    assert file_sha256(vsftpd_tls.root / "up-curl.bin") == sha256(payload)
+
+
+def test_lftp_ssl_force_and_protect_data(
+    gateway: GatewayProcess, vsftpd_tls: RunningServer, pki: Pki, payload: bytes, tmp_path: Path
+) -> None:
+    local = tmp_path / "lftp.bin"
+    log = tmp_path / "lftp.log"
+    result = lftp(
+        f"set ftp:ssl-allow yes; set ftp:ssl-force yes; set ftp:ssl-protect-data yes; "
+        f"set ssl:ca-file {pki.ca_cert}; "
+        f"open -u {vsftpd_tls.user},{vsftpd_tls.password} localhost:{gateway.port}; "
+        f"get file.bin -o {local}; put {local} -o up-lftp.bin",
+        log=log,
+    )
+    assert result.returncode == 0, result.stderr.decode() + log.read_text()[-3000:]
+    sent = lftp_sent(log)
+    assert "AUTH" in sent and "PROT" in sent
+    assert file_sha256(local) == sha256(payload)
+    assert file_sha256(vsftpd_tls.root / "up-lftp.bin") == sha256(payload)
+
+
+def test_plain_client_to_ftps_upstream(
+    gateway: GatewayProcess, vsftpd_tls: RunningServer, payload: bytes
+) -> None:
+    """Legacy clients get protected traffic on the outside: the gateway speaks TLS upstream."""
+    ftp = ftplib.FTP(timeout=60)
+    ftp.connect("127.0.0.1", gateway.port)
+    ftp.login(vsftpd_tls.user, vsftpd_tls.password)
+    assert sha256(ftplib_get(ftp, "file.bin")) == sha256(payload)
+    ftp.set_pasv(False)
+    assert sha256(ftplib_get(ftp, "file.bin")) == sha256(payload)
+    ftp.quit()
+
+
+def test_ftps_client_to_plain_upstream(tmp_path: Path, pki: Pki, payload: bytes) -> None:
+    server = _serve(start_server("pyftpdlib", tmp_path / "plain"), payload)
+    config = gateway_config(tmp_path, pki, upstream="auto")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    try:
+        for passive in (True, False):
+            ftp = ftps(gw.port, pki, server, passive=passive)
+            assert sha256(ftplib_get(ftp, "file.bin")) == sha256(payload)
+            ftp.quit()
+    finally:
+        gw.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_proftpd_requiring_reuse(tmp_path: Path, pki: Pki, payload: bytes, version: str) -> None:
+    server = _serve(
+        start_server(
+            "proftpd",
+            tmp_path / "proftpd",
+            tls="required",
+            cert=pki.server_cert,
+            key=pki.server_key,
+            require_ssl_reuse=True,
+            tls_max_version=version,
+        ),
+        payload,
+    )
+    config = gateway_config(tmp_path, pki, upstream="required")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    try:
+        ftp = ftps(gw.port, pki, server)
+        assert sha256(ftplib_get(ftp, "file.bin")) == sha256(payload)
+        assert ftplib_put(ftp, "up.bin", payload).startswith("226")
+        ftp.quit()
+        assert file_sha256(server.root / "up.bin") == sha256(payload)
+    finally:
+        gw.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("cert", "reason"),
+    [
+        ("expired", "expired"),
+        ("wrong_name", "does not match"),
+        ("untrusted", "unknown CA"),
+    ],
+)
+def test_bad_upstream_certificates_are_refused_with_a_reason(
+    tmp_path: Path, pki: Pki, cert: str, reason: str
+) -> None:
+    server = start_server(
+        "vsftpd",
+        tmp_path / "bad",
+        tls="required",
+        cert=getattr(pki, f"{cert}_cert"),
+        key=getattr(pki, f"{cert}_key"),
+    )
+    config = gateway_config(tmp_path, pki, upstream="required")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    try:
+        ftp = ftplib.FTP(timeout=30)
+        with pytest.raises(ftplib.error_temp) as refused:
+            ftp.connect("127.0.0.1", gw.port)
+        assert str(refused.value).startswith("421")
+        assert reason in str(refused.value)
+    finally:
+        gw.stop()
+        server.stop()
+    # Nothing but AUTH went out: the server never saw a USER.
+    assert "USER" not in (
+        server.log_path.read_text() if server.log_path and server.log_path.exists() else ""
+    )
+
+
+def test_pinned_fingerprint_replaces_ca_verification(
+    tmp_path: Path, pki: Pki, vsftpd_tls: RunningServer, payload: bytes
+) -> None:
+    config = tmp_path / "pin.toml"
+    config.write_text(
+        f'[tls]\nupstream = "required"\nupstream_fingerprint = "{pki.server_sha256}"\n'
+    )
+    gw = start_gateway(
+        tmp_path, "--upstream", f"127.0.0.1:{vsftpd_tls.port}", "--config", str(config)
+    )
+    try:
+        ftp = ftplib.FTP(timeout=30)
+        ftp.connect("127.0.0.1", gw.port)
+        ftp.login(vsftpd_tls.user, vsftpd_tls.password)
+        assert sha256(ftplib_get(ftp, "file.bin")) == sha256(payload)
+        ftp.quit()
+    finally:
+        gw.stop()
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(f'[tls]\nupstream = "required"\nupstream_fingerprint = "{"0" * 64}"\n')
+    gw = start_gateway(
+        tmp_path, "--upstream", f"127.0.0.1:{vsftpd_tls.port}", "--config", str(wrong)
+    )
+    try:
+        with pytest.raises(ftplib.error_temp) as refused:
+            ftplib.FTP(timeout=30).connect("127.0.0.1", gw.port)
+        assert "fingerprint" in str(refused.value)
+    finally:
+        gw.stop()
+
+
+def test_upstream_without_auth_when_tls_required(tmp_path: Path, pki: Pki) -> None:
+    server = start_server("pyftpdlib", tmp_path / "plain")
+    config = gateway_config(tmp_path, pki, upstream="required")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    try:
+        with pytest.raises(ftplib.error_temp) as refused:
+            ftplib.FTP(timeout=30).connect("127.0.0.1", gw.port)
+        assert str(refused.value).startswith("421") and "refused TLS" in str(refused.value)
+    finally:
+        gw.stop()
+        server.stop()
+
+
+def test_client_tls_required_refuses_user_before_auth(tmp_path: Path, pki: Pki) -> None:
+    server = start_server("pyftpdlib", tmp_path / "plain")
+    config = gateway_config(tmp_path, pki, client="required", upstream="off")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    try:
+        ftp = ftplib.FTP(timeout=30)
+        ftp.connect("127.0.0.1", gw.port)
+        with pytest.raises(ftplib.error_perm) as refused:
+            ftp.login(server.user, server.password)
+        assert str(refused.value).startswith("530") and "TLS is required" in str(refused.value)
+        ftp.close()
+        tls = ftps(gw.port, pki, server)
+        with pytest.raises(ftplib.error_perm) as clear:
+            tls.prot_c()
+            tls.nlst()
+        assert str(clear.value).startswith("521")
+        tls.close()
+    finally:
+        gw.stop()
+        server.stop()
+
+
+def test_client_data_session_reuse_can_be_required(
+    tmp_path: Path, pki: Pki, payload: bytes
+) -> None:
+    server = _serve(start_server("pyftpdlib", tmp_path / "plain"), payload)
+    config = gateway_config(tmp_path, pki, upstream="off")
+    config.write_text(config.read_text() + "require_data_session_reuse = true\n")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    try:
+        ftp = ftps(gw.port, pki, server)
+        with pytest.raises((ftplib.Error, ssl.SSLError, OSError)):
+            ftplib_get(ftp, "file.bin")  # FTP_TLS starts a fresh session: refused
+        ftp.close()
+        result = curl(
+            f"ftp://{server.user}:{server.password}@localhost:{gw.port}/file.bin",
+            "--ssl-reqd",
+            "--cacert",
+            str(pki.ca_cert),
+        )
+        assert result.returncode == 0, result.stderr.decode()  # curl resumes: accepted
+        assert sha256(result.stdout) == sha256(payload)
+    finally:
+        gw.stop()
+        server.stop()
+    assert "did not resume the TLS session" in gw.log()

@@ -175,6 +175,7 @@ class ClientControl(Protocol):
             config, client_peer=peer, client_local=local, policy=self.factory.policy
         )
         self.log.info("Client {client} connected", client=str(peer))
+        self.factory.listening.add(local)
         _urgent_inline(self.transport)
         clock = self.factory.reactor
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
@@ -290,6 +291,12 @@ class ClientControl(Protocol):
         self.factory.check_proxy_login(user, password).addCallback(done)
 
     def _connect_upstream(self, host: str, port: int, implicit_tls: bool) -> None:
+        if self.factory.is_self(host, port):
+            self.log.warn("Refused a connection loop to {host}:{port}", host=host, port=port)
+            self.run(
+                self.session.upstream_connect_failed("that is this gateway (a connection loop)")
+            )
+            return
         endpoint = self.factory.client_endpoint(host, port)
         tls = None
         if implicit_tls:
@@ -513,6 +520,8 @@ class GatewayFactory(Factory):
         #: Local addresses of the gateway's own upstream control connections: a client
         #: connecting from one of them is the gateway proxying to itself.
         self.outbound: set[HostPort] = set()
+        #: Addresses clients reached the gateway on: an upstream there is the gateway itself.
+        self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
         self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
         self.server_tls: Any = None
@@ -545,6 +554,16 @@ class GatewayFactory(Factory):
             return "Too many sessions from your address; try again later."
         return None
 
+    def is_self(self, host: str, port: int) -> bool:
+        """Whether connecting to host:port would reach this gateway's own listener."""
+        if not _is_ip(host):
+            return False
+        target = HostPort.of(host, port)
+        if target in self.listening:
+            return True
+        loopback = target.host.startswith("127.") or target.host in ("::1", "0.0.0.0", "::")
+        return loopback and any(address.port == port for address in self.listening)
+
     def session_ended(self, protocol: ClientControl) -> None:
         self.active -= 1
         left = self.sessions.get(protocol.peer.host, 1) - 1
@@ -555,11 +574,17 @@ class GatewayFactory(Factory):
 
     def check_proxy_login(self, user: str, password: str) -> Deferred[bool]:
         """True when any configured twisted.cred checker accepts the credentials."""
-        credentials = UsernamePassword(user.encode(), password.encode())
+        # Checkers disagree on text or bytes (file: reads bytes, memory: keeps str): offer both.
+        offers = [
+            UsernamePassword(user.encode(), password.encode()),
+            UsernamePassword(user, password),  # type: ignore[arg-type]
+        ]
 
         async def check() -> bool:
             for checker in self.checkers:
-                if IUsernamePassword in checker.credentialInterfaces:
+                if IUsernamePassword not in checker.credentialInterfaces:
+                    continue
+                for credentials in offers:
                     try:
                         await maybeDeferred(checker.requestAvatarId, credentials)
                     except Exception:

@@ -523,7 +523,7 @@ class Session:
         except ValueError as e:
             return [reply(501, f"{command.verb} needs a host[:port]: {e}.")]
         target = UserTarget("", host, port)
-        return self._connect_to(target, self._announce(target))
+        return self._connect_to(target, self._announce(target, 220))
 
     def _authenticate(self, user: str, password: str) -> list[Effect]:
         self._busy = True
@@ -555,7 +555,7 @@ class Session:
             text = "Proxy login accepted. Now USER name@host[:port], or OPEN host."
             return [*effects, reply(230, text), *self._finish()]
         if login.style == "proxy-user@host":
-            return effects + self._connect_to(target, self._announce(target))
+            return effects + self._connect_to(target, self._announce(target, 230))
         assert login.site_user is not None
         return effects + self._connect_to(
             target, self._site_login(login.site_user, login.site_password)
@@ -580,9 +580,9 @@ class Session:
 
         return lambda: self._send(Command("USER", user), on_user)
 
-    def _announce(self, target: UserTarget) -> Callable[[], list[Effect]]:
+    def _announce(self, target: UserTarget, code: int) -> Callable[[], list[Effect]]:
         text = f"Connected to {target.host}; log in with USER and PASS."
-        return lambda: [reply(220, text), *self._finish()]
+        return lambda: [reply(code, text), *self._finish()]
 
     def timed_out(self, what: str) -> list[Effect]:
         """A session timer ran out (`login` or `idle`): RFC 959 section 4.2, 421 and close."""

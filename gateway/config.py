@@ -155,6 +155,17 @@ def _ip(name: str, value: object) -> str | None:
         raise ConfigError(f"{name}: {text!r} is not an IP address") from None
 
 
+def _ip_or_name(name: str, value: object) -> str | None:
+    text = _optional_string(name, value)
+    if text is None:
+        return None
+    try:
+        parse_host_port(text, 1)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is neither an IP address nor a host name") from None
+    return text
+
+
 def _bool(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -358,7 +369,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "data.masquerade_address",
         "masquerade_address",
-        _ip,
+        _ip_or_name,
         "IPv4 address advertised in 227 replies instead of the local one (gateway behind NAT).",
     ),
     Setting(

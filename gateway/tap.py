@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+from dataclasses import replace
 from typing import Any
 
 from twisted.application import strports
@@ -90,16 +92,36 @@ class Options(usage.Options):
             raise SystemExit(2)
 
 
+def resolve_masquerade(config: Config) -> Config:
+    """A masquerade host name becomes its IPv4 address once, at start: 227 replies need an
+    address, and resolving per session would let DNS changes half-apply."""
+    name = config.masquerade_address
+    if name is None or _is_ipv4(name):
+        return config
+    try:
+        address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
+    except OSError as e:
+        print(f"ftp-gateway: data.masquerade_address: cannot resolve {name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return replace(config, masquerade_address=str(address))
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_aton(text)
+    except OSError:
+        return False
+    return text.count(".") == 3
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    config = options.config
+    config = resolve_masquerade(options.config)
     top = MultiService()
     if options["demo"]:
-        from dataclasses import replace
-
         from gateway.demo import DemoUpstream
 
         demo = DemoUpstream()

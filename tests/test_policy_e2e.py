@@ -4,14 +4,18 @@ failed logins, client ACL and session limits, command rules, timeouts and loops.
 from __future__ import annotations
 
 import ftplib
+import os
+import pwd
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from clients import curl, lftp, lftp_sent
-from gateway_process import GatewayProcess, start_gateway
+from gateway_process import PROJECT, GatewayProcess, start_gateway, wait_for_port
 from servers import RunningServer, start_server
 
 CONTENT = b"through the proxy\n"
@@ -208,3 +212,30 @@ def test_gateway_refuses_to_proxy_to_itself(tmp_path: Path) -> None:
         assert "loop" in str(refused.value).lower()
     finally:
         gw.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding port 21 and dropping privileges need root")
+def test_binds_port_21_as_root_then_runs_unprivileged(tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)  # the log file is written after the privileges are gone
+    user = pwd.getpwnam("ftptest")
+    command = [
+        sys.executable,
+        "-m",
+        "gateway",
+        f"--uid={user.pw_uid}",
+        f"--gid={user.pw_gid}",
+        f"--logfile={tmp_path / 'gw.log'}",
+        "--listen",
+        "tcp:21:interface=127.0.0.21",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env)
+    try:
+        wait_for_port("127.0.0.21", 21, proc=proc)
+        assert ftplib.FTP(timeout=10).connect("127.0.0.21", 21).startswith("220")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert uids == [str(user.pw_uid)] * 4  # real, effective, saved and filesystem
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

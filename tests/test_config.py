@@ -1,0 +1,69 @@
+"""Configuration: the shipped file documents the real defaults; bad values get one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import SETTINGS, Config, ConfigError, build, load_file
+from gateway.policy import Rule
+
+SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "ftp-gateway.toml"
+
+
+def test_shipped_file_states_every_setting_with_its_default() -> None:
+    values = load_file(SHIPPED)
+    assert set(values) == {setting.key for setting in SETTINGS}
+    assert build(values) == Config()
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"data.passive_ports": "70000-70001"}, "data.passive_ports: expected 'LOW-HIGH'"),
+        ({"data.upstream_mode": "sideways"}, "data.upstream_mode: expected one of"),
+        ({"timeouts.idle": "soon"}, "timeouts.idle: expected a number"),
+        ({"allow_upstream": ["10.0.0.0/33"]}, "allow_upstream: '10.0.0.0/33' is not an IP network"),
+        ({"upstream": "[::1"}, "upstream:"),
+        ({"no_such": 1}, "no_such: unknown setting"),
+        ({"tls.client": "required"}, "tls.client: 'required' needs tls.certificate"),
+        ({"tls.upstream_fingerprint": "abc"}, "tls.upstream_fingerprint: expected a SHA-256"),
+        ({"upstream_rules": [{"action": "allow"}]}, "upstream_rules[1]: a rule needs"),
+        ({"upstream_rules": [{"action": "maybe", "cidr": "1.0.0.0/8"}]}, "upstream_rules[1]:"),
+        ({"proxy_auth": ["nosuch:x"]}, "proxy_auth: 'nosuch' is not a twisted.cred checker"),
+        ({"commands.deny": ["ST OR"]}, "commands.deny: 'ST OR' is not an FTP command name"),
+        ({"limits.max_line": 10}, "limits.max_line: expected a whole number"),
+    ],
+)
+def test_invalid_values_name_the_setting(layer: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build(layer)
+    assert str(error.value).startswith(message.split(":")[0] + ":")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_later_layers_win_and_rules_keep_their_order() -> None:
+    config = build(
+        {"upstream": "ftp.example.net:2121", "timeouts.idle": 5},
+        {
+            "timeouts.idle": "7",
+            "allow_upstream": ["10.0.0.0/8"],
+            "deny_upstream": ["10.1.0.0/16"],
+            "upstream_rules": [{"action": "deny", "host": "*.bad.example"}],
+        },
+    )
+    assert config.upstream == ("ftp.example.net", 2121)
+    assert config.idle_timeout == 7
+    assert [rule.action for rule in config.upstream_rules] == ["deny", "deny", "allow"]
+    assert config.upstream_rules[0] == Rule("deny", None, "*.bad.example", None)
+
+
+def test_bad_toml_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = [\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_file(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_file(tmp_path / "missing.toml")

@@ -329,3 +329,22 @@ def test_client_data_session_reuse_can_be_required(
         gw.stop()
         server.stop()
     assert "did not resume the TLS session" in gw.log()
+
+
+def test_commands_sent_in_clear_after_auth_are_discarded(gateway: GatewayProcess, pki: Pki) -> None:
+    """STARTTLS injection: bytes after AUTH TLS in the same packet must not be acted on."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as raw:
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"220")
+        raw.sendall(b"AUTH TLS\r\nUSER injected\r\n")
+        assert f.readline().startswith(b"234")
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"NOOP\r\n")
+            tf = tls.makefile("rb")
+            # vsftpd answers NOOP before login with 530; a 331 would be the injected USER's.
+            assert tf.readline()[:3] in (b"200", b"530")
+            tls.sendall(b"USER someone\r\n")
+            assert tf.readline().startswith(b"331")

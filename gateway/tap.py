@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.cred import strcred
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
@@ -77,6 +78,14 @@ class Options(usage.Options):
         try:
             layers = [load_file(self["config"])] if self["config"] else []
             self.config: Config = build(*layers, self.overrides())
+            for description in self.config.proxy_auth:
+                try:
+                    strcred.makeChecker(description)
+                except Exception as e:
+                    kind = description.partition(":")[0]
+                    raise ConfigError(
+                        f"proxy_auth: cannot use the {kind!r} twisted.cred checker: {e}"
+                    ) from None
             if self.config.tls_certificate is not None:
                 server_options(
                     self.config.tls_certificate,

@@ -31,7 +31,7 @@ def test_shipped_file_states_every_setting_with_its_default() -> None:
         ({"tls.upstream_fingerprint": "abc"}, "tls.upstream_fingerprint: expected a SHA-256"),
         ({"upstream_rules": [{"action": "allow"}]}, "upstream_rules[1]: a rule needs"),
         ({"upstream_rules": [{"action": "maybe", "cidr": "1.0.0.0/8"}]}, "upstream_rules[1]:"),
-        ({"proxy_auth": ["nosuch:x"]}, "proxy_auth: 'nosuch' is not a twisted.cred checker"),
+        ({"proxy_auth": ["no such:x"]}, "proxy_auth: 'no such:x' is not a checker"),
         ({"commands.deny": ["ST OR"]}, "commands.deny: 'ST OR' is not an FTP command name"),
         ({"limits.max_line": 10}, "limits.max_line: expected a whole number"),
     ],

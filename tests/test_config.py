@@ -67,3 +67,17 @@ def test_bad_toml_is_one_line(tmp_path: Path) -> None:
         load_file(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_file(tmp_path / "missing.toml")
+
+
+def test_shipped_examples_load_and_the_egress_policy_is_safe() -> None:
+    from gateway.policy import UpstreamPolicy
+
+    examples = SHIPPED.parent / "examples"
+    configs = {path.stem: build(load_file(path)) for path in examples.glob("*.toml")}
+    assert set(configs) == {"nat-edge", "egress-proxy"}
+    assert configs["nat-edge"].passive_ports == (30000, 30999)
+    policy = UpstreamPolicy(rules=configs["egress-proxy"].upstream_rules)
+    assert policy.check("203.0.113.5", 21, "ftp.example.net").allowed
+    assert not policy.check("203.0.113.5", 22, "ftp.example.net").allowed
+    assert not policy.check("10.0.0.1", 21, "files").allowed
+    assert not policy.check("203.0.113.5", 21, "ftp.internal.example").allowed

@@ -233,8 +233,8 @@ class ClientControl(Protocol):
                 self._authenticate(user, password)
             case ResolveUpstream(host, port):
                 self._resolve(host, port)
-            case ConnectUpstream(host, port, implicit_tls):
-                self._connect_upstream(host, port, implicit_tls)
+            case ConnectUpstream(host, port, implicit_tls, tls_name):
+                self._connect_upstream(host, port, tls_name if implicit_tls else None)
             case StartClientTLS():
                 self.reader.discard()
                 self._tls_switched = True
@@ -290,7 +290,9 @@ class ClientControl(Protocol):
 
         self.factory.check_proxy_login(user, password).addCallback(done)
 
-    def _connect_upstream(self, host: str, port: int, implicit_tls: bool) -> None:
+    def _connect_upstream(self, host: str, port: int, implicit_tls: str | None) -> None:
+        """Open the upstream control connection; with `implicit_tls` (the name to verify),
+        TLS starts with the first byte (port 990 style)."""
         if self.factory.is_self(host, port):
             self.log.warn("Refused a connection loop to {host}:{port}", host=host, port=port)
             self.run(
@@ -299,10 +301,8 @@ class ClientControl(Protocol):
             return
         endpoint = self.factory.client_endpoint(host, port)
         tls = None
-        if implicit_tls:
-            # Implicit FTPS (port 990 style): TLS from the first byte.
-            name = self.factory.config.upstream_tls_name or host
-            tls = self.factory.upstream_tls_options(name)
+        if implicit_tls is not None:
+            tls = self.factory.upstream_tls_options(implicit_tls)
             endpoint = wrapClientTLS(tls, endpoint)
         d = endpoint.connect(_UpstreamFactory(self, tls))
         self._upstream_connecting = d

@@ -46,6 +46,7 @@ class ConnectUpstream:
     host: str
     port: int
     implicit_tls: bool = False
+    tls_name: str = ""  # the name an implicit-TLS upstream's certificate must carry
 
 
 @dataclass(frozen=True, slots=True)

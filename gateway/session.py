@@ -84,7 +84,8 @@ _TLS_FEATURES = ("AUTH TLS", "AUTH SSL", "PBSZ", "PROT")
 #: Commands a client may send before AUTH TLS when TLS is required.
 _BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
 
-_ONE_CHAR_COMMANDS = ("NOOP", "SYST", "HELP")
+#: Commands answered before an upstream is chosen in forward mode.
+_PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
 
 Handler = Callable[[Reply], list[Effect]]
 
@@ -189,7 +190,7 @@ class Session:
             return [reply(220, self.config.greeting + " Log in as USER name@host[:port].")]
         host, port = self.config.upstream
         self._busy = True  # the upstream's greeting answers the connection itself
-        return [ConnectUpstream(host, port, implicit_tls=self.config.upstream_tls == "implicit")]
+        return [self._connect_effect(host, port)]
 
     def client_line(self, event: Command | BadLine) -> list[Effect]:
         """A line arrived on the client control connection."""
@@ -219,14 +220,18 @@ class Session:
                 Log(
                     "warn",
                     "Upstream {host} denied by policy: {reason}",
-                    _f(target.host, decision.reason),
+                    {"host": target.host, "reason": decision.reason},
                 ),
                 *self._login_refused(
                     f"Upstream {target.host} is denied by policy: {decision.reason}."
                 ),
             ]
-        implicit = self.config.upstream_tls == "implicit"
-        return [ConnectUpstream(chosen, target.port, implicit_tls=implicit)]
+        return [self._connect_effect(chosen, target.port)]
+
+    def _connect_effect(self, host: str, port: int) -> ConnectUpstream:
+        if self.config.upstream_tls != "implicit":
+            return ConnectUpstream(host, port)
+        return ConnectUpstream(host, port, implicit_tls=True, tls_name=self._tls_name())
 
     def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         """The upstream control connection is open; its greeting comes next."""
@@ -428,7 +433,7 @@ class Session:
                 reply(code, text),
             ]
         if self.upstream_peer is None:
-            if verb in _ONE_CHAR_COMMANDS:
+            if verb in _PRE_LOGIN_COMMANDS:
                 return [reply(200 if verb == "NOOP" else 502, _pre_login_text(verb))]
             return [reply(530, "Please log in with USER name@host[:port] first.")]
         handler = _COMMANDS.get(verb)
@@ -1086,7 +1091,3 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _f(host: str, reason: str) -> dict[str, str]:
-    return {"host": host, "reason": reason}

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorTCP,
     IReactorTime,
+    ISSLTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
@@ -172,7 +173,11 @@ class ClientControl(Protocol):
         self.peer = peer
         self.reader = CommandReader(max_line=config.max_line)
         self.session = Session(
-            config, client_peer=peer, client_local=local, policy=self.factory.policy
+            config,
+            client_peer=peer,
+            client_local=local,
+            policy=self.factory.policy,
+            implicit_tls=ISSLTransport.providedBy(self.transport),
         )
         self.log.info("Client {client} connected", client=str(peer))
         self.factory.listening.add(local)

@@ -145,6 +145,7 @@ class Session:
         client_peer: HostPort,
         client_local: HostPort,
         policy: UpstreamPolicy | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         self.config = config
         self.policy = policy or UpstreamPolicy(rules=config.upstream_rules)
@@ -165,7 +166,8 @@ class Session:
         self._epsv_refused = False
         self._quitting = False
         # RFC 4217 state, one set per side: the gateway terminates TLS on each.
-        self.client_tls = False
+        # Implicit FTPS (an ssl: listener): the control connection is protected from the start.
+        self.client_tls = implicit_tls
         self._client_pbsz = False
         self._client_prot = False
         self.upstream_tls = False

@@ -20,7 +20,7 @@ from clients import (
     sent_commands,
     sha256,
 )
-from gateway_process import GatewayProcess, start_gateway
+from gateway_process import GatewayProcess, free_port, start_gateway
 from pki import Pki, make_pki
 from servers import RunningServer, start_server
 
@@ -351,3 +351,35 @@ def test_commands_sent_in_clear_after_auth_are_discarded(gateway: GatewayProcess
             assert tf.readline()[:3] in (b"200", b"530")
             tls.sendall(b"USER someone\r\n")
             assert tf.readline().startswith(b"331")
+
+
+def test_implicit_ftps_listener(tmp_path: Path, pki: Pki, payload: bytes) -> None:
+    """An ssl: endpoint is implicit FTPS: TLS from the first byte, then PBSZ/PROT as usual."""
+    server = _serve(start_server("pyftpdlib", tmp_path / "plain"), payload)
+    config = gateway_config(tmp_path, pki, upstream="off")
+    port = free_port()
+    listen = (
+        f"ssl:{port}:interface=127.0.0.1:privateKey={pki.server_key}:certKey={pki.server_chain}"
+    )
+    gw = start_gateway(
+        tmp_path,
+        "--upstream",
+        f"127.0.0.1:{server.port}",
+        "--config",
+        str(config),
+        "--listen",
+        listen,
+    )
+    try:
+        result = curl(
+            f"ftps://{server.user}:{server.password}@localhost:{port}/file.bin",
+            "--cacert",
+            str(pki.ca_cert),
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert sha256(result.stdout) == sha256(payload)
+        assert "PROT" in sent_commands(result.stderr)
+        assert "AUTH" not in sent_commands(result.stderr)  # implicit: no AUTH needed
+    finally:
+        gw.stop()
+        server.stop()

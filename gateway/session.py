@@ -1001,7 +1001,18 @@ class Session:
         if self._transfer is not transfer:
             return []
         self._transfer = None
-        return [CloseData(), ToClient(answer), *self._finish()]
+        record = Log(
+            "info" if answer.positive else "warn",
+            "Transfer {verb} {path} via {upstream}: {code} {text}",
+            {
+                "verb": transfer.command.verb,
+                "path": transfer.command.arg,
+                "upstream": str(self.upstream_peer),
+                "code": answer.code,
+                "text": answer.lines[0],
+            },
+        )
+        return [CloseData(), ToClient(answer), record, *self._finish()]
 
     def _abort(self) -> list[Effect]:
         """ABOR during a transfer (RFC 959 section 4.1.3): close both data sides, tell the

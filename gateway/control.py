@@ -86,8 +86,12 @@ class UpstreamControl(Protocol):
         self.tls_options = tls_options
         self.handshake_done = False
         self.local: HostPort | None = None
-        config = owner.factory.config
-        self.reader = ReplyReader(
+        self._switched = False
+        self.reader = self._new_reader()
+
+    def _new_reader(self) -> ReplyReader:
+        config = self.owner.factory.config
+        return ReplyReader(
             max_line=config.max_line,
             max_lines=config.max_reply_lines,
             max_bytes=config.max_reply_bytes,
@@ -98,6 +102,8 @@ class UpstreamControl(Protocol):
 
     def start_tls(self, options: Any) -> None:
         self.tls_options = options
+        self._switched = True
+        self.reader = self._new_reader()
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
@@ -123,6 +129,10 @@ class UpstreamControl(Protocol):
             return
         for answer in replies:
             self.owner.run(self.owner.session.upstream_reply(answer))
+            if self._switched:
+                # Anything that followed the 234 in clear text is not from the TLS peer.
+                self._switched = False
+                return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:

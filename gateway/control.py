@@ -127,8 +127,9 @@ class UpstreamControl(Protocol):
         except RemoteProtocolError as e:
             self.owner.run(self.owner.session.upstream_failed(e))
             return
+        horizon = self.owner.session.sent + 1
         for answer in replies:
-            self.owner.run(self.owner.session.upstream_reply(answer))
+            self.owner.run(self.owner.session.upstream_reply(answer, horizon))
             if self._switched:
                 # Anything that followed the 234 in clear text is not from the TLS peer.
                 self._switched = False

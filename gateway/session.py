@@ -157,7 +157,10 @@ class Session:
         self._busy = False
         self._draining = False
         self._queue: deque[Command | BadLine] = deque()
-        self._expect: deque[Handler] = deque()
+        self._expect: deque[tuple[int, Handler]] = deque()
+        #: Commands sent upstream so far; each expectation remembers its number, so a reply
+        #: that was read before its command went out is recognised as unsolicited.
+        self.sent = 0
         self._target: UserTarget | None = None
         self._client_data: _ClientData | None = None
         self._transfer: _Transfer | None = None
@@ -238,7 +241,7 @@ class Session:
     def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         """The upstream control connection is open; its greeting comes next."""
         self.upstream_local, self.upstream_peer = local, peer
-        self._expect.append(self._on_greeting)
+        self._expect.append((self.sent, self._on_greeting))
         return [Log("info", "Connected to upstream {peer}", {"peer": str(peer)})]
 
     def upstream_connect_failed(self, reason: str) -> list[Effect]:
@@ -270,16 +273,18 @@ class Session:
             *self._close(Reply.of(421, f"Cannot secure the connection to the upstream: {reason}.")),
         ]
 
-    def upstream_reply(self, answer: Reply) -> list[Effect]:
-        """A complete reply arrived on the upstream control connection."""
+    def upstream_reply(self, answer: Reply, horizon: int | None = None) -> list[Effect]:
+        """A complete reply arrived on the upstream control connection. `horizon` is `sent`
+        as it was when the bytes of this reply were read: a reply cannot answer a command
+        sent after that."""
         if self.closed:
             return []
         if answer.code == 421 and not self._quitting:
             # RFC 959 section 4.2: 421 means the server is closing the control connection.
             return self._close(answer)
-        if not self._expect:
+        if not self._expect or (horizon is not None and self._expect[0][0] >= horizon):
             return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
-        handler = self._expect[0]
+        handler = self._expect[0][1]
         if answer.final:
             self._expect.popleft()
         try:
@@ -801,7 +806,6 @@ class Session:
                     {
                         "verb": command.verb,
                         "target": str(target),
-                        "client": str(self.client_peer),
                         "reason": decision.reason,
                     },
                 ),
@@ -1034,7 +1038,8 @@ class Session:
     # ------------------------------------------------------------------------------ helpers
 
     def _send(self, command: Command, handler: Handler) -> list[Effect]:
-        self._expect.append(handler)
+        self.sent += 1
+        self._expect.append((self.sent, handler))
         return [ToUpstream(command)]
 
     def _finish(self) -> list[Effect]:

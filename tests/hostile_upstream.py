@@ -1,0 +1,298 @@
+"""A small, scriptable, malicious FTP server for tests of what the gateway does with it.
+
+`HostileUpstream(mode)` listens on a free port of 127.0.0.1 and serves each control connection
+in a thread of its own. It speaks just enough FTP for a login and one download (USER, PASS,
+FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chosen by `mode`:
+
+- NORMAL: a well-behaved server; proves the harness itself works.
+- THIRD_HOST_PASV (EPSV, PASV): refuses EPSV; its 227 names `pasv_address`, another host, while
+  it really listens on 127.0.0.1 at the same port.
+- ENDLESS_GREETING (greeting): "220-" and then lines, forever.
+- ENDLESS_REPLY (PWD): "257-" and then lines, forever.
+- LONG_LINE (PWD): one reply line of 64 KiB.
+- BAD_CODE (greeting): "999 x".
+- GARBAGE_REPLY (PWD): "abc".
+- RESET_MID_RETR (RETR): sends part of the file, resets the data connection (SO_LINGER 0), then
+  claims success with 226.
+- EARLY_CLOSE_426 (RETR): sends part of the file, closes the data connection cleanly, then
+  replies 426.
+- DOUBLE_REPLY (NOOP): two final replies to one command, in one write; the second is
+  unsolicited (pyftpdlib does much the same to a command line over 2,048 bytes).
+
+"Forever" is bounded by `ENDLESS_LIMIT` (time and bytes) so a gateway that never gives up
+fails its test instead of hanging it. `events` records what happened, for assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import BinaryIO, Self
+
+HOST = "127.0.0.1"
+TIMEOUT = 15.0
+ENDLESS_LIMIT = (30.0, 256 * 1024 * 1024)
+"""An endless reply stops after this many seconds or bytes, whichever comes first."""
+LONG_LINE_BYTES = 64 * 1024
+
+
+class Mode(StrEnum):
+    NORMAL = "normal"
+    THIRD_HOST_PASV = "third-host-pasv"
+    ENDLESS_GREETING = "endless-greeting"
+    ENDLESS_REPLY = "endless-reply"
+    LONG_LINE = "long-line"
+    BAD_CODE = "bad-code"
+    GARBAGE_REPLY = "garbage-reply"
+    RESET_MID_RETR = "reset-mid-retr"
+    EARLY_CLOSE_426 = "early-close-426"
+    DOUBLE_REPLY = "double-reply"
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST rather than FIN (SO_LINGER 0): a crash, not an end of file."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class HostileUpstream:
+    """The server; use it as a context manager, or `start()` and `stop()` it.
+
+    `payload` is what RETR serves, whatever the name; the misbehaving RETR modes send its first
+    quarter. `pasv_address` is the (host, port) THIRD_HOST_PASV names in its 227 reply.
+    """
+
+    def __init__(
+        self,
+        mode: Mode,
+        *,
+        payload: bytes = b"",
+        pasv_address: tuple[str, int] | None = None,
+    ) -> None:
+        if Mode(mode) is Mode.THIRD_HOST_PASV and pasv_address is None:
+            raise ValueError("THIRD_HOST_PASV needs the pasv_address to name")
+        self.mode = Mode(mode)
+        self.payload = payload
+        self.pasv_address = pasv_address
+        self.events: list[str] = []
+        self.data_peers: list[str] = []
+        """Addresses data connections came from, in order."""
+        self._listener = socket.create_server((HOST, 0))
+        self._listener.settimeout(0.2)
+        self.host = HOST
+        self.port: int = self._listener.getsockname()[1]
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Self:
+        self._spawn(self._accept_loop)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            # shutdown() wakes a thread blocked reading it; close() alone would not.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._listener.close()
+        for thread in list(self._threads):
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _track(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.add(sock)
+        return sock
+
+    def _event(self, text: str) -> None:
+        with self._lock:
+            self.events.append(text)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._spawn(self._serve, self._track(conn))
+
+    # --------------------------------------------------------------------------- session
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        data_listener: socket.socket | None = None
+        try:
+            with conn, conn.makefile("rb") as lines:
+                if self.mode is Mode.ENDLESS_GREETING:
+                    self._endless(conn, 220)
+                    return
+                if self.mode is Mode.BAD_CODE:
+                    conn.sendall(b"999 x\r\n")
+                    self._event("sent 999 x")
+                    self._drain(lines)
+                    return
+                conn.sendall(b"220 hostile upstream ready\r\n")
+                while not self._stopping.is_set():
+                    raw = lines.readline(8192)
+                    if not raw:
+                        return
+                    verb = raw.decode("latin-1").strip().partition(" ")[0].upper()
+                    self._event(f"command {verb}")
+                    if verb == "QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        return
+                    if verb in ("EPSV", "PASV"):
+                        if data_listener is not None:
+                            data_listener.close()
+                        data_listener = self._passive(conn, verb)
+                    elif verb == "RETR":
+                        self._retr(conn, data_listener)
+                        data_listener = None
+                    elif verb == "NOOP" and self.mode is Mode.DOUBLE_REPLY:
+                        conn.sendall(b"200 NOOP ok.\r\n200 Unsolicited second reply.\r\n")
+                        self._event("answered NOOP twice")
+                    elif verb == "PWD" and self.mode in _PWD_ATTACKS:
+                        _PWD_ATTACKS[self.mode](self, conn)
+                        self._drain(lines)
+                        return
+                    else:
+                        conn.sendall(_SIMPLE.get(verb, b"502 Command not implemented.\r\n"))
+        except OSError as e:
+            self._event(f"control connection error: {e!r}")
+        finally:
+            if data_listener is not None:
+                data_listener.close()
+
+    def _drain(self, lines: BinaryIO) -> None:
+        """Read until the gateway hangs up, so the close is the gateway's decision."""
+        while lines.readline(8192):
+            pass
+        self._event("gateway closed the control connection")
+
+    def _endless(self, conn: socket.socket, code: int) -> None:
+        """A multi-line reply that never ends, until the gateway closes or the limit is hit."""
+        seconds, most = ENDLESS_LIMIT
+        deadline = time.monotonic() + seconds
+        sent = 0
+        conn.sendall(f"{code}-an endless reply begins\r\n".encode())
+        try:
+            number = 0
+            while sent < most and time.monotonic() < deadline:
+                chunk = b"".join(
+                    f" line {number + i} of a reply that never ends {'.' * 40}\r\n".encode()
+                    for i in range(100)
+                )
+                number += 100
+                conn.sendall(chunk)
+                sent += len(chunk)
+        except OSError as e:
+            self._event(f"endless reply cut off after {sent} bytes: {e!r}")
+            return
+        self._event(f"endless reply NOT cut off after {sent} bytes")
+
+    def _long_line(self, conn: socket.socket) -> None:
+        conn.sendall(b"257 " + b"A" * LONG_LINE_BYTES + b"\r\n")
+        self._event(f"sent a {LONG_LINE_BYTES}-byte reply line")
+
+    def _garbage(self, conn: socket.socket) -> None:
+        conn.sendall(b"abc\r\n")
+        self._event("sent abc")
+
+    def _endless_pwd(self, conn: socket.socket) -> None:
+        self._endless(conn, 257)
+
+    # ---------------------------------------------------------------------- data channel
+
+    def _passive(self, conn: socket.socket, verb: str) -> socket.socket | None:
+        if self.mode is Mode.THIRD_HOST_PASV:
+            if verb == "EPSV":
+                conn.sendall(b"500 EPSV not understood.\r\n")
+                return None
+            assert self.pasv_address is not None
+            named_host, port = self.pasv_address
+            listener = socket.create_server((HOST, port))  # really here, at the same port
+            numbers = ",".join([*named_host.split("."), str(port >> 8), str(port & 0xFF)])
+            conn.sendall(f"227 Entering Passive Mode ({numbers}).\r\n".encode())
+            self._event(f"227 named {named_host}:{port}")
+        else:
+            listener = socket.create_server((HOST, 0))
+            port = listener.getsockname()[1]
+            if verb == "EPSV":
+                conn.sendall(f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+            else:
+                numbers = ",".join([*HOST.split("."), str(port >> 8), str(port & 0xFF)])
+                conn.sendall(f"227 Entering Passive Mode ({numbers}).\r\n".encode())
+        listener.settimeout(TIMEOUT)
+        return self._track(listener)
+
+    def _retr(self, conn: socket.socket, listener: socket.socket | None) -> None:
+        if listener is None:
+            conn.sendall(b"425 Use EPSV or PASV first.\r\n")
+            return
+        with listener:
+            data, peer = listener.accept()
+        self._track(data)
+        self.data_peers.append(peer[0])
+        self._event(f"data connection from {peer[0]}")
+        conn.sendall(b"150 Opening BINARY mode data connection.\r\n")
+        if self.mode is Mode.RESET_MID_RETR:
+            part = self.payload[: len(self.payload) // 4]
+            data.sendall(part)
+            time.sleep(0.2)  # let the gateway relay some of it before the crash
+            reset(data)
+            self._event(f"reset the data connection after {len(part)} bytes")
+            conn.sendall(b"226 Transfer complete.\r\n")  # a lie: the transfer was cut
+        elif self.mode is Mode.EARLY_CLOSE_426:
+            part = self.payload[: len(self.payload) // 4]
+            data.sendall(part)
+            data.shutdown(socket.SHUT_WR)
+            data.close()
+            self._event(f"closed the data connection cleanly after {len(part)} bytes")
+            conn.sendall(b"426 Connection closed; transfer aborted.\r\n")
+        else:
+            data.sendall(self.payload)
+            data.shutdown(socket.SHUT_WR)
+            data.close()
+            conn.sendall(b"226 Transfer complete.\r\n")
+
+
+_SIMPLE = {
+    "USER": b"331 Password required.\r\n",
+    "PASS": b"230 Logged in.\r\n",
+    "FEAT": b"211-Features:\r\n UTF8\r\n211 End\r\n",
+    "TYPE": b"200 Type set.\r\n",
+    "PWD": b'257 "/" is the current directory.\r\n',
+    "NOOP": b"200 NOOP ok.\r\n",
+    "SYST": b"215 UNIX Type: L8\r\n",
+}
+
+_PWD_ATTACKS = {
+    Mode.ENDLESS_REPLY: HostileUpstream._endless_pwd,
+    Mode.LONG_LINE: HostileUpstream._long_line,
+    Mode.GARBAGE_REPLY: HostileUpstream._garbage,
+}

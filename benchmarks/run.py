@@ -80,9 +80,8 @@ def main() -> None:
                     )
                 ratio = measured["gateway"] / measured["direct"]
                 results[name] = {**measured, "ratio": ratio}
-                print(
-                    f"{name:<18} {measured['direct']:>12.1f} {measured['gateway']:>13.1f} {ratio:>7.2f}"
-                )
+                direct, through = measured["direct"], measured["gateway"]
+                print(f"{name:<18} {direct:>12.1f} {through:>13.1f} {ratio:>7.2f}")
             status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
             peak = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
             print(f"gateway peak RSS: {int(peak) // 1024} MiB ({args.size_mib} MiB file)")

@@ -42,7 +42,7 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
-    max_line: int = 4096
+    max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
     max_reply_bytes: int = 256 * 1024
@@ -400,7 +400,9 @@ SETTINGS: tuple[Setting, ...] = (
         _number(1, 86400),
         "Seconds a transfer may go without moving a byte.",
     ),
-    Setting("limits.max_line", "max_line", _integer(512, 65536), "Longest control line, bytes."),
+    Setting(
+        "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."
+    ),
     Setting(
         "limits.max_pending_commands",
         "max_pending_commands",

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort
-from gateway.codec import CommandReader, Reply, ReplyReader
+from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
 from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
 from gateway.effects import (
@@ -92,7 +92,7 @@ class UpstreamControl(Protocol):
     def _new_reader(self) -> ReplyReader:
         config = self.owner.factory.config
         return ReplyReader(
-            max_line=config.max_line,
+            max_line=max(config.max_line, DEFAULT_MAX_LINE),
             max_lines=config.max_reply_lines,
             max_bytes=config.max_reply_bytes,
         )

@@ -86,6 +86,15 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if self.family == 6 else f"{self.host}:{self.port}"
 
 
+def is_ip_literal(host: str) -> bool:
+    """Whether `host` is an IP address rather than a name to resolve."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _from_six(numbers: tuple[str, ...]) -> HostPort | None:
     """h1..h4 and p1, p2 (RFC 959 section 4.1.2) as an address, or None if out of range."""
     values = [int(n) for n in numbers]

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.addresses import HostPort
+from gateway.addresses import HostPort, is_ip_literal
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
 from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
@@ -572,7 +572,7 @@ class GatewayFactory(Factory):
 
     def is_self(self, host: str, port: int) -> bool:
         """Whether connecting to host:port would reach this gateway's own listener."""
-        if not _is_ip(host):
+        if not is_ip_literal(host):
             return False
         target = HostPort.of(host, port)
         if target in self.listening:
@@ -623,7 +623,7 @@ class GatewayFactory(Factory):
 
     def client_endpoint(self, host: str, port: int) -> Any:
         bind = (self.config.source_address, 0) if self.config.source_address else None
-        if not _is_ip(host):
+        if not is_ip_literal(host):
             # Reverse mode names its upstream; HostnameEndpoint tries IPv6 and IPv4 (RFC 8305).
             return HostnameEndpoint(self.reactor, host, port, timeout=30, bindAddress=bind)
         if HostPort.of(host, port).family == 6:
@@ -638,11 +638,3 @@ class GatewayFactory(Factory):
             return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookup)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        HostPort.of(host, 1)
-    except ValueError:
-        return False
-    return True

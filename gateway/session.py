@@ -19,7 +19,6 @@ lost) and return the effects the shell must carry out (`gateway.effects`). Three
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from gateway.addresses import (
     format_epsv_reply,
     format_pasv_reply,
     format_port_argument,
+    is_ip_literal,
     parse_eprt_argument,
     parse_epsv_argument,
     parse_epsv_reply,
@@ -577,7 +577,7 @@ class Session:
         self._target = target
         self._after_connect = then
         self._busy = True
-        if _is_ip(target.host):
+        if is_ip_literal(target.host):
             return self.upstream_resolved([target.host])
         return [ResolveUpstream(target.host, target.port)]
 
@@ -1101,11 +1101,3 @@ def _features(upstream: Reply | None, tls: bool) -> Reply:
 
 def _pre_login_text(verb: str) -> str:
     return "OK." if verb == "NOOP" else f"{verb} is available after USER name@host[:port]."
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

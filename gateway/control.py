@@ -7,6 +7,7 @@ connections; none of the decisions are made here.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -98,6 +99,7 @@ class UpstreamControl(Protocol):
         )
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         self.owner.upstream_made(self)
 
     def start_tls(self, options: Any) -> None:
@@ -193,6 +195,7 @@ class ClientControl(Protocol):
         self.log.info("Client {client} connected", client=str(peer))
         self.factory.listening.add(local)
         _urgent_inline(self.transport)
+        _no_delay(self.transport)
         clock = self.factory.reactor
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
         self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
@@ -515,6 +518,14 @@ def _urgent_inline(transport: Any) -> None:
         handle.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     except (AttributeError, OSError):
         pass  # not a socket (e.g. a test transport or a UNIX endpoint)
+
+
+def _no_delay(transport: Any) -> None:
+    """Send each control line at once (TCP_NODELAY). The gateway writes whole commands and
+    replies; with Nagle's algorithm a reply written while the previous one is unacknowledged
+    waits for the peer's delayed ACK, 40 ms or more per exchange."""
+    with contextlib.suppress(AttributeError, OSError):  # not TCP: a UNIX endpoint, a test double
+        transport.setTcpNoDelay(True)
 
 
 def _reason(failure: Failure) -> str:

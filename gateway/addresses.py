@@ -82,6 +82,11 @@ class HostPort:
         """4 or 6."""
         return 6 if ":" in self.host else 4
 
+    @property
+    def unspecified(self) -> bool:
+        """Whether the address is 0.0.0.0 or ::, which names no host."""
+        return ipaddress.ip_address(self.host).is_unspecified
+
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if self.family == 6 else f"{self.host}:{self.port}"
 

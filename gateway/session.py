@@ -124,6 +124,8 @@ class _Transfer:
     source: Side
     client: _ClientData
     restart: str | None
+    upstream_active: bool = False
+    """The upstream connects to the gateway (PORT/EPRT): the command waits for the PORT reply."""
     command_sent: bool = False
     preliminary_sent: bool = False
     client_connecting: bool = False
@@ -354,6 +356,10 @@ class Session:
         transfer = self._transfer
         if transfer is None or side is not Side.UPSTREAM or transfer.command_sent:
             return []
+        if transfer.upstream_active:
+            # Some servers (pyftpdlib) connect as soon as they accept PORT, before replying to
+            # it; the command still waits for that reply, or it would go out twice.
+            return []
         return self._send_transfer(transfer)
 
     def data_connected(self, side: Side) -> list[Effect]:
@@ -366,7 +372,7 @@ class Session:
         effects: list[Effect] = []
         if side is Side.UPSTREAM:
             transfer.upstream_connected = True
-            if not transfer.command_sent:
+            if not transfer.command_sent and not transfer.upstream_active:
                 effects += self._send_transfer(transfer)
         else:
             transfer.client_connected = True
@@ -664,14 +670,27 @@ class Session:
                 line.strip().upper().startswith("AUTH") and "TLS" in line.upper()
                 for line in answer.lines[1:]
             )
-            return self._upstream_auth(then) if offers else then()
+            return self._upstream_auth(then, optional=True) if offers else then()
 
         return self._send(Command("FEAT", ""), on_feat)
 
-    def _upstream_auth(self, then: Callable[[], list[Effect]]) -> list[Effect]:
+    def _upstream_auth(
+        self, then: Callable[[], list[Effect]], *, optional: bool = False
+    ) -> list[Effect]:
         def on_auth(answer: Reply) -> list[Effect]:
             if not answer.final:
                 return []
+            if answer.code != 234 and optional:
+                # FEAT listed AUTH TLS, AUTH itself was refused (pure-ftpd built with TLS but
+                # run without a certificate does this). Nothing is secured yet and nothing
+                # secret was sent: carry on as with a server that never offered TLS.
+                log = Log(
+                    "warn",
+                    "Upstream offered AUTH TLS in FEAT but refused it ({answer}); "
+                    "continuing in clear text",
+                    {"answer": str(answer)},
+                )
+                return [log, *then()]
             if answer.code != 234:
                 return self._close(
                     Reply.of(
@@ -795,6 +814,11 @@ class Session:
             target = parse_port_argument(command.arg)
         else:
             target = parse_eprt_argument(command.arg)
+        if target.unspecified and target.family == self.client_peer.family:
+            # 0.0.0.0 or :: names no host, so it can only mean "my own address": lftp, for one,
+            # sends EPRT |2|::|port| in active mode over IPv6. The control connection's address
+            # is where the gateway connects anyway (RFC 2577 section 3), so this opens no bounce.
+            target = HostPort(self.client_peer.host, target.port)
         code, decision = check_data_target(
             self.client_peer.host, target, allow_foreign=self.config.allow_foreign_data_address
         )
@@ -866,6 +890,7 @@ class Session:
         self._busy = True
         mode = self._upstream_mode(client)
         if mode == "active":
+            transfer.upstream_active = True
             return [ListenData(Side.UPSTREAM, tls=self._upstream_prot)]
         if mode == "epsv":
             return self._send(Command("EPSV", ""), lambda r: self._on_epsv(transfer, r))

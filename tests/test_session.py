@@ -111,6 +111,28 @@ def test_port_refuses_bounce_and_malformed_targets(command: str, code: int) -> N
     assert to_upstream(effects) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("PORT 0,0,0,0,156,64", 200),
+        ("EPRT |1|0.0.0.0|40000|", 200),
+        ("EPRT |2|::|40000|", 500),  # an IPv6 "any" from an IPv4 client is not its address
+        ("PORT 0,0,0,0,0,21", 504),  # still no privileged port
+    ],
+)
+def test_unspecified_port_address_means_the_clients_own(command: str, code: int) -> None:
+    """lftp sends EPRT |2|::|port| in active mode over IPv6: "any" can only mean the sender."""
+    s = reverse()
+    assert to_client(s.client_line(line(command)))[0][0] == code
+    if code != 200:
+        return
+    s.client_line(line("RETR f"))
+    s.upstream_reply(r(229, "Entering Extended Passive Mode (|||6446|)"))
+    s.data_connected(Side.UPSTREAM)
+    effects = s.upstream_reply(r(150, "Opening BINARY mode data connection"))
+    assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
+
+
 def _active_download(s: Session, verb: str = "RETR f") -> list[object]:
     assert to_client(s.client_line(line("PORT 192,0,2,10,156,64"))) == [
         (200, "PORT command successful.")
@@ -499,3 +521,46 @@ def test_timeouts_close_with_421() -> None:
     effects = s.timed_out("idle")
     assert to_client(effects)[0] == (421, "Idle timeout; closing the connection.")
     assert CloseUpstream() in effects
+
+
+def test_upstream_active_mode_sends_the_command_once_when_the_server_connects_early() -> None:
+    """pyftpdlib connects to a PORT address before it answers 200; RETR must still go once."""
+    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s.client_line(line("PASV"))
+    s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
+    assert without_logs(s.client_line(line("RETR f"))) == [ListenData(Side.UPSTREAM, tls=False)]
+    effects = s.data_listening(Side.UPSTREAM, HostPort.of("198.51.100.1", 6000))
+    assert to_upstream(effects) == ["PORT 198,51,100,1,23,112"]
+    assert to_upstream(s.data_opened(Side.UPSTREAM)) == []
+    assert to_upstream(s.data_connected(Side.UPSTREAM)) == []
+    assert to_upstream(s.upstream_reply(r(200, "PORT command successful"))) == ["RETR f"]
+    effects = s.upstream_reply(r(125, "Data connection already open. Transfer starting."))
+    assert to_client(effects) == [(125, "Data connection already open. Transfer starting.")]
+    assert StartRelay(Side.UPSTREAM) in s.data_connected(Side.CLIENT)
+    assert to_client(s.upstream_reply(r(226, "Transfer complete."))) == []
+    assert to_client(s.relay_finished(True, "1 byte")) == [(226, "Transfer complete.")]
+
+
+def test_auto_tls_upstream_that_offers_auth_but_refuses_it_is_used_in_clear_text() -> None:
+    """pure-ftpd without a certificate lists AUTH TLS in FEAT and answers AUTH TLS with 500."""
+    s = Session(Config(upstream=("ftp.test", 21)), client_peer=CLIENT, client_local=LOCAL)
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    assert to_upstream(s.upstream_reply(r(220, "pure-ftpd ready"))) == ["FEAT"]
+    effects = s.upstream_reply(Reply(211, ("Extensions supported:", " AUTH TLS", " EPSV", "End.")))
+    assert to_upstream(effects) == ["AUTH TLS"]
+    effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
+    assert to_client(effects) == [(220, "pure-ftpd ready")]
+    assert any(isinstance(e, Log) and e.level == "warn" for e in effects)
+    assert not s.upstream_tls
+
+
+def test_required_tls_upstream_that_refuses_auth_is_closed_with_421() -> None:
+    config = Config(upstream=("ftp.test", 21), upstream_tls="required")
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    assert to_upstream(s.upstream_reply(r(220, "ready"))) == ["AUTH TLS"]
+    effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
+    assert to_client(effects)[0][0] == 421
+    assert CloseClient() in effects

@@ -539,9 +539,7 @@ class GatewayFactory(Factory):
     noisy = False
 
     def __init__(self, config: Config, reactor: Any) -> None:
-        self.config = config
         self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
-        self.policy = UpstreamPolicy(rules=config.upstream_rules)
         self.sessions: dict[str, int] = {}
         self.active = 0
         #: Local addresses of the gateway's own upstream control connections: a client
@@ -550,12 +548,22 @@ class GatewayFactory(Factory):
         #: Addresses clients reached the gateway on: an upstream there is the gateway itself.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
-        self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
-        self.server_tls: Any = None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Use `config` for sessions from now on (at start, and on reload). Running sessions
+        keep the configuration and policy they started with; the login throttle keeps its
+        count of failures."""
+        server_tls: Any = None
         if config.tls_certificate is not None:
-            self.server_tls = server_options(
+            server_tls = server_options(
                 config.tls_certificate, config.tls_private_key, config.tls_min_version
             )
+        self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
+        self.policy = UpstreamPolicy(rules=config.upstream_rules)
+        self.login_throttle.limit = config.max_failed_logins
+        self.server_tls = server_tls
+        self.config = config
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         peer = _hostport(addr)

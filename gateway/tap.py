@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
+from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
 from gateway.tls import TLSConfigError, server_options
+
+_log = Logger(namespace="gateway.config")
 
 
 class Options(usage.Options):
@@ -76,22 +81,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            layers = [load_file(self["config"])] if self["config"] else []
-            self.config: Config = build(*layers, self.overrides())
-            for description in self.config.proxy_auth:
-                try:
-                    strcred.makeChecker(description)
-                except Exception as e:
-                    kind = description.partition(":")[0]
-                    raise ConfigError(
-                        f"proxy_auth: cannot use the {kind!r} twisted.cred checker: {e}"
-                    ) from None
-            if self.config.tls_certificate is not None:
-                server_options(
-                    self.config.tls_certificate,
-                    self.config.tls_private_key,
-                    self.config.tls_min_version,
-                )
+            self.config: Config = self.load()
         except (ConfigError, TLSConfigError) as e:
             # One line naming the setting, not a usage dump or a traceback.
             print(f"ftp-gateway: configuration error: {e}", file=sys.stderr)
@@ -100,18 +90,35 @@ class Options(usage.Options):
             print("ftp-gateway: --demo starts its own upstream; drop --upstream", file=sys.stderr)
             raise SystemExit(2)
 
+    def load(self) -> Config:
+        """Read the configuration file (again) and apply the command line over it, checking
+        what can only be checked by trying: cred checkers, the certificate, the masquerade
+        name. Raises ConfigError or TLSConfigError with a one-line reason."""
+        layers = [load_file(self["config"])] if self["config"] else []
+        config = build(*layers, self.overrides())
+        for description in config.proxy_auth:
+            try:
+                strcred.makeChecker(description)
+            except Exception as e:
+                kind = description.partition(":")[0]
+                raise ConfigError(
+                    f"proxy_auth: cannot use the {kind!r} twisted.cred checker: {e}"
+                ) from None
+        if config.tls_certificate is not None:
+            server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
+        return resolve_masquerade(config)
+
 
 def resolve_masquerade(config: Config) -> Config:
-    """A masquerade host name becomes its IPv4 address once, at start: 227 replies need an
-    address, and resolving per session would let DNS changes half-apply."""
+    """A masquerade host name becomes its IPv4 address at start and on each reload: 227 replies
+    need an address, and resolving per session would let DNS changes half-apply."""
     name = config.masquerade_address
     if name is None or _is_ipv4(name):
         return config
     try:
         address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
     except OSError as e:
-        print(f"ftp-gateway: data.masquerade_address: cannot resolve {name}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise ConfigError(f"data.masquerade_address: cannot resolve {name}: {e}") from None
     return replace(config, masquerade_address=str(address))
 
 
@@ -128,15 +135,62 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    config = resolve_masquerade(options.config)
+    config = options.config
     top = MultiService()
+    demo_upstream = None
     if options["demo"]:
         from gateway.demo import DemoUpstream
 
         demo = DemoUpstream()
         demo.setServiceParent(top)
-        config = replace(config, upstream=("127.0.0.1", demo.port))
+        demo_upstream = ("127.0.0.1", demo.port)
+        config = replace(config, upstream=demo_upstream)
     factory = GatewayFactory(config, reactor)
     for endpoint in config.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+
+    def load() -> Config:
+        fresh = options.load()
+        return fresh if demo_upstream is None else replace(fresh, upstream=demo_upstream)
+
+    ReloadOnHangup(factory, load, reactor).setServiceParent(top)
     return top
+
+
+class ReloadOnHangup(Service):
+    """SIGHUP re-reads the configuration; new sessions use it, running sessions keep theirs.
+
+    A configuration that does not load is logged and the running one stays. Listeners are
+    bound once, at start: a change to `listen` is logged and needs a restart.
+    """
+
+    def __init__(self, factory: GatewayFactory, load: Callable[[], Config], reactor: Any):
+        self.factory = factory
+        self.load = load
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes; do the work in the reactor's own turn.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            config = self.load()
+        except (ConfigError, TLSConfigError) as e:
+            _log.error("Reload failed, keeping the running configuration: {error}", error=str(e))
+            return
+        if config.listen != self.factory.config.listen:
+            _log.warn("Reload: listen endpoints change only on restart; keeping the current ones")
+            config = replace(config, listen=self.factory.config.listen)
+        self.factory.reconfigure(config)
+        _log.info("Configuration reloaded")

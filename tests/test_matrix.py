@@ -375,3 +375,82 @@ def test_upstream_mode_matrix(site: Site, upstream_mode: str, mode: str, tmp_pat
     for operation in ("RETR", "STOR"):
         upstream = run_cell("ftplib", gateway, V4, port, server, mode, operation, tmp_path)
         assert upstream == {expected}, gateway.log()[-3000:]
+
+
+# --- everything else a transfer session uses ------------------------------------------------------
+
+
+def login(host: str, port: int, server: RunningServer) -> ftplib.FTP:
+    ftp = ftplib.FTP(timeout=TIMEOUT)
+    ftp.connect(host, port)
+    ftp.login(server.user, server.password)
+    return ftp
+
+
+def observe(ftp: ftplib.FTP, name: str) -> dict[str, object]:
+    """What a client sees of the test file and the directory, by the commands the server has."""
+    features = ftp.sendcmd("FEAT")
+    ftp.sendcmd("TYPE I")  # SIZE counts bytes only in binary mode on some servers
+    seen: dict[str, object] = {
+        "SIZE": ftp.sendcmd(f"SIZE {FILE}"),
+        "MDTM": ftp.sendcmd(f"MDTM {FILE}"),
+        "NLST": sorted(ftp.nlst()),
+        "MODE S": ftp.sendcmd("MODE S")[:3],
+        "TYPE A": ftp.sendcmd("TYPE A")[:3],
+    }
+    lines: list[str] = []
+    ftp.retrlines(f"RETR {name}", lines.append)  # ASCII: line ends converted by the server
+    seen["RETR in ASCII"] = lines
+    ftp.sendcmd("TYPE I")
+    if " MLST" in features:
+        seen["MLST"] = ftp.sendcmd(f"MLST {FILE}").splitlines()[1].strip()
+        seen["MLSD"] = sorted(entry for entry, _ in ftp.mlsd())
+    return seen
+
+
+def test_commands_pass_through(site: Site, tmp_path: Path) -> None:
+    """APPE, STOU, REST with RETR and STOR, TYPE A, MODE S, SIZE, MDTM, NLST, MLST and MLSD
+    (where the server has them) give through the gateway what they give directly."""
+    server = site.server("v4")
+    _, port = site.gateway("v4")
+    text = "first line\nsecond line\n"
+    (server.root / "text.txt").write_text(text)
+    (server.root / "text.txt").chmod(0o644)
+
+    direct = login(server.host, server.port, server)
+    proxied = login(V4, port, server)
+    try:
+        assert observe(proxied, "text.txt") == observe(direct, "text.txt")
+
+        # APPE adds to what is there.
+        half = len(PAYLOAD) // 2
+        proxied.storbinary("STOR appended.bin", io.BytesIO(PAYLOAD[:half]))
+        assert proxied.storbinary("APPE appended.bin", io.BytesIO(PAYLOAD[half:])).startswith("2")
+        assert file_sha256(server.root / "appended.bin") == sha256(PAYLOAD)
+
+        # REST with STOR resumes an upload, REST with RETR a download.
+        proxied.storbinary("STOR resumed.bin", io.BytesIO(PAYLOAD[:half]))
+        proxied.storbinary("STOR resumed.bin", io.BytesIO(PAYLOAD[half:]), rest=half)
+        assert file_sha256(server.root / "resumed.bin") == sha256(PAYLOAD)
+        tail = io.BytesIO()
+        proxied.retrbinary(f"RETR {FILE}", tail.write, rest=half)
+        assert tail.getvalue() == PAYLOAD[half:]
+
+        # STOU: the server picks the name and says it in the 150 or 226 reply.
+        before = {path.name for path in server.root.iterdir()}
+        connection, _ = proxied.ntransfercmd("STOU")
+        with connection:
+            connection.sendall(PAYLOAD)
+        assert proxied.voidresp().startswith("226")
+        created = [path for path in server.root.iterdir() if path.name not in before]
+        assert len(created) == 1 and file_sha256(created[0]) == sha256(PAYLOAD)
+
+        # ASCII upload: the server stores its own line ends, the same either way.
+        proxied.storlines("STOR ascii-proxied.txt", io.BytesIO(text.encode()))
+        direct.storlines("STOR ascii-direct.txt", io.BytesIO(text.encode()))
+        proxied_bytes = (server.root / "ascii-proxied.txt").read_bytes()
+        assert proxied_bytes == (server.root / "ascii-direct.txt").read_bytes()
+        assert proxied_bytes.replace(b"\r\n", b"\n") == text.encode()
+    finally:
+        direct.close()
+        proxied.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ftplib
 import os
+import re
 import socket
 import struct
 import threading
@@ -332,3 +333,33 @@ def test_concurrent_sessions_do_not_mix_data(
     for t in threads:
         t.join(timeout=120)
     assert results == [sha256(payload)] * 6
+
+
+@pytest.mark.parametrize("mode", ["passive", "active"])
+def test_source_address_for_upstream_connections(tmp_path: Path, mode: str) -> None:
+    """Control and data connections to the upstream leave from `source_address`. pyftpdlib
+    refuses data connections from, and PORT to, any address but the control connection's."""
+    server = start_server("pyftpdlib", tmp_path / "pyftpdlib")
+    payload = os.urandom(MIB + 17)
+    (server.root / "one.bin").write_bytes(payload)
+    gw = start_gateway(
+        tmp_path,
+        "--upstream",
+        f"{server.host}:{server.port}",
+        "--source-address",
+        "127.0.0.2",
+        "--upstream-data-mode",
+        mode,
+    )
+    try:
+        ftp = ftplib_session("127.0.0.1", gw.port, server.user, server.password, passive=True)
+        assert sha256(ftplib_get(ftp, "one.bin")) == sha256(payload)
+        ftplib_put(ftp, "two.bin", payload)
+        ftp.quit()
+    finally:
+        gw.stop()
+        server.stop()
+    assert file_sha256(server.root / "two.bin") == sha256(payload)
+    # pyftpdlib names each logged-in session's peer: "127.0.0.2:41655-[ftptest] ...".
+    peers = set(re.findall(r"([0-9.]+):\d+-\[ftptest\]", server.output_path.read_text()))
+    assert peers == {"127.0.0.2"}

@@ -5,6 +5,11 @@ are connected and the relay starts. The relay pairs the two transports as produc
 (`registerProducer(..., streaming=True)`) so a slow reader pauses a fast writer and memory per
 transfer stays bounded by the transports' buffers, whatever the file size.
 
+A data connection the gateway only reads from must stay silent until its peer has finished
+sending: many clients close an upload's socket without reading from it, and bytes arriving at a
+closed socket make the peer's kernel answer with a reset that throws away whatever the gateway
+had not read yet. See `_PostHandshakeHold`.
+
 The relay is the seam for a faster implementation: `relay(source, sink)` takes two connected
 `DataConnection`s and returns a Deferred firing with a `RelayResult`; nothing else in the
 gateway knows how bytes move.
@@ -60,13 +65,54 @@ class DataTLS:
     require_reuse: bool = False
 
 
+class _PostHandshakeHold:
+    """Sits between a TLS 1.3 server's record layer and its socket and, once the handshake is
+    done, holds what the TLS layer sends on its own until the gateway sends data or closes.
+
+    After the client's Finished a TLS 1.3 server sends NewSessionTicket messages (RFC 8446
+    section 4.6.1). On a data connection that only carries an upload (RFC 4217 section 9),
+    clients such as lftp (GnuTLS) never read: they write the file, send close_notify and close
+    the socket, possibly before the ticket arrives. The client's kernel then answers the ticket
+    with a reset, and the gateway loses every byte of the upload still in its receive buffer.
+    The RFC lets the server send the ticket at any time after the client's Finished, so it goes
+    out with the first data the gateway sends, or with its own close_notify: by then the
+    gateway has read everything the client sent. Records keep their order.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(b"".join(held))
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._transport.write(data)
+        else:
+            self._held.append(data)
+
+    def loseConnection(self) -> None:
+        self.release()
+        self._transport.loseConnection()
+
+
 @implementer(IHandshakeListener)
 class DataConnection(Protocol):
     """One data connection, paused from the moment it is ready until a relay takes it over.
 
     `ready` fires with the connection once it is usable: at once for plain TCP, after the
     handshake for TLS. Bytes that arrive before the relay starts (a TLS peer may send some with
-    its last handshake flight) are kept and handed to the relay first.
+    its last handshake flight) are kept and handed to the relay first. As a TLS 1.3 server the
+    connection stays silent after the handshake until `send` says the gateway writes to it.
     """
 
     def __init__(self, tls: DataTLS | None = None, *, accepted: bool = False) -> None:
@@ -77,6 +123,7 @@ class DataConnection(Protocol):
         self.ready: Deferred[DataConnection] = Deferred()
         self.lost = False
         self._early: list[bytes] = []
+        self._hold: _PostHandshakeHold | None = None
 
     def connectionMade(self) -> None:
         if self.tls is None:
@@ -85,6 +132,11 @@ class DataConnection(Protocol):
         # startTLS's `normal` is True when the TLS role follows the TCP role.
         normal = self.accepted == self.tls.server
         self.transport.startTLS(self.tls.options, normal)  # type: ignore[union-attr]
+        if self.tls.server:
+            # startTLS put a TLS layer between the socket and this protocol; its writes to
+            # the socket go through the hold from now on.
+            layer = self.transport.protocol  # type: ignore[union-attr]
+            self._hold = layer.transport = _PostHandshakeHold(layer.transport)
 
     def handshakeCompleted(self) -> None:
         assert self.tls is not None
@@ -94,11 +146,21 @@ class DataConnection(Protocol):
             )
             self.abort()
             return
+        # Before TLS 1.3 the server may still owe its last flight (ChangeCipherSpec, Finished)
+        # at this point; in TLS 1.3 everything the server sends from here on is post-handshake.
+        handle = self.transport.getHandle()  # type: ignore[union-attr]
+        if self._hold is not None and handle.get_protocol_version_name() == "TLSv1.3":
+            self._hold.hold()
         self._ready()
 
     def _ready(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]
         self.ready.callback(self)
+
+    def send(self) -> None:
+        """The gateway is about to write to this connection: let held TLS records go first."""
+        if self._hold is not None:
+            self._hold.release()
 
     def attach(self, receiver: Callable[[bytes], None]) -> None:
         """Deliver everything from now on (and anything that came early) to `receiver`."""
@@ -191,6 +253,7 @@ def relay(
     source.attach(receive)
     source.on_lost = source_lost
     sink.on_lost = sink_lost
+    sink.send()
     sink.transport.registerProducer(source.transport, True)  # type: ignore[union-attr]
     # The sink never sends anything meaningful; reading it lets us see it close or reset.
     sink.transport.resumeProducing()  # type: ignore[union-attr]

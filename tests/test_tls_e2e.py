@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ftplib
 import os
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,21 +160,61 @@ def test_lftp_ssl_force_and_protect_data_download(
     assert file_sha256(local) == sha256(payload)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: under load, lftp (GnuTLS) uploads over a protected data connection "
-    "sometimes end with 'connection lost in a non-clean fashion' after 212992 bytes (one "
-    "socket buffer) on the gateway's client side; the client gets 426, never a false 226",
-)
 def test_lftp_ssl_force_and_protect_data_upload(
     gateway: GatewayProcess, vsftpd_tls: RunningServer, pki: Pki, payload: bytes, tmp_path: Path
 ) -> None:
+    """lftp (GnuTLS) never reads an upload's data connection: it writes the file, sends
+    close_notify and closes, often before a TLS 1.3 session ticket from the gateway could
+    arrive. The gateway must not send one then, or the client's kernel resets the connection."""
     local = tmp_path / "src.bin"
     local.write_bytes(payload)
     log = tmp_path / "lftp.log"
     result = _lftp_tls(gateway, vsftpd_tls, pki, f"put {local} -o up-lftp.bin", log)
     assert result.returncode == 0, result.stderr.decode() + log.read_text()[-3000:]
     assert file_sha256(vsftpd_tls.root / "up-lftp.bin") == sha256(payload)
+
+
+def test_tls13_upload_data_connection_is_silent_until_close_notify(
+    gateway: GatewayProcess, vsftpd_tls: RunningServer, pki: Pki, payload: bytes
+) -> None:
+    """A client that never reads an upload's data connection (RFC 4217 PROT P) and closes
+    its socket right after close_notify: anything the gateway had sent by then would be unread
+    at close, the client's kernel would answer with a reset and the upload's tail would be
+    lost. Here the client waits after the TLS 1.3 handshake and checks that nothing came."""
+    ftp = ftps(gateway.port, pki, vsftpd_tls)
+    host, port = ftp.makepasv()
+    raw = socket.create_connection((host, port), timeout=30)
+    assert ftp.sendcmd("STOR up-silent.bin").startswith("150")
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    for _ in range(50):  # a TLS 1.3 handshake takes one or two round trips
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            incoming.write(raw.recv(65536))
+    else:
+        pytest.fail("the TLS handshake did not complete")
+    raw.sendall(outgoing.read())  # the client's Finished
+    time.sleep(0.5)
+    raw.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        raw.recv(1, socket.MSG_PEEK)  # no session ticket, nothing at all
+    raw.setblocking(True)
+    view = memoryview(payload)
+    while view:
+        view = view[tls.write(view[: 64 * 1024]) :]
+        raw.sendall(outgoing.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.unwrap()  # close_notify goes out; the client does not wait for the gateway's
+    raw.sendall(outgoing.read())
+    raw.close()
+    assert ftp.voidresp().startswith("226")
+    ftp.quit()
+    assert file_sha256(vsftpd_tls.root / "up-silent.bin") == sha256(payload)
 
 
 def test_plain_client_to_ftps_upstream(
@@ -358,8 +400,6 @@ def test_client_data_session_reuse_can_be_required(
 
 def test_commands_sent_in_clear_after_auth_are_discarded(gateway: GatewayProcess, pki: Pki) -> None:
     """STARTTLS injection: bytes after AUTH TLS in the same packet must not be acted on."""
-    import socket
-
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as raw:
         f = raw.makefile("rb")
         assert f.readline().startswith(b"220")

@@ -63,6 +63,7 @@ class Config:
     upstream_ca_file: str | None = None
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
+    metrics_listen: str | None = None
 
     @property
     def client_tls_available(self) -> bool:
@@ -475,6 +476,12 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream_tls_name",
         _optional_string,
         "Name to verify the upstream certificate against. Empty: the upstream host name.",
+    ),
+    Setting(
+        "metrics.listen",
+        "metrics_listen",
+        _optional_string,
+        "Twisted endpoint to serve Prometheus metrics on (/metrics). Empty: not served.",
     ),
 )
 

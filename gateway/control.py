@@ -192,7 +192,7 @@ class ClientControl(Protocol):
             policy=self.factory.policy,
             implicit_tls=ISSLTransport.providedBy(self.transport),
         )
-        self.log.info("Client {client} connected", client=str(peer))
+        self.log.info("Client {client} connected", client=str(peer), event="session_started")
         self.factory.listening.add(local)
         _urgent_inline(self.transport)
         _no_delay(self.transport)
@@ -225,7 +225,7 @@ class ClientControl(Protocol):
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.log.info("Client {client} disconnected", client=str(self.peer))
+        self.log.info("Client {client} disconnected", client=str(self.peer), event="session_ended")
         for timer in (self._login_timer, self._idle_timer):
             if timer.active():
                 timer.cancel()
@@ -467,6 +467,7 @@ class ClientControl(Protocol):
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
+                event="relay_finished",
             )
             if channels is self._data:
                 self.run(self.session.relay_finished(result.ok, result.detail))
@@ -569,24 +570,31 @@ class GatewayFactory(Factory):
         peer = _hostport(addr)
         refusal = self._admission(peer)
         if refusal is not None:
-            _log.warn("Refused client {client}: {reason}", client=str(peer), reason=refusal)
-            return _Refuse(Reply.of(421, refusal))
+            key, text = refusal
+            _log.warn(
+                "Refused client {client}: {reason}",
+                client=str(peer),
+                reason=text,
+                event="session_refused",
+                reason_key=key,
+            )
+            return _Refuse(Reply.of(421, text))
         self.active += 1
         self.sessions[peer.host] = self.sessions.get(peer.host, 0) + 1
         protocol = super().buildProtocol(addr)
         return protocol
 
-    def _admission(self, peer: HostPort) -> str | None:
-        """Why a new client may not start a session, or None."""
+    def _admission(self, peer: HostPort) -> tuple[str, str] | None:
+        """Why a new client may not start a session (a short key and a sentence), or None."""
         if peer in self.outbound:
-            return "Connection loop: the gateway was asked to connect to itself."
+            return "loop", "Connection loop: the gateway was asked to connect to itself."
         decision = check_client(self.config.client_rules, peer.host)
         if not decision.allowed:
-            return "Access denied by the gateway's client policy."
+            return "client_policy", "Access denied by the gateway's client policy."
         if self.active >= self.config.max_sessions:
-            return "Too many sessions on this gateway; try again later."
+            return "max_sessions", "Too many sessions on this gateway; try again later."
         if self.sessions.get(peer.host, 0) >= self.config.max_sessions_per_ip:
-            return "Too many sessions from your address; try again later."
+            return "max_sessions_per_ip", "Too many sessions from your address; try again later."
         return None
 
     def is_self(self, host: str, port: int) -> bool:

@@ -227,7 +227,12 @@ class Session:
                 Log(
                     "warn",
                     "Upstream {host} denied by policy: {reason}",
-                    {"host": target.host, "reason": decision.reason},
+                    {
+                        "host": target.host,
+                        "reason": decision.reason,
+                        "event": "refused",
+                        "refused": "upstream",
+                    },
                 ),
                 *self._login_refused(
                     f"Upstream {target.host} is denied by policy: {decision.reason}."
@@ -249,11 +254,16 @@ class Session:
     def upstream_connect_failed(self, reason: str) -> list[Effect]:
         if self.closed:
             return []
+        log = Log(
+            "warn",
+            "Cannot connect to the upstream: {reason}",
+            {"reason": reason, "event": "upstream_connect_failed"},
+        )
         if self.config.upstream is None:
             target = self._target
             where = f"{target.host}:{target.port}" if target else "the upstream"
-            return self._login_refused(f"Cannot connect to {where}: {reason}.")
-        return self._close(Reply.of(421, f"Upstream server unavailable: {reason}."))
+            return [log, *self._login_refused(f"Cannot connect to {where}: {reason}.")]
+        return [log, *self._close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
 
     def upstream_tls_ready(self) -> list[Effect]:
         """The upstream control connection's TLS handshake succeeded and was verified."""
@@ -442,7 +452,11 @@ class Session:
         if refusal is not None:
             code, text = refusal
             return [
-                Log("info", "Refused {verb} by command policy", {"verb": verb}),
+                Log(
+                    "info",
+                    "Refused {verb} by command policy",
+                    {"verb": verb, "event": "refused", "refused": "command"},
+                ),
                 reply(code, text),
             ]
         if self.upstream_peer is None:
@@ -555,13 +569,21 @@ class Session:
         fields = {"user": login.proxy_user}
         if throttled:
             return [
-                Log("warn", "Proxy login for {user} refused: too many failures", fields),
+                Log(
+                    "warn",
+                    "Proxy login for {user} refused: too many failures",
+                    {**fields, "event": "refused", "refused": "login_throttle"},
+                ),
                 *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
             ]
         if not ok:
             self._login = None
             return [
-                Log("warn", "Proxy login failed for {user}", fields),
+                Log(
+                    "warn",
+                    "Proxy login failed for {user}",
+                    {**fields, "event": "proxy_login_failed"},
+                ),
                 reply(530, "Proxy login incorrect."),
                 *self._finish(),
             ]
@@ -831,6 +853,8 @@ class Session:
                         "verb": command.verb,
                         "target": str(target),
                         "reason": decision.reason,
+                        "event": "refused",
+                        "refused": "data_target",
                     },
                 ),
                 reply(code, f"Illegal {command.verb} command: {decision.reason}."),
@@ -1039,6 +1063,7 @@ class Session:
                 "upstream": str(self.upstream_peer),
                 "code": answer.code,
                 "text": answer.lines[0],
+                "event": "transfer_finished",
             },
         )
         return [CloseData(), ToClient(answer), record, *self._finish()]
@@ -1052,7 +1077,12 @@ class Session:
         self._transfer = None
         # Every upstream reply still owed for this transfer is swallowed by its handler (they
         # check `aborted`); the ABOR's own reply is swallowed here.
-        effects: list[Effect] = [CloseData(), Log("info", "Transfer aborted by client", {})]
+        record = Log(
+            "info",
+            "Transfer {verb} aborted by client",
+            {"verb": transfer.command.verb, "event": "transfer_aborted"},
+        )
+        effects: list[Effect] = [CloseData(), record]
         effects += self._send(Command("ABOR", ""), lambda r: [])
         effects += [
             reply(426, "Connection closed; transfer aborted."),

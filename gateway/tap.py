@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
+from gateway.metrics import MetricsService
 from gateway.tls import TLSConfigError, server_options
 
 _log = Logger(namespace="gateway.config")
@@ -145,6 +146,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         demo.setServiceParent(top)
         demo_upstream = ("127.0.0.1", demo.port)
         config = replace(config, upstream=demo_upstream)
+    # First, so its observer counts the events of everything started after it.
+    MetricsService(config.metrics_listen, reactor).setServiceParent(top)
     factory = GatewayFactory(config, reactor)
     for endpoint in config.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
@@ -187,10 +190,20 @@ class ReloadOnHangup(Service):
         try:
             config = self.load()
         except (ConfigError, TLSConfigError) as e:
-            _log.error("Reload failed, keeping the running configuration: {error}", error=str(e))
+            _log.error(
+                "Reload failed, keeping the running configuration: {error}",
+                error=str(e),
+                event="config_reloaded",
+                result="failed",
+            )
             return
-        if config.listen != self.factory.config.listen:
-            _log.warn("Reload: listen endpoints change only on restart; keeping the current ones")
-            config = replace(config, listen=self.factory.config.listen)
+        running = self.factory.config
+        for setting, value in (
+            ("listen", running.listen),
+            ("metrics_listen", running.metrics_listen),
+        ):
+            if getattr(config, setting) != value:
+                _log.warn("Reload: {setting} changes only on restart", setting=setting)
+                config = replace(config, **{setting: value})
         self.factory.reconfigure(config)
-        _log.info("Configuration reloaded")
+        _log.info("Configuration reloaded", event="config_reloaded", result="ok")

@@ -49,37 +49,37 @@ def forward_login(gateway: GatewayProcess, server: RunningServer) -> str:
         ftp.close()
 
 
-def test_reload_changes_upstream_policy_for_new_sessions(
-    tmp_path: Path, server: RunningServer
-) -> None:
+@pytest.fixture
+def forward(tmp_path: Path) -> Iterator[tuple[GatewayProcess, Path]]:
+    """A forward-mode gateway whose configuration file allows loopback upstreams."""
     config = tmp_path / "gateway.toml"
     config.write_text('allow_upstream = ["127.0.0.0/8"]\n')
     gateway = start_gateway(tmp_path, "--config", str(config))
-    try:
-        assert forward_login(gateway, server).startswith("331")
-        config.write_text("allow_upstream = []\n")
-        hang_up(gateway, "Configuration reloaded")
-        refused = forward_login(gateway, server)
-        assert refused.startswith("530") and "policy" in refused
-    finally:
-        gateway.stop()
+    yield gateway, config
+    gateway.stop()
+
+
+def test_reload_changes_upstream_policy_for_new_sessions(
+    forward: tuple[GatewayProcess, Path], server: RunningServer
+) -> None:
+    gateway, config = forward
+    assert forward_login(gateway, server).startswith("331")
+    config.write_text("allow_upstream = []\n")
+    hang_up(gateway, "Configuration reloaded")
+    refused = forward_login(gateway, server)
+    assert refused.startswith("530") and "policy" in refused
 
 
 def test_broken_configuration_on_reload_keeps_the_running_one(
-    tmp_path: Path, server: RunningServer
+    forward: tuple[GatewayProcess, Path], server: RunningServer
 ) -> None:
-    config = tmp_path / "gateway.toml"
-    config.write_text('allow_upstream = ["127.0.0.0/8"]\n')
-    gateway = start_gateway(tmp_path, "--config", str(config))
-    try:
-        config.write_text("allow_upstream = [\n")  # not TOML
-        hang_up(gateway, "Reload failed, keeping the running configuration")
-        config.write_text('[data]\nupstream_mode = "sideways"\n')  # TOML, wrong value
-        hang_up(gateway, "Reload failed, keeping the running configuration")
-        assert "upstream_mode" in gateway.log()
-        assert forward_login(gateway, server).startswith("331")
-    finally:
-        gateway.stop()
+    gateway, config = forward
+    config.write_text("allow_upstream = [\n")  # not TOML
+    hang_up(gateway, "Reload failed, keeping the running configuration")
+    config.write_text('[data]\nupstream_mode = "sideways"\n')  # TOML, wrong value
+    hang_up(gateway, "Reload failed, keeping the running configuration")
+    assert "upstream_mode" in gateway.log()
+    assert forward_login(gateway, server).startswith("331")
 
 
 def pasv_address(gateway: GatewayProcess, server: RunningServer) -> tuple[int, ...]:

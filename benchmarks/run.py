@@ -1,19 +1,25 @@
-"""Throughput through the gateway against direct transfers, in one run: `python benchmarks/run.py`.
+"""Throughput and session rate through the gateway against direct, in one run:
+`python benchmarks/run.py`.
 
 Starts vsftpd (from scripts/install-test-deps) and the gateway in reverse mode in front of it,
 on loopback, then times curl downloads and uploads of one file, directly and through the
 gateway, passive and active, and prints MB/s and the ratio gateway/direct (median of --repeat).
+Then it times short sessions one after another (connect, log in, download a small file in
+passive mode, quit), directly and through the gateway, and prints sessions per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import ftplib
+import io
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +53,23 @@ def speed(url: str, *args: str) -> float:
     return max(down, up) / 1e6
 
 
+def session_rate(port: int, user: str, password: str, sessions: int) -> float:
+    """Short sessions per second: connect, log in, RETR a small file (passive), quit."""
+    started = time.perf_counter()
+    for _ in range(sessions):
+        ftp = ftplib.FTP(timeout=30)
+        ftp.connect("127.0.0.1", port)
+        ftp.login(user, password)
+        ftp.retrbinary("RETR small.bin", io.BytesIO().write)
+        ftp.quit()
+    return sessions / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sessions", type=int, default=200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ftp-gateway-bench-") as tmp:
         work = Path(tmp)
@@ -61,6 +80,9 @@ def main() -> None:
             for _ in range(args.size_mib):
                 f.write(os.urandom(1 << 20))
         source.chmod(0o644)
+        small = server.root / "small.bin"
+        small.write_bytes(os.urandom(4096))
+        small.chmod(0o644)
         gateway = start_gateway(work, "--upstream", f"127.0.0.1:{server.port}")
         try:
             cases = {
@@ -82,6 +104,20 @@ def main() -> None:
                 results[name] = {**measured, "ratio": ratio}
                 direct, through = measured["direct"], measured["gateway"]
                 print(f"{name:<18} {direct:>12.1f} {through:>13.1f} {ratio:>7.2f}")
+            rates = {
+                label: statistics.median(
+                    session_rate(port, server.user, server.password, args.sessions)
+                    for _ in range(args.repeat)
+                )
+                for label, port in (("direct", server.port), ("gateway", gateway.port))
+            }
+            rates["ratio"] = rates["gateway"] / rates["direct"]
+            results["sessions per second"] = rates
+            print(f"{'case':<18} {'direct /s':>12} {'gateway /s':>13} {'ratio':>7}")
+            print(
+                f"{'short sessions':<18} {rates['direct']:>12.1f} {rates['gateway']:>13.1f}"
+                f" {rates['ratio']:>7.2f}"
+            )
             status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
             peak = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
             print(f"gateway peak RSS: {int(peak) // 1024} MiB ({args.size_mib} MiB file)")

@@ -445,3 +445,79 @@ def test_implicit_ftps_listener(tmp_path: Path, pki: Pki, payload: bytes) -> Non
     finally:
         gw.stop()
         server.stop()
+
+
+# --- FTPS on both sides, every server ---------------------------------------------------------
+
+TLS_CLIENTS = ("ftplib-passive", "ftplib-active", "curl", "lftp")
+
+
+@pytest.fixture(scope="module", params=["pyftpdlib", "vsftpd", "pure-ftpd", "proftpd"])
+def ftps_site(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: Pki,
+    payload: bytes,
+) -> Iterator[tuple[RunningServer, GatewayProcess]]:
+    """A server that refuses clear text, and a gateway in front of it that requires TLS of the
+    upstream and offers it to clients."""
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"ftps-{kind}")
+    # vsftpd's own TLS 1.3 uploads are unreliable (see vsftpd_tls above).
+    cap = {"tls_max_version": "1.2"} if kind == "vsftpd" else {}
+    server = start_server(
+        kind, tmp / "server", tls="required", cert=pki.server_cert, key=pki.server_key, **cap
+    )
+    _serve(server, payload)
+    config = gateway_config(tmp, pki, upstream="required")
+    gw = start_gateway(tmp, "--upstream", f"127.0.0.1:{server.port}", "--config", str(config))
+    yield server, gw
+    gw.stop()
+    server.stop()
+
+
+@pytest.mark.parametrize("operation", ["RETR", "STOR"])
+@pytest.mark.parametrize("client", TLS_CLIENTS)
+def test_ftps_matrix(
+    ftps_site: tuple[RunningServer, GatewayProcess],
+    pki: Pki,
+    payload: bytes,
+    tmp_path: Path,
+    client: str,
+    operation: str,
+) -> None:
+    """TLS on the control and data connections on both sides (PROT P), every client and server;
+    the server refuses clear text, so the upstream leg is protected too."""
+    server, gw = ftps_site
+    name = f"up-{client}-{tmp_path.name}.bin"
+    local = tmp_path / "local.bin"
+    if operation == "STOR":
+        local.write_bytes(payload)
+    if client.startswith("ftplib"):
+        ftp = ftps(gw.port, pki, server, passive=client == "ftplib-passive")
+        if operation == "RETR":
+            local.write_bytes(ftplib_get(ftp, "file.bin"))
+        else:
+            assert ftplib_put(ftp, name, payload).startswith("226")
+        ftp.quit()
+    elif client == "curl":
+        url = f"ftp://{server.user}:{server.password}@localhost:{gw.port}/"
+        tls = ("--ssl-reqd", "--cacert", str(pki.ca_cert))
+        if operation == "RETR":
+            result = curl(url + "file.bin", *tls, "-o", str(local))
+        else:
+            result = curl(url + name, *tls, "-T", str(local))
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        sent = sent_commands(result.stderr)
+        assert "AUTH" in sent and "PROT" in sent
+    else:
+        log = tmp_path / "lftp.log"
+        command = f"get file.bin -o {local}" if operation == "RETR" else f"put {local} -o {name}"
+        result = _lftp_tls(gw, server, pki, command, log)
+        assert result.returncode == 0, result.stderr.decode() + log.read_text()[-3000:]
+        sent = lftp_sent(log)
+        assert "AUTH" in sent and "PROT" in sent
+    if operation == "RETR":
+        assert file_sha256(local) == sha256(payload)
+    else:
+        assert file_sha256(server.root / name) == sha256(payload)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from gateway import features, proxy_login
 from gateway.addresses import (
     HostPort,
     UserTarget,
@@ -61,26 +61,15 @@ from gateway.effects import (
 )
 from gateway.errors import ProtocolError
 from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
+from gateway.transfer import SOURCES as TRANSFER_SOURCES
+from gateway.transfer import (
+    ClientData,
+    Transfer,
+    final_reply,
+    setup_failure,
+    upstream_mode,
+)
 
-#: Commands that move data, and which side the bytes come from.
-TRANSFER_SOURCES = {
-    "RETR": Side.UPSTREAM,
-    "LIST": Side.UPSTREAM,
-    "NLST": Side.UPSTREAM,
-    "MLSD": Side.UPSTREAM,
-    "STOR": Side.CLIENT,
-    "STOU": Side.CLIENT,
-    "APPE": Side.CLIENT,
-}
-
-#: FEAT lines the gateway does not relay: TLS is the gateway's own on each side (passing it
-#: through would blind the PORT/PASV translation), and it does not speak RFC 1639's long
-#: addresses.
-_HIDDEN_FEATURES = ("AUTH", "PBSZ", "PROT", "CCC", "LPSV", "LPRT", "SPSV")
-#: Data-channel features the gateway always provides to the client (RFC 2428).
-_OWN_FEATURES = ("EPRT", "EPSV")
-#: Features the gateway provides when clients may use TLS (RFC 4217 section 6).
-_TLS_FEATURES = ("AUTH TLS", "AUTH SSL", "PBSZ", "PROT")
 #: Commands a client may send before AUTH TLS when TLS is required.
 _BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
 
@@ -92,49 +81,6 @@ Handler = Callable[[Reply], list[Effect]]
 
 def reply(code: int, text: str) -> ToClient:
     return ToClient(Reply.of(code, text))
-
-
-@dataclass(slots=True)
-class _ClientData:
-    """How the client asked to receive the next data connection."""
-
-    verb: str  # PORT, EPRT, PASV or EPSV
-    tls: bool  # PROT P was in force when the client chose the mode
-    target: HostPort | None = None  # active modes: where to connect
-    connected: bool = False  # passive modes: the client already connected
-    failure: str | None = None
-
-
-@dataclass(slots=True)
-class _ProxyLogin:
-    """Forward mode: a login to the gateway itself in progress (proxy authentication)."""
-
-    style: str  # "user", "joined", "joined-acct" or "proxy-user@host"
-    proxy_user: str
-    target: UserTarget | None = None
-    site_user: str | None = None
-    site_password: str | None = None
-
-
-@dataclass(slots=True)
-class _Transfer:
-    """One data-moving command, from the upstream data setup to the final reply."""
-
-    command: Command
-    source: Side
-    client: _ClientData
-    restart: str | None
-    upstream_active: bool = False
-    """The upstream connects to the gateway (PORT/EPRT): the command waits for the PORT reply."""
-    command_sent: bool = False
-    preliminary_sent: bool = False
-    client_connecting: bool = False
-    client_connected: bool = False
-    upstream_connected: bool = False
-    relay_started: bool = False
-    relay_result: tuple[bool, str] | None = None
-    upstream_final: Reply | None = None
-    aborted: bool = False
 
 
 class Session:
@@ -164,8 +110,8 @@ class Session:
         #: that was read before its command went out is recognised as unsolicited.
         self.sent = 0
         self._target: UserTarget | None = None
-        self._client_data: _ClientData | None = None
-        self._transfer: _Transfer | None = None
+        self._client_data: ClientData | None = None
+        self._transfer: Transfer | None = None
         self._restart: str | None = None
         self._epsv_all = False
         self._epsv_refused = False
@@ -180,7 +126,7 @@ class Session:
         self._after_upstream_tls: Callable[[], list[Effect]] | None = None
         # Forward mode: proxy authentication and what to do once the upstream greets.
         self._proxy_ok = not config.proxy_auth
-        self._login: _ProxyLogin | None = None
+        self._login: proxy_login.ProxyLogin | None = None
         self._after_connect: Callable[[], list[Effect]] | None = None
         self.logged_in = False
         self.commands = CommandPolicy(config.denied_commands, config.read_only)
@@ -408,7 +354,7 @@ class Session:
         effects: list[Effect] = [CloseData()]
         if not transfer.command_sent:
             # Nothing is pending upstream for this transfer: answer now.
-            return effects + self._complete(transfer, Reply.of(425, self._setup_failure(transfer)))
+            return effects + self._complete(transfer, setup_failure(transfer))
         return effects + self._maybe_complete(transfer)
 
     def relay_finished(self, ok: bool, detail: str) -> list[Effect]:
@@ -437,7 +383,7 @@ class Session:
         if verb in ("AUTH", "PBSZ", "PROT", "CCC"):
             return _TLS_COMMANDS[verb](self, command)
         if verb == "FEAT" and self.upstream_peer is None:
-            return [ToClient(_features(None, self.config.client_tls_available))]
+            return [ToClient(features.for_client(None, self.config.client_tls_available))]
         if self.config.upstream is None:
             if verb == "USER":
                 return self._user_forward(command)
@@ -501,41 +447,20 @@ class Session:
         return self._connect_to(target, self._site_login(target.user, None))
 
     def _proxy_user(self, arg: str) -> list[Effect]:
-        """USER while the gateway still needs the proxy credentials. The login styles are
-        those of proxy-aware clients (lftp's ftp:proxy-auth-type names them)."""
-        name, space, account = arg.partition(" ")
-        if space and "@" in name:
-            # joined-acct: USER user@host proxyuser; PASS password; ACCT proxypassword
-            target = parse_user_target(name)
-            assert target is not None
-            self._login = _ProxyLogin("joined-acct", account.strip(), target, target.user)
-            return [reply(331, "Password required.")]
-        target = parse_user_target(arg)
-        if target is not None and "@" in target.user:
-            # joined: USER user@proxyuser@host; PASS password@proxypassword
-            site_user, _, proxy_user = target.user.rpartition("@")
-            self._login = _ProxyLogin(
-                "joined", proxy_user, UserTarget(site_user, target.host, target.port), site_user
-            )
-            return [reply(331, "Password required: send password@proxy_password.")]
-        if target is not None:
-            # proxy-user@host: USER proxyuser@host; PASS proxypassword; then USER/PASS as usual
-            self._login = _ProxyLogin("proxy-user@host", target.user, target)
-            return [reply(331, f"Proxy password required for {target.user}.")]
-        # user / open: USER proxyuser; PASS proxypassword; then USER name@host or OPEN host
-        self._login = _ProxyLogin("user", arg)
-        return [reply(331, f"Proxy password required for {arg}.")]
+        """USER while the gateway still needs the proxy credentials (`gateway.proxy_login`)."""
+        self._login, text = proxy_login.begin(arg)
+        return [reply(331, text)]
 
     def _pass_forward(self, command: Command) -> list[Effect]:
         login = self._login
         if login is None or self._proxy_ok:
             return [reply(503, "Log in with USER name@host[:port] first.")]
         if login.style == "joined":
-            site_password, sep, proxy_password = command.arg.rpartition("@")
-            if not sep:
+            passwords = proxy_login.split_joined_password(command.arg)
+            if passwords is None:
                 self._login = None
                 return [reply(530, "Send the password as password@proxy_password.")]
-            login.site_password = site_password
+            login.site_password, proxy_password = passwords
             return self._authenticate(login.proxy_user, proxy_password)
         if login.style == "joined-acct":
             login.site_password = command.arg
@@ -688,11 +613,9 @@ class Session:
         def on_feat(answer: Reply) -> list[Effect]:
             if not answer.final:
                 return []
-            offers = answer.positive and any(
-                line.strip().upper().startswith("AUTH") and "TLS" in line.upper()
-                for line in answer.lines[1:]
-            )
-            return self._upstream_auth(then, optional=True) if offers else then()
+            if features.offers_auth_tls(answer):
+                return self._upstream_auth(then, optional=True)
+            return then()
 
         return self._send(Command("FEAT", ""), on_feat)
 
@@ -811,8 +734,8 @@ class Session:
         def on_reply(answer: Reply) -> list[Effect]:
             if not answer.final:
                 return []
-            features = _features(answer, self.config.client_tls_available)
-            return [ToClient(features), *self._finish()]
+            offered = features.for_client(answer, self.config.client_tls_available)
+            return [ToClient(offered), *self._finish()]
 
         return self._send(command, on_reply)
 
@@ -860,7 +783,7 @@ class Session:
                 reply(code, f"Illegal {command.verb} command: {decision.reason}."),
             ]
         effects = self._drop_client_data()
-        self._client_data = _ClientData(command.verb, self._client_prot, target=target)
+        self._client_data = ClientData(command.verb, self._client_prot, target=target)
         return [*effects, reply(200, f"{command.verb} command successful.")]
 
     def _pasv(self, command: Command) -> list[Effect]:
@@ -879,7 +802,7 @@ class Session:
                 # RFC 2428 section 3: answer 522 naming the protocol the server can use.
                 return [reply(522, f"Network protocol not supported, use ({supported}).")]
         effects = self._drop_client_data()
-        self._client_data = _ClientData(command.verb, self._client_prot)
+        self._client_data = ClientData(command.verb, self._client_prot)
         self._busy = True
         return [*effects, ListenData(Side.CLIENT, tls=self._client_prot)]
 
@@ -902,7 +825,7 @@ class Session:
         self._client_data = None
         if client.failure is not None:
             return [CloseData(), reply(425, f"Cannot open data connection: {client.failure}.")]
-        transfer = _Transfer(
+        transfer = Transfer(
             command,
             TRANSFER_SOURCES[command.verb],
             client,
@@ -912,7 +835,13 @@ class Session:
         self._restart = None
         self._transfer = transfer
         self._busy = True
-        mode = self._upstream_mode(client)
+        assert self.upstream_peer is not None
+        mode = upstream_mode(
+            self.config.upstream_data_mode,
+            client.verb,
+            self._epsv_refused,
+            self.upstream_peer.family,
+        )
         if mode == "active":
             transfer.upstream_active = True
             return [ListenData(Side.UPSTREAM, tls=self._upstream_prot)]
@@ -920,18 +849,7 @@ class Session:
             return self._send(Command("EPSV", ""), lambda r: self._on_epsv(transfer, r))
         return self._send(Command("PASV", ""), lambda r: self._on_pasv(transfer, r))
 
-    def _upstream_mode(self, client: _ClientData) -> str:
-        mode = self.config.upstream_data_mode
-        if mode == "client":
-            mode = {"PORT": "active", "EPRT": "active", "PASV": "pasv", "EPSV": "epsv"}[client.verb]
-        elif mode == "passive":
-            mode = "pasv" if self._epsv_refused else "epsv"
-        assert self.upstream_peer is not None
-        if mode == "pasv" and self.upstream_peer.family == 6:
-            mode = "epsv"  # RFC 2428: PASV cannot carry an IPv6 address
-        return mode
-
-    def _on_epsv(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+    def _on_epsv(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         if transfer.aborted or not answer.final:
             return []
         assert self.upstream_peer is not None
@@ -947,7 +865,7 @@ class Session:
                 return self._send(Command("PASV", ""), lambda r: self._on_pasv(transfer, r))
         return self._complete(transfer, Reply.of(425, f"Upstream refused EPSV: {answer.text}"))
 
-    def _on_pasv(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+    def _on_pasv(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         if transfer.aborted or not answer.final:
             return []
         assert self.upstream_peer is not None
@@ -977,14 +895,14 @@ class Session:
                 )
         return [*effects, ConnectData(Side.UPSTREAM, target, tls=self._upstream_prot)]
 
-    def _on_port(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+    def _on_port(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         if transfer.aborted or not answer.final:
             return []
         if not answer.positive:
             return self._complete(transfer, Reply.of(425, f"Upstream refused PORT: {answer.text}"))
         return self._send_transfer(transfer)
 
-    def _send_transfer(self, transfer: _Transfer) -> list[Effect]:
+    def _send_transfer(self, transfer: Transfer) -> list[Effect]:
         transfer.command_sent = True
         if transfer.restart is None:
             return self._send(transfer.command, lambda r: self._on_transfer(transfer, r))
@@ -999,7 +917,7 @@ class Session:
 
         return self._send(Command("REST", transfer.restart), on_rest)
 
-    def _on_transfer(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+    def _on_transfer(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         if transfer.aborted:
             return []
         if answer.preliminary:
@@ -1016,7 +934,7 @@ class Session:
         transfer.upstream_final = answer
         return self._maybe_complete(transfer)
 
-    def _maybe_start_relay(self, transfer: _Transfer) -> list[Effect]:
+    def _maybe_start_relay(self, transfer: Transfer) -> list[Effect]:
         if (
             transfer.client_connected
             and transfer.upstream_connected
@@ -1027,29 +945,11 @@ class Session:
             return [StartRelay(transfer.source)]
         return []
 
-    def _maybe_complete(self, transfer: _Transfer) -> list[Effect]:
-        final = transfer.upstream_final
-        result = transfer.relay_result
-        if final is None:
-            return []  # the upstream has not answered yet; it will, once its data side ends
-        if result is None:
-            if final.positive and (transfer.relay_started or transfer.preliminary_sent):
-                # The upstream's 226 can overtake the bytes still being relayed, or the client's
-                # data connection may still be opening: hold it until the relay's outcome.
-                return []
-            return self._complete(transfer, final)
-        ok, detail = result
-        if ok:
-            return self._complete(transfer, final)
-        if not transfer.relay_started:
-            return self._complete(transfer, Reply.of(425, self._setup_failure(transfer)))
-        return self._complete(transfer, Reply.of(426, f"Transfer failed: {detail}."))
+    def _maybe_complete(self, transfer: Transfer) -> list[Effect]:
+        answer = final_reply(transfer)
+        return [] if answer is None else self._complete(transfer, answer)
 
-    def _setup_failure(self, transfer: _Transfer) -> str:
-        detail = transfer.relay_result[1] if transfer.relay_result else "unknown error"
-        return f"Cannot open data connection: {detail}."
-
-    def _complete(self, transfer: _Transfer, answer: Reply) -> list[Effect]:
+    def _complete(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         """Give the client the transfer's one final reply and end the transfer."""
         if self._transfer is not transfer:
             return []
@@ -1137,21 +1037,6 @@ _TLS_COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {
     "PROT": Session._prot,
     "CCC": Session._ccc,
 }
-
-
-def _features(upstream: Reply | None, tls: bool) -> Reply:
-    """The FEAT reply the client sees (RFC 2389): the upstream's features minus those the
-    gateway cannot relay, plus the data-channel features it provides itself."""
-    features: list[str] = []
-    if upstream is not None and upstream.code == 211:
-        for line in upstream.lines[1:-1] if len(upstream.lines) > 2 else ():
-            name = line.strip().split(" ", 1)[0].upper()
-            if name and name not in _HIDDEN_FEATURES and name not in _OWN_FEATURES:
-                features.append(" " + line.strip())
-    features += [" " + name for name in _OWN_FEATURES]
-    if tls:
-        features += [" " + name for name in _TLS_FEATURES]
-    return Reply(211, ("Features:", *features, "End"))
 
 
 def _pre_login_text(verb: str) -> str:

@@ -1,0 +1,104 @@
+"""One data transfer's state and the rules that decide its outcome: pure, no I/O.
+
+`Session` drives a `Transfer` from the data command to the one final reply the client gets.
+The rules that make a transfer honest live here, where they can be read (and tested) alone:
+which upstream data mode to use, and which final reply the client may see, and when.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.addresses import HostPort
+from gateway.codec import Command, Reply
+from gateway.effects import Side
+
+#: Commands that move data, and which side the bytes come from.
+SOURCES = {
+    "RETR": Side.UPSTREAM,
+    "LIST": Side.UPSTREAM,
+    "NLST": Side.UPSTREAM,
+    "MLSD": Side.UPSTREAM,
+    "STOR": Side.CLIENT,
+    "STOU": Side.CLIENT,
+    "APPE": Side.CLIENT,
+}
+
+
+@dataclass(slots=True)
+class ClientData:
+    """How the client asked to receive the next data connection."""
+
+    verb: str  # PORT, EPRT, PASV or EPSV
+    tls: bool  # PROT P was in force when the client chose the mode
+    target: HostPort | None = None  # active modes: where to connect
+    connected: bool = False  # passive modes: the client already connected
+    failure: str | None = None
+
+
+@dataclass(slots=True)
+class Transfer:
+    """One data-moving command, from the upstream data setup to the final reply."""
+
+    command: Command
+    source: Side
+    client: ClientData
+    restart: str | None
+    upstream_active: bool = False
+    """The upstream connects to the gateway (PORT/EPRT): the command waits for the PORT reply."""
+    command_sent: bool = False
+    preliminary_sent: bool = False
+    client_connecting: bool = False
+    client_connected: bool = False
+    upstream_connected: bool = False
+    relay_started: bool = False
+    relay_result: tuple[bool, str] | None = None
+    upstream_final: Reply | None = None
+    aborted: bool = False
+
+
+def upstream_mode(setting: str, client_verb: str, epsv_refused: bool, upstream_family: int) -> str:
+    """The upstream data mode for one transfer: "active", "pasv" or "epsv".
+
+    `setting` is `Config.upstream_data_mode`; "passive" means EPSV until the upstream refused
+    it once in this session, then PASV; "client" mirrors the client's own choice.
+    """
+    mode = setting
+    if mode == "client":
+        mode = {"PORT": "active", "EPRT": "active", "PASV": "pasv", "EPSV": "epsv"}[client_verb]
+    elif mode == "passive":
+        mode = "pasv" if epsv_refused else "epsv"
+    if mode == "pasv" and upstream_family == 6:
+        mode = "epsv"  # RFC 2428: PASV cannot carry an IPv6 address
+    return mode
+
+
+def setup_failure(transfer: Transfer) -> Reply:
+    """425: the data connection could not be set up (RFC 959 section 4.2)."""
+    detail = transfer.relay_result[1] if transfer.relay_result else "unknown error"
+    return Reply.of(425, f"Cannot open data connection: {detail}.")
+
+
+def final_reply(transfer: Transfer) -> Reply | None:
+    """The one final reply the client may see now, or None while the transfer must wait.
+
+    The upstream's final reply passes only once the relay has delivered every byte; a relay
+    that failed turns it into 425 (never connected) or 426 (cut off), so a transfer that did
+    not complete never reaches the client as 226.
+    """
+    final = transfer.upstream_final
+    result = transfer.relay_result
+    if final is None:
+        return None  # the upstream has not answered yet; it will, once its data side ends
+    if result is None:
+        if final.positive and (transfer.relay_started or transfer.preliminary_sent):
+            # The upstream's 226 can overtake the bytes still being relayed, or the client's
+            # data connection may still be opening: hold it until the relay's outcome.
+            return None
+        return final
+    ok, detail = result
+    if ok:
+        return final
+    if not transfer.relay_started:
+        return setup_failure(transfer)
+    return Reply.of(426, f"Transfer failed: {detail}.")

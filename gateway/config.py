@@ -31,6 +31,7 @@ class Config:
 
     listen: tuple[str, ...] = ("tcp:2121:interface=127.0.0.1",)
     upstream: tuple[str, int] | None = None
+    transparent: bool = False
     upstream_rules: tuple[Rule, ...] = ()
     upstream_data_mode: str = "passive"
     passive_ports: tuple[int, int] | None = None
@@ -72,7 +73,7 @@ class Config:
     @property
     def forward(self) -> bool:
         """Forward (egress proxy) mode: no fixed upstream, USER name@host chooses it."""
-        return self.upstream is None
+        return self.upstream is None and not self.transparent
 
 
 def _string(name: str, value: object) -> str:
@@ -284,6 +285,13 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream",
         _upstream,
         "Reverse mode: HOST:PORT every session goes to. Empty: forward mode (USER name@host).",
+    ),
+    Setting(
+        "transparent",
+        "transparent",
+        _bool,
+        "Transparent mode: each session goes to where the client connected before a NAT "
+        "redirect (nftables/iptables REDIRECT or DNAT) sent it to the gateway.",
     ),
     Setting(
         "allow_upstream",
@@ -538,7 +546,9 @@ def build(*layers: Mapping[str, Any]) -> Config:
     # Ordered [[upstream_rules]] tables come first: there, the first match wins as written.
     values["upstream_rules"] = upstream_tables + values["upstream_rules"]
     config = Config(**values)
-    if config.proxy_auth and config.upstream is not None:
+    if config.transparent and config.upstream is not None:
+        raise ConfigError("transparent: the upstream comes from each connection; drop upstream")
+    if config.proxy_auth and not config.forward:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
     if config.client_tls == "required" and config.tls_certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")

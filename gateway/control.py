@@ -191,6 +191,7 @@ class ClientControl(Protocol):
             client_local=local,
             policy=self.factory.policy,
             implicit_tls=ISSLTransport.providedBy(self.transport),
+            destination=_original_destination(self.transport) if config.transparent else None,
         )
         self.log.info("Client {client} connected", client=str(peer), event="session_started")
         self.factory.listening.add(local)
@@ -519,6 +520,31 @@ def _urgent_inline(transport: Any) -> None:
         handle.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     except (AttributeError, OSError):
         pass  # not a socket (e.g. a test transport or a UNIX endpoint)
+
+
+#: getsockopt option for a connection's destination before NAT: SO_ORIGINAL_DST at SOL_IP
+#: (<linux/netfilter_ipv4.h>), IP6T_SO_ORIGINAL_DST at SOL_IPV6 (<linux/netfilter_ipv6/
+#: ip6_tables.h>); both are 80.
+_SO_ORIGINAL_DST = 80
+
+
+def _original_destination(transport: Any) -> HostPort | None:
+    """Where the client connected before netfilter redirected it to the gateway (nftables or
+    iptables REDIRECT or DNAT), from the connection tracking entry; None for a connection made
+    to the gateway itself, or when that cannot be read."""
+    try:
+        handle = transport.getHandle()
+        if handle.family == socket.AF_INET6:
+            raw = handle.getsockopt(socket.SOL_IPV6, _SO_ORIGINAL_DST, 28)  # sockaddr_in6
+            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        else:
+            raw = handle.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)  # sockaddr_in
+            host = socket.inet_ntop(socket.AF_INET, raw[4:8])
+        destination = HostPort.of(host, int.from_bytes(raw[2:4], "big"))
+    except (AttributeError, OSError, ValueError):
+        return None
+    # Without NAT the tracked destination is the gateway's own address.
+    return None if destination == _hostport(transport.getHost()) else destination
 
 
 def _no_delay(transport: Any) -> None:

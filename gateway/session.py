@@ -94,8 +94,15 @@ class Session:
         client_local: HostPort,
         policy: UpstreamPolicy | None = None,
         implicit_tls: bool = False,
+        destination: HostPort | None = None,
     ) -> None:
         self.config = config
+        #: Transparent mode: where the client connected before a NAT redirect sent it here.
+        self.destination = destination
+        #: The one upstream of a reverse-mode or transparent-mode session; None in forward mode.
+        self.fixed_upstream = config.upstream
+        if config.transparent and destination is not None:
+            self.fixed_upstream = (destination.host, destination.port)
         self.policy = policy or UpstreamPolicy(rules=config.upstream_rules)
         self.client_peer = client_peer
         self.client_local = client_local
@@ -139,11 +146,39 @@ class Session:
 
     def start(self) -> list[Effect]:
         """The client connected."""
-        if self.config.upstream is None:
+        if self.config.transparent:
+            refusal = self._check_destination()
+            if refusal is not None:
+                return refusal
+        if self.fixed_upstream is None:
             return [reply(220, self.config.greeting + " Log in as USER name@host[:port].")]
-        host, port = self.config.upstream
+        host, port = self.fixed_upstream
         self._busy = True  # the upstream's greeting answers the connection itself
         return [self._connect_effect(host, port)]
+
+    def _check_destination(self) -> list[Effect] | None:
+        """Transparent mode: refuse a connection that was not redirected, or whose original
+        destination the upstream policy denies (the gateway must not become an open relay to
+        addresses its owner did not allow)."""
+        destination = self.destination
+        if destination is None:
+            text = "This gateway serves redirected connections only; connect to an FTP server."
+            return self._close(Reply.of(421, text))
+        decision = self.policy.check(destination.host, destination.port)
+        if decision.allowed:
+            return None
+        log = Log(
+            "warn",
+            "Upstream {host} denied by policy: {reason}",
+            {
+                "host": str(destination),
+                "reason": decision.reason,
+                "event": "refused",
+                "refused": "upstream",
+            },
+        )
+        text = f"Upstream {destination} is denied by policy: {decision.reason}."
+        return [log, *self._close(Reply.of(421, text))]
 
     def client_line(self, event: Command | BadLine) -> list[Effect]:
         """A line arrived on the client control connection."""
@@ -205,7 +240,7 @@ class Session:
             "Cannot connect to the upstream: {reason}",
             {"reason": reason, "event": "upstream_connect_failed"},
         )
-        if self.config.upstream is None:
+        if self.fixed_upstream is None:
             target = self._target
             where = f"{target.host}:{target.port}" if target else "the upstream"
             return [log, *self._login_refused(f"Cannot connect to {where}: {reason}.")]
@@ -384,7 +419,7 @@ class Session:
             return _TLS_COMMANDS[verb](self, command)
         if verb == "FEAT" and self.upstream_peer is None:
             return [ToClient(features.for_client(None, self.config.client_tls_available))]
-        if self.config.upstream is None:
+        if self.fixed_upstream is None:
             if verb == "USER":
                 return self._user_forward(command)
             if self.upstream_peer is None:
@@ -569,8 +604,8 @@ class Session:
     def _on_greeting(self, answer: Reply) -> list[Effect]:
         if not answer.final:
             # Reverse mode shows a 120 "ready in n minutes" as it comes.
-            return [ToClient(answer)] if self.config.upstream is not None else []
-        if self.config.upstream is not None:
+            return [ToClient(answer)] if self.fixed_upstream is not None else []
+        if self.fixed_upstream is not None:
             # Reverse mode: the client sees the upstream's greeting as its own, once the
             # upstream side is secured, so the client's USER and PASS never go out in clear
             # text when policy wants TLS upstream.
@@ -593,8 +628,8 @@ class Session:
     def _tls_name(self) -> str:
         if self.config.upstream_tls_name:
             return self.config.upstream_tls_name
-        if self.config.upstream is not None:
-            return self.config.upstream[0]
+        if self.fixed_upstream is not None:
+            return self.fixed_upstream[0]
         assert self._target is not None
         return self._target.host
 

@@ -45,6 +45,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
+        [
+            "transparent",
+            None,
+            "Transparent mode: serve connections that a NAT redirect (nftables/iptables REDIRECT "
+            "or DNAT) sent here, each to the server the client connected to.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -77,6 +83,7 @@ class Options(usage.Options):
             "data.passive_ports": self["passive-ports"],
             "data.masquerade_address": self["masquerade-address"],
             "data.source_address": self["source-address"],
+            "transparent": True if self["transparent"] else None,
         }
         return {key: value for key, value in pairs.items() if value not in (None, [])}
 

@@ -22,6 +22,7 @@ from gateway.effects import (
     ToClient,
     ToUpstream,
 )
+from gateway.policy import Rule
 from gateway.session import Session
 
 CLIENT = HostPort.of("192.0.2.10", 40000)
@@ -564,3 +565,34 @@ def test_required_tls_upstream_that_refuses_auth_is_closed_with_421() -> None:
     effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
     assert to_client(effects)[0][0] == 421
     assert CloseClient() in effects
+
+
+def test_transparent_mode_connects_to_the_original_destination() -> None:
+    config = Config(transparent=True, upstream_rules=(Rule.parse("allow", "198.18.0.0/15"),))
+    server = HostPort.of("198.19.0.2", 2100)
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL, destination=server)
+    assert s.start() == [ConnectUpstream("198.19.0.2", 2100)]
+    s.upstream_connected(UP_LOCAL, server)
+    assert to_upstream(s.upstream_reply(r(220, "server ready"))) == ["FEAT"]
+    effects = s.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
+    assert to_client(effects) == [(220, "server ready")]  # the server's own greeting
+
+
+@pytest.mark.parametrize(
+    ("destination", "words"),
+    [
+        (None, "redirected connections only"),  # connected to the gateway itself
+        (HostPort.of("10.1.2.3", 21), "denied by policy"),  # private: not allowed by default
+    ],
+)
+def test_transparent_mode_refuses_unredirected_and_denied_connections(
+    destination: HostPort | None, words: str
+) -> None:
+    s = Session(
+        Config(transparent=True), client_peer=CLIENT, client_local=LOCAL, destination=destination
+    )
+    effects = s.start()
+    [(code, text)] = to_client(effects)
+    assert code == 421 and words in text
+    assert CloseClient() in effects
+    assert not any(isinstance(e, ConnectUpstream) for e in effects)

@@ -98,6 +98,10 @@ def _listen(name: str, value: object) -> tuple[str, ...]:
     endpoints = _strings(name, value)
     if not endpoints:
         raise ConfigError(f"{name}: at least one listening endpoint is needed")
+    for endpoint in endpoints:
+        if endpoint.split(":", 1)[0].lower() == "unix":
+            # Data connections, the client ACL and the bounce rules all need the client's IP.
+            raise ConfigError(f"{name}: {endpoint!r}: FTP needs an IP listener, not a UNIX socket")
     return endpoints
 
 
@@ -297,19 +301,19 @@ SETTINGS: tuple[Setting, ...] = (
         "allow_upstream",
         "upstream_rules",
         _rules("allow"),
-        "Forward mode: CIDR networks that may be reached even if private or loopback.",
+        "Forward and transparent mode: CIDR networks that may be reached even if private.",
     ),
     Setting(
         "deny_upstream",
         "upstream_rules",
         _rules("deny"),
-        "Forward mode: CIDR networks that are never reached, checked before allow_upstream.",
+        "Forward and transparent mode: CIDR networks never reached, checked before allow.",
     ),
     Setting(
         "upstream_rules",
         "upstream_rules",
         _rule_tables,
-        "Forward mode: [[upstream_rules]] tables (action, cidr, host, ports), first match wins.",
+        "Forward and transparent mode: [[upstream_rules]] tables, first match wins.",
     ),
     Setting(
         "allow_clients",

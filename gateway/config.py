@@ -99,9 +99,14 @@ def _listen(name: str, value: object) -> tuple[str, ...]:
     if not endpoints:
         raise ConfigError(f"{name}: at least one listening endpoint is needed")
     for endpoint in endpoints:
-        if endpoint.split(":", 1)[0].lower() == "unix":
+        kind = endpoint.split(":", 1)[0].lower()
+        if kind == "unix":
             # Data connections, the client ACL and the bounce rules all need the client's IP.
             raise ConfigError(f"{name}: {endpoint!r}: FTP needs an IP listener, not a UNIX socket")
+        if kind == "haproxy":
+            # Twisted's wrapper starts the session before the PROXY header names the client, so
+            # admission, bounce rules and data-connection checks would see the proxy instead.
+            raise ConfigError(f"{name}: {endpoint!r}: the PROXY protocol is not supported")
     return endpoints
 
 

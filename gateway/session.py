@@ -167,18 +167,11 @@ class Session:
         decision = self.policy.check(destination.host, destination.port)
         if decision.allowed:
             return None
-        log = Log(
-            "warn",
-            "Upstream {host} denied by policy: {reason}",
-            {
-                "host": str(destination),
-                "reason": decision.reason,
-                "event": "refused",
-                "refused": "upstream",
-            },
-        )
         text = f"Upstream {destination} is denied by policy: {decision.reason}."
-        return [log, *self._close(Reply.of(421, text))]
+        return [
+            _upstream_denied(str(destination), decision.reason),
+            *self._close(Reply.of(421, text)),
+        ]
 
     def client_line(self, event: Command | BadLine) -> list[Effect]:
         """A line arrived on the client control connection."""
@@ -205,16 +198,7 @@ class Session:
         chosen, decision = self.policy.choose(addresses, target.port, target.host)
         if chosen is None:
             return [
-                Log(
-                    "warn",
-                    "Upstream {host} denied by policy: {reason}",
-                    {
-                        "host": target.host,
-                        "reason": decision.reason,
-                        "event": "refused",
-                        "refused": "upstream",
-                    },
-                ),
+                _upstream_denied(target.host, decision.reason),
                 *self._login_refused(
                     f"Upstream {target.host} is denied by policy: {decision.reason}."
                 ),
@@ -345,11 +329,7 @@ class Session:
         data connection only once it has the command (RFC 4217 section 7), so waiting for the
         handshake first would deadlock."""
         transfer = self._transfer
-        if transfer is None or side is not Side.UPSTREAM or transfer.command_sent:
-            return []
-        if transfer.upstream_active:
-            # Some servers (pyftpdlib) connect as soon as they accept PORT, before replying to
-            # it; the command still waits for that reply, or it would go out twice.
+        if transfer is None or side is not Side.UPSTREAM or not transfer.command_due:
             return []
         return self._send_transfer(transfer)
 
@@ -363,7 +343,7 @@ class Session:
         effects: list[Effect] = []
         if side is Side.UPSTREAM:
             transfer.upstream_connected = True
-            if not transfer.command_sent and not transfer.upstream_active:
+            if transfer.command_due:
                 effects += self._send_transfer(transfer)
         else:
             transfer.client_connected = True
@@ -1072,6 +1052,12 @@ _TLS_COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {
     "PROT": Session._prot,
     "CCC": Session._ccc,
 }
+
+
+def _upstream_denied(host: str, reason: str) -> Log:
+    """The log line (and metrics event) for an upstream the policy refused."""
+    fields = {"host": host, "reason": reason, "event": "refused", "refused": "upstream"}
+    return Log("warn", "Upstream {host} denied by policy: {reason}", fields)
 
 
 def _pre_login_text(verb: str) -> str:

@@ -56,6 +56,13 @@ class Transfer:
     upstream_final: Reply | None = None
     aborted: bool = False
 
+    @property
+    def command_due(self) -> bool:
+        """Whether the transfer command goes out once the upstream data connection is up. In
+        upstream active mode it waits for the PORT reply instead: some servers (pyftpdlib)
+        connect as soon as they accept PORT, before answering it."""
+        return not self.command_sent and not self.upstream_active
+
 
 def upstream_mode(setting: str, client_verb: str, epsv_refused: bool, upstream_family: int) -> str:
     """The upstream data mode for one transfer: "active", "pasv" or "epsv".

@@ -18,6 +18,13 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   replies 426.
 - DOUBLE_REPLY (NOOP): two final replies to one command, in one write; the second is
   unsolicited (pyftpdlib does much the same to a command line over 2,048 bytes).
+- SILENT_PWD (PWD): never answers, and answers nothing after it.
+- SILENT_AFTER_RETR (RETR): sends 150 and the whole file, closes the data connection cleanly,
+  and never sends the final reply (nor any reply after it).
+- STALL_AFTER_150 (RETR): accepts the data connection, sends 150, then nothing at all on
+  either connection.
+- SUCCESS_WITHOUT_DATA (RETR): accepts PORT/EPRT (and PASV/EPSV, whose listener it closes
+  without accepting) and answers RETR with 226 at once: no 150, no data connection.
 
 "Forever" is bounded by `ENDLESS_LIMIT` (time and bytes) so a gateway that never gives up
 fails its test instead of hanging it. `events` records what happened, for assertions.
@@ -52,6 +59,10 @@ class Mode(StrEnum):
     RESET_MID_RETR = "reset-mid-retr"
     EARLY_CLOSE_426 = "early-close-426"
     DOUBLE_REPLY = "double-reply"
+    SILENT_PWD = "silent-pwd"
+    SILENT_AFTER_RETR = "silent-after-retr"
+    STALL_AFTER_150 = "stall-after-150"
+    SUCCESS_WITHOUT_DATA = "success-without-data"
 
 
 def reset(sock: socket.socket) -> None:
@@ -170,9 +181,24 @@ class HostileUpstream:
                         if data_listener is not None:
                             data_listener.close()
                         data_listener = self._passive(conn, verb)
+                    elif verb == "RETR" and self.mode is Mode.SUCCESS_WITHOUT_DATA:
+                        if data_listener is not None:
+                            data_listener.close()  # resets a connection waiting in its queue
+                            data_listener = None
+                        conn.sendall(b"226 Transfer complete.\r\n")
+                        self._event("answered RETR 226 without a data connection")
+                    elif verb in ("PORT", "EPRT") and self.mode is Mode.SUCCESS_WITHOUT_DATA:
+                        conn.sendall(f"200 {verb} command successful.\r\n".encode())
                     elif verb == "RETR":
                         self._retr(conn, data_listener)
                         data_listener = None
+                        if self.mode in (Mode.SILENT_AFTER_RETR, Mode.STALL_AFTER_150):
+                            self._drain(lines)
+                            return
+                    elif verb == "PWD" and self.mode is Mode.SILENT_PWD:
+                        self._event("left PWD unanswered")
+                        self._drain(lines)
+                        return
                     elif verb == "NOOP" and self.mode is Mode.DOUBLE_REPLY:
                         conn.sendall(b"200 NOOP ok.\r\n200 Unsolicited second reply.\r\n")
                         self._event("answered NOOP twice")
@@ -260,6 +286,15 @@ class HostileUpstream:
         self.data_peers.append(peer[0])
         self._event(f"data connection from {peer[0]}")
         conn.sendall(b"150 Opening BINARY mode data connection.\r\n")
+        if self.mode is Mode.STALL_AFTER_150:
+            self._event("sent 150, then nothing")
+            return  # the data connection stays open (tracked) until stop()
+        if self.mode is Mode.SILENT_AFTER_RETR:
+            data.sendall(self.payload)
+            data.shutdown(socket.SHUT_WR)
+            data.close()
+            self._event("sent the whole file, then no final reply")
+            return
         if self.mode is Mode.RESET_MID_RETR:
             part = self.payload[: len(self.payload) // 4]
             data.sendall(part)

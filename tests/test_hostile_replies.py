@@ -295,3 +295,24 @@ def test_client_data_tls_handshake_that_never_completes_gets_425(
         ftp.quit()
     finally:
         gw.stop()
+
+
+def test_upstream_data_tls_handshake_that_never_completes_gets_425(
+    tmp_path: Path, pki: Pki
+) -> None:
+    tls = f'[tls]\nupstream = "required"\nupstream_ca_file = "{pki.ca_cert}"\n'
+    gw = run_gateway(tmp_path, tls)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_chain, pki.server_key)
+    try:
+        with HostileUpstream(Mode.TLS_DATA_STALL, tls_context=context) as up:
+            ftp = login_hostile(gw, up)
+            data, final = retr_passive(ftp, "file")
+            assert data == b""
+            assert final.startswith("425"), final
+            assert "TLS handshake not complete within 2 seconds" in final
+            assert "the gateway closed the data connection" in up.events
+            assert ftp.voidcmd("NOOP").startswith("200")  # the session goes on
+            ftp.quit()
+    finally:
+        gw.stop()

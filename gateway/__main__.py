@@ -23,6 +23,11 @@ _TWISTD_OPTIONS = (
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] == ["passwd"]:
+        # `ftp-gateway passwd FILE USER`: manage an htpasswd file (gateway/passwd.py).
+        from gateway import passwd
+
+        raise SystemExit(passwd.main(args[1:]))
     twistd = [arg for arg in args if arg.startswith(_TWISTD_OPTIONS)]
     own = [arg for arg in args if not arg.startswith(_TWISTD_OPTIONS)]
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", *twistd, "ftp-gateway", *own]

@@ -534,8 +534,11 @@ class Session:
         self._busy = True
         return [Authenticate(user, password)]
 
-    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+    def proxy_auth_result(
+        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+    ) -> list[Effect]:
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `unavailable`:
+        a user store (a directory) could not answer, which is no fault of the client."""
         login = self._login
         if login is None or self.closed:
             return []
@@ -549,6 +552,12 @@ class Session:
                 ),
                 *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
             ]
+        if unavailable:
+            return self._close(
+                Reply.of(
+                    421, "Proxy login cannot be checked now (user store unavailable); try later."
+                )
+            )
         if not ok:
             self._login = None
             return [

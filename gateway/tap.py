@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.cred import strcred
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gateway.checkers import make_checker
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
 from gateway.metrics import MetricsService
@@ -106,7 +106,9 @@ class Options(usage.Options):
         config = build(*layers, self.overrides())
         for description in config.proxy_auth:
             try:
-                strcred.makeChecker(description)
+                make_checker(description, config, None)
+            except ConfigError:
+                raise
             except Exception as e:
                 kind = description.partition(":")[0]
                 raise ConfigError(

@@ -25,6 +25,7 @@ from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -227,7 +228,7 @@ class _Client(LDAPClient):  # type: ignore[misc]
         if not self.handshake.called:
             self.handshake.callback(None)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = reason
         if not self.handshake.called:
             self.handshake.errback(reason)
@@ -425,5 +426,7 @@ def make_checker(description: str, config: Config, reactor: Any) -> Any:
             )
         return HtpasswdChecker(argument, reactor)
     if kind == "ldap":
+        if argument:
+            raise ConfigError("proxy_auth: ldap: takes its settings from [ldap]; write just ldap:")
         return LdapChecker(LdapSettings.from_config(config), reactor)
     return strcred.makeChecker(description)

@@ -4,9 +4,14 @@ as `ftp-gateway passwd` writes them (bcrypt, argon2), refusal of weak schemes wi
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import subprocess
 import sys
+import termios
+import time
 import warnings
 from pathlib import Path
 
@@ -226,3 +231,59 @@ def test_dn_values_are_escaped_per_rfc4514(value: str, escaped: str) -> None:
 def test_ldap_settings_are_checked(layer: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("}", "\\}")):
         build({"proxy_auth": ["ldap:"], **layer})
+
+
+def _prompted(path: Path, answers: list[str]) -> tuple[int, str]:
+    """Run `ftp-gateway passwd FILE alice` on a pseudo-terminal (its controlling terminal, as
+    getpass wants), typing `answers` at its prompts; its exit status and what it printed."""
+    primary, secondary = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(secondary, termios.TIOCSCTTY, 0)
+
+    env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "passwd", str(path), "alice"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+        preexec_fn=controlling_terminal,
+    )
+    os.close(secondary)
+    output = b""
+    deadline = time.monotonic() + 60
+    answered = 0
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 1)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+        # Answer each prompt once it is shown in full (getpass turned echo off before it).
+        shown = output.count(b"password: ")
+        if answered < min(shown, len(answers)) and output.endswith(b"password: "):
+            os.write(primary, answers[answered].encode() + b"\n")
+            answered += 1
+    os.close(primary)
+    return proc.wait(timeout=30), output.decode(errors="replace")
+
+
+def test_passwd_command_asks_twice_without_echo(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    status, output = _prompted(path, ["typed-pw", "typed-pw"])
+    assert status == 0, output
+    assert "New password:" in output and "Repeat the password:" in output
+    assert "typed-pw" not in output  # not echoed
+    assert verify_user(read_htpasswd(str(path)), "alice", "typed-pw")
+    status, output = _prompted(path, ["one-pw", "other-pw"])
+    assert status == 1 and "the passwords do not match" in output
+    assert verify_user(read_htpasswd(str(path)), "alice", "typed-pw")  # unchanged

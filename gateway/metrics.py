@@ -13,12 +13,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.twisted import MetricsResource
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
+
+from gateway.startup import Listener
 
 
 @implementer(ILogObserver)
@@ -115,7 +116,7 @@ class MetricsService(MultiService):
             root.putChild(b"metrics", MetricsResource(registry=self.registry))
             site = Site(root)
             site.noisy = False
-            strports.service(endpoint, site, reactor=reactor).setServiceParent(self)
+            Listener("metrics.listen", endpoint, site, reactor, "").setServiceParent(self)
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.observer)

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _usage_error(e)
     server = _ServerOptions()
     try:
-        server.parseOptions(["--nodaemon", "--pidfile=", *passed])
+        # --no_save: twistd saves only applications it did not build from a subcommand.
+        server.parseOptions(["--nodaemon", "--pidfile=", "--no_save", *passed])
     except usage.UsageError as e:
         _usage_error(e)
     server.subCommand = "ftp-gateway"

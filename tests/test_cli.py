@@ -218,7 +218,9 @@ def test_startup_line_names_mode_upstream_tls_version_and_file(tmp_path: Path, p
         f'[tls]\ncertificate = "{pki.server_cert}"\nprivate_key = "{pki.server_key}"\n'
     )
     running = start_gateway(tmp_path, "--config", str(config))
-    log = log_once_it_has(running, "Listening on")
+    log_once_it_has(running, "Listening on")
+    log = running.log()  # stopped: the whole log, shutdown included
+    assert "Traceback" not in log and "Saving" not in log
     expected = (
         f"Listening on tcp:{running.port}:interface=127.0.0.1: reverse mode, upstream "
         f"127.0.0.1:2100; TLS to clients optional, to upstreams auto; ftp-gateway "

@@ -464,12 +464,29 @@ class Session:
     def _relay(self, command: Command) -> list[Effect]:
         """Send the command upstream and give the client every reply to it."""
         self._busy = True
-        return self._send(command, self._relay_reply)
+        login = command.verb in ("USER", "PASS", "ACCT")
+        return self._send(command, self._login_reply if login else self._relay_reply)
 
     def _relay_reply(self, answer: Reply) -> list[Effect]:
         if answer.code == 230:
             self.logged_in = True
         return [ToClient(answer), *(self._finish() if answer.final else [])]
+
+    def _login_reply(self, answer: Reply) -> list[Effect]:
+        """A reply to USER, PASS or ACCT; 530 (RFC 959 section 4.2: not logged in) is the
+        upstream refusing the login, worth a line and a count of its own."""
+        if answer.code != 530:
+            return self._relay_reply(answer)
+        log = Log(
+            "warn",
+            "Upstream {upstream} refused the login: {text}",
+            {
+                "upstream": str(self.upstream_peer),
+                "text": answer.lines[0],
+                "event": "upstream_login_failed",
+            },
+        )
+        return [log, *self._relay_reply(answer)]
 
     # ------------------------------------------------------------ forward mode: logging in
 
@@ -585,8 +602,8 @@ class Session:
 
         def on_user(answer: Reply) -> list[Effect]:
             if answer.code == 331 and password is not None:
-                return self._send(Command("PASS", password), self._relay_reply)
-            return self._relay_reply(answer)
+                return self._send(Command("PASS", password), self._login_reply)
+            return self._login_reply(answer)
 
         return lambda: self._send(Command("USER", user), on_user)
 

@@ -9,6 +9,7 @@ line. `describe` is the line each listener logs once it listens, so the log says
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -34,10 +35,11 @@ class StartupError(Exception):
 
 
 def check(
-    config_file: str | None, overrides: Mapping[str, Any], reactor: Any
+    config_file: str | None, overrides: Mapping[str, Any], reactor: Any, *, dry_run: bool = False
 ) -> tuple[Config | None, list[str]]:
     """Validate the configuration as start-up does, short of binding ports. Returns the config
-    (None if it cannot be built) and one line per problem found."""
+    (None if it cannot be built) and one line per problem found. `dry_run` (--check-config)
+    accepts `systemd:` listeners without the sockets that only systemd's start passes."""
     try:
         layers = [load_file(config_file)] if config_file else []
     except ConfigError as e:
@@ -85,6 +87,8 @@ def check(
     if config.metrics_listen:
         endpoints.append(("metrics.listen", config.metrics_listen))
     for setting_key, description in endpoints:
+        if dry_run and description.lower().startswith("systemd:"):
+            continue
         problem = endpoint_problem(setting_key, description, reactor)
         if problem is not None:
             problems.append(problem)
@@ -97,6 +101,11 @@ def endpoint_problem(setting: str, description: str, reactor: Any) -> str | None
         return (
             f"{setting}: {description!r}: escape each ':' of an IPv6 address with a backslash, "
             'e.g. tcp6:2121:interface=\\:\\:1 (in TOML: "tcp6:2121:interface=\\\\:\\\\:1")'
+        )
+    if description.lower().startswith("systemd:") and "LISTEN_FDS" not in os.environ:
+        return (
+            f"{setting}: {description!r}: systemd passed no sockets (LISTEN_FDS is not set); "
+            "start the gateway through its .socket unit"
         )
     try:
         serverFromString(reactor, description)

@@ -126,7 +126,9 @@ class Options(usage.Options):
         the masquerade name. Returns the config and one line per problem."""
         from twisted.internet import reactor
 
-        config, problems = startup.check(self["config"], self.overrides(), reactor)
+        config, problems = startup.check(
+            self["config"], self.overrides(), reactor, dry_run=bool(self["check-config"])
+        )
         if config is None or problems:
             return config, problems
         try:

@@ -159,6 +159,24 @@ def test_mistyped_listen_endpoint_is_one_line(listen: str, expected: str) -> Non
     assert line.startswith(f"ftp-gateway: configuration error: {expected}"), line
 
 
+def test_systemd_listener_without_sockets() -> None:
+    """--check-config (systemd's ExecStartPre) accepts a socket-activated listener; a start
+    without the sockets says what is missing in one line."""
+    endpoint = "systemd:domain=INET:index=0"
+    env = {key: value for key, value in os.environ.items() if key != "LISTEN_FDS"}
+    env["PYTHONPATH"] = str(PROJECT)
+    command = [sys.executable, "-m", "gateway", "--upstream", "127.0.0.1:21", "--listen", endpoint]
+    checked = subprocess.run(
+        [*command, "--check-config"], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert checked.returncode == 0, checked.stderr
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert one_line_failure(started) == (
+        f"ftp-gateway: configuration error: listen: {endpoint!r}: systemd passed no sockets "
+        "(LISTEN_FDS is not set); start the gateway through its .socket unit"
+    )
+
+
 def test_port_in_use_is_one_line_naming_listen(tmp_path: Path, busy_port: int) -> None:
     log = tmp_path / "gateway.log"
     result = gateway(

@@ -9,7 +9,6 @@ line. `describe` is the line each listener logs once it listens, so the log says
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -102,14 +101,15 @@ def endpoint_problem(setting: str, description: str, reactor: Any) -> str | None
             f"{setting}: {description!r}: escape each ':' of an IPv6 address with a backslash, "
             'e.g. tcp6:2121:interface=\\:\\:1 (in TOML: "tcp6:2121:interface=\\\\:\\\\:1")'
         )
-    if description.lower().startswith("systemd:") and "LISTEN_FDS" not in os.environ:
-        return (
-            f"{setting}: {description!r}: systemd passed no sockets (LISTEN_FDS is not set); "
-            "start the gateway through its .socket unit"
-        )
     try:
         serverFromString(reactor, description)
     except Exception as e:
+        if description.lower().startswith("systemd:") and isinstance(e, IndexError | KeyError):
+            # Twisted reads the inherited sockets (LISTEN_FDS, LISTEN_FDNAMES) once, at import.
+            return (
+                f"{setting}: {description!r}: systemd passed no such socket; start the "
+                "gateway through its .socket unit"
+            )
         return f"{setting}: {description!r}: {_cause(e)}"
     return None
 

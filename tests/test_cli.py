@@ -5,6 +5,7 @@ Every case starts the real process (`python -m gateway`, the same code as `ftp-g
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -172,9 +173,50 @@ def test_systemd_listener_without_sockets() -> None:
     assert checked.returncode == 0, checked.stderr
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert one_line_failure(started) == (
-        f"ftp-gateway: configuration error: listen: {endpoint!r}: systemd passed no sockets "
-        "(LISTEN_FDS is not set); start the gateway through its .socket unit"
+        f"ftp-gateway: configuration error: listen: {endpoint!r}: systemd passed no such "
+        "socket; start the gateway through its .socket unit"
     )
+
+
+def test_socket_activated_listener_serves(tmp_path: Path) -> None:
+    """With a socket passed the way systemd passes it (systemd-socket-activate, from the
+    systemd package), the gateway serves on it."""
+    tool = shutil.which("systemd-socket-activate")
+    assert tool is not None, "systemd-socket-activate is not installed (Debian package systemd)"
+    port = free_port()
+    log = tmp_path / "activated.log"
+    proc = subprocess.Popen(
+        [
+            tool,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--fdname=ftp",
+            f"--setenv=PYTHONPATH={PROJECT}",
+            sys.executable,
+            "-m",
+            "gateway",
+            f"--logfile={log}",
+            "--upstream",
+            "127.0.0.1:1",
+            "--listen",
+            "systemd:domain=INET:index=0",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # The first connection (the wait's) makes systemd-socket-activate start the gateway
+        # on the socket; the next is the gateway's (the upstream on port 1 is unavailable).
+        wait_for_port("127.0.0.1", port, proc=proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+            client.settimeout(TIMEOUT)
+            greeting = client.recv(1024).decode()
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    assert greeting.startswith("421 Upstream server unavailable"), (greeting, output)
+    assert "Listening on systemd:domain=INET:index=0: reverse mode" in log.read_text()
 
 
 def test_port_in_use_is_one_line_naming_listen(tmp_path: Path, busy_port: int) -> None:

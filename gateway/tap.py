@@ -50,7 +50,8 @@ class Options(usage.Options):
             "transparent",
             None,
             "Transparent mode: serve connections that a NAT redirect (nftables/iptables REDIRECT "
-            "or DNAT) sent here, each to the server the client connected to.",
+            "or DNAT) sent here, each to the server the client connected to. Needs "
+            "--passive-ports, redirected by the edge like the control port.",
         ],
         [
             "check-config",

@@ -323,3 +323,13 @@ def test_twistd_plugin_still_starts(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)
     assert "reverse mode, upstream 127.0.0.1:21" in log.read_text()
+
+
+def test_twistd_pidfile_and_logfile_pass_through(tmp_path: Path) -> None:
+    pidfile = tmp_path / "gateway.pid"
+    running = start_gateway(tmp_path, "--upstream", "127.0.0.1:21", f"--pidfile={pidfile}")
+    try:
+        assert pidfile.read_text().strip() == str(running.proc.pid)
+    finally:
+        running.stop()
+    assert not pidfile.exists()  # removed at a clean stop

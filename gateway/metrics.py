@@ -199,7 +199,9 @@ class MetricsService(MultiService):
             root.putChild(b"metrics", MetricsResource(registry=self.registry))
             site = Site(root)
             site.noisy = False
-            Listener("metrics.listen", endpoint, site, reactor, "").setServiceParent(self)
+            Listener(
+                "metrics.listen", endpoint, site, reactor, "Prometheus metrics at /metrics"
+            ).setServiceParent(self)
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.observer)

@@ -146,13 +146,12 @@ class Listener(StreamServerEndpointService):
             raise StartupError(
                 f"{self.setting}: cannot listen on {self.description}: {_cause(e)}"
             ) from None
-        if self.line:
-            _log.info(
-                "Listening on {endpoint}: {summary}",
-                endpoint=self.description,
-                summary=self.line,
-                event="listening",
-            )
+        _log.info(
+            "Listening on {endpoint}: {summary}",
+            endpoint=self.description,
+            summary=self.line,
+            event="listening",
+        )
 
 
 def describe(config: Config, config_file: str | None) -> str:

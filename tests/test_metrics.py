@@ -134,6 +134,8 @@ def test_series_exist_at_zero_before_their_first_event(tmp_path: Path) -> None:
         samples = scrape(metrics_port)
     finally:
         gw.stop()
+    expected = f"Listening on tcp:{metrics_port}:interface=127.0.0.1: Prometheus metrics at"
+    assert expected in gw.log()
     for name, labels in [
         ("ftp_gateway_transfers_total", {"command": "RETR", "outcome": "complete"}),
         ("ftp_gateway_transfers_total", {"command": "STOR", "outcome": "aborted"}),

@@ -17,6 +17,7 @@ import pytest
 from clients import lftp
 from gateway_process import PROJECT, GatewayProcess, start_gateway
 from servers import RunningServer, start_server
+from test_reload import hang_up
 
 CONTENT = b"behind an htpasswd proxy login\n"
 PASSWORDS = {"alice": "alice-bcrypt-pw", "bob": "bob-argon2-pw", "carol": "carol-later-pw"}
@@ -166,3 +167,28 @@ def test_a_file_with_weak_hashes_stops_start_up(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{users}:3: user 'sha': unsalted SHA-1" in result.stderr
+
+
+def test_sighup_switches_files_and_keeps_the_running_one_if_the_new_one_is_weak(
+    tmp_path: Path,
+) -> None:
+    users = make_users(tmp_path)
+    gw = start(tmp_path, users, max_failed=100)
+    config = tmp_path / "gateway.toml"
+    try:
+        other = tmp_path / "other-users"
+        passwd(other, "carol", PASSWORDS["carol"])
+        config.write_text(config.read_text().replace(str(users), str(other)))
+        hang_up(gw, "Configuration reloaded")
+        proxy_login(gw, "carol", PASSWORDS["carol"]).quit()
+        with pytest.raises(ftplib.error_perm, match="530"):
+            proxy_login(gw, "alice", PASSWORDS["alice"])
+        weak = tmp_path / "weak-users"
+        weak.write_text("eve:plain-text-password\n")
+        config.write_text(config.read_text().replace(str(other), str(weak)))
+        hang_up(gw, "Reload failed")
+        assert f"{weak}:1: user 'eve': plain text" in gw.log()
+        proxy_login(gw, "carol", PASSWORDS["carol"]).quit()  # the running file stays in use
+        assert "plain-text-password" not in gw.log()
+    finally:
+        gw.stop()

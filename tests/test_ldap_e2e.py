@@ -219,3 +219,33 @@ def test_starttls_with_the_wrong_ca_is_refused(
         assert "the directory's TLS certificate could not be verified" in gw.log()
     finally:
         gw.stop()
+
+
+def test_anonymous_search_and_a_refused_service_account(
+    tmp_path: Path, directory: RunningSlapd, pki: Pki
+) -> None:
+    anonymous = (
+        f'url = "{directory.url}"\nstarttls = true\nca_file = "{pki.ca_cert}"\n'
+        f'base_dn = "ou=people,{SUFFIX}"\n'
+    )
+    gw = gateway(tmp_path, anonymous)
+    try:
+        proxy_login(gw, "bob", USERS["bob"]).quit()  # default filter (uid={user}), no group
+        refused(gw, "bob", "wrong-password")
+        assert_no_password_logged(gw)
+    finally:
+        gw.stop()
+    # A service account the directory refuses is the gateway's problem, not the client's.
+    workdir = tmp_path / "bad-service"
+    workdir.mkdir()
+    ldap = anonymous + f'bind_dn = "{SERVICE_DN}"\nbind_password = "not-the-service-password"\n'
+    gw = gateway(workdir, ldap, max_failed=1)
+    try:
+        for _ in range(2):  # not counted against the client
+            with pytest.raises(ftplib.error_temp, match="421 Proxy login cannot be checked"):
+                proxy_login(gw, "alice", ALICE)
+        log = gw.log()
+        assert "the directory refused the service account's bind" in log
+        assert "not-the-service-password" not in log and ALICE not in log
+    finally:
+        gw.stop()

@@ -60,6 +60,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import ProtocolError
+from gateway.numbers import is_ascii_number
 from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
 from gateway.transfer import SOURCES as TRANSFER_SOURCES
 from gateway.transfer import (
@@ -409,7 +410,7 @@ class Session:
                     return self._acct_forward(command)
                 if verb in ("OPEN", "SITE") and self._proxy_ok and command.arg:
                     return self._open(command)
-        refusal = self.commands.check(verb)
+        refusal = self.commands.check(verb, command.arg)
         if refusal is not None:
             code, text = refusal
             return [
@@ -760,8 +761,8 @@ class Session:
     def _rest(self, command: Command) -> list[Effect]:
         # Held until the transfer command, so nothing (EPSV, PASV) comes between the two on the
         # upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer command.
-        if not command.arg.strip().isdigit():
-            return [reply(501, "REST needs a byte offset.")]
+        if not is_ascii_number(command.arg.strip()):
+            return [reply(501, "REST needs a byte offset in ASCII digits.")]
         self._restart = command.arg.strip()
         return [reply(350, f"Restarting at {self._restart}. Send STOR or RETR.")]
 

@@ -367,13 +367,23 @@ class LoginThrottle:
 
 
 def check_data_target(
-    client_host: str, target: HostPort, *, allow_foreign: bool = False
+    client_host: str,
+    target: HostPort,
+    *,
+    allow_foreign: bool = False,
+    own: frozenset[HostPort] = frozenset(),
 ) -> tuple[int, Decision]:
     """Judge a client's PORT/EPRT target (RFC 2577 section 3, the FTP bounce attack).
 
     The target must be the client's own control-connection address and a port of 1024 or
-    above. Returns the reply code to refuse with (0 when allowed) and the decision.
+    above, and not one of the gateway's own listeners (`own`): a client on the gateway's host
+    could otherwise have it send a downloaded file into its own control port as commands.
+    Returns the reply code to refuse with (0 when allowed) and the decision.
     """
+    if is_own_address(own, _address(target.host), target.port):
+        return 504, Decision(
+            False, f"data address {target} is this gateway's own listener; refusing a loop"
+        )
     if target.port < 1024:
         return 504, Decision(
             False, f"data port {target.port} is below 1024; refusing a possible bounce attack"

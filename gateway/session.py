@@ -781,7 +781,10 @@ class Session:
             # is where the gateway connects anyway (RFC 2577 section 3), so this opens no bounce.
             target = HostPort(self.client_peer.host, target.port)
         code, decision = check_data_target(
-            self.client_peer.host, target, allow_foreign=self.config.allow_foreign_data_address
+            self.client_peer.host,
+            target,
+            allow_foreign=self.config.allow_foreign_data_address,
+            own=self.policy.own_addresses,
         )
         if not decision.allowed:
             return [

@@ -9,14 +9,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
+from gateway.listeners import listener_service
+from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
 from gateway.tls import TLSConfigError, server_options
 
@@ -144,6 +145,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     config = options.config
+    # Ahead of every log file: peer text is escaped in each event before any observer that
+    # writes it runs (twistd adds its log observers after this, when logging begins).
+    globalLogPublisher.addObserver(escape_event)
     top = MultiService()
     demo_upstream = None
     if options["demo"]:
@@ -157,7 +161,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
     factory = GatewayFactory(config, reactor)
     for endpoint in config.listen:
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+        listener_service(endpoint, factory, reactor, factory.add_listener).setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()

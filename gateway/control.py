@@ -236,6 +236,8 @@ class ClientControl(Protocol):
         self.run(self.session.timed_out(what))
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._idle_timer.active():
             self._idle_timer.reset(self.factory.config.idle_timeout)
         for event in self.reader.feed(data):

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
@@ -110,12 +108,9 @@ class _Reporting:
         return self.inner.listen(factory).addCallback(bound)
 
 
-def listener_service(
-    description: str, factory: Any, reactor: Any, on_listening: Callable[[HostPort], None]
-) -> IService:
-    """What `twisted.application.strports.service` builds, calling `on_listening` with the
-    bound address as soon as the port listens (before any client connects)."""
-    endpoint = _Reporting(serverFromString(reactor, description), on_listening)
-    service = StreamServerEndpointService(endpoint, factory)
-    service._raiseSynchronously = True  # as strports.service: a bind error stops start-up
-    return service
+def report_bound(
+    service: StreamServerEndpointService, on_listening: Callable[[HostPort], None]
+) -> None:
+    """Make `service` call `on_listening` with its bound address as soon as its port listens
+    (at start-up, before any client connects)."""
+    service.endpoint = _Reporting(service.endpoint, on_listening)

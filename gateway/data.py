@@ -62,12 +62,18 @@ class DataTLS:
 
     `server` says which TLS role the gateway plays: server towards clients, client towards
     upstreams, whichever side opened the TCP connection. `require_reuse` refuses a client
-    whose handshake did not resume the control connection's session.
+    whose handshake did not resume the control connection's session. `describe` turns a
+    failed handshake into a sentence (why the upstream's certificate was refused).
     """
 
     options: Any
     server: bool
     require_reuse: bool = False
+    describe: Callable[[Failure, Any], str] | None = None
+
+
+class DataTLSFailed(Exception):
+    """A data connection's TLS handshake failed; the message says why."""
 
 
 class _PostHandshakeHold:
@@ -129,6 +135,7 @@ class DataConnection(Protocol):
         self.lost = False
         self._early: list[bytes] = []
         self._hold: _PostHandshakeHold | None = None
+        self._tls: Any = None  # the OpenSSL connection, once TLS started
         #: How a client's protected data connection ended, seen at the socket (see
         #: `_watch_peer_close`); None until then, and always for upstream connections.
         self.peer_close: ReceiverClose | None = None
@@ -140,6 +147,7 @@ class DataConnection(Protocol):
         # startTLS's `normal` is True when the TLS role follows the TCP role.
         normal = self.accepted == self.tls.server
         self.transport.startTLS(self.tls.options, normal)  # type: ignore[union-attr]
+        self._tls = self.transport.getHandle()  # type: ignore[union-attr]
         if self.tls.server:
             # startTLS put a TLS layer between the socket and this protocol; its writes to
             # the socket go through the hold from now on.
@@ -209,6 +217,8 @@ class DataConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         if not self.ready.called:
+            if self.tls is not None and self.tls.describe is not None and self._tls is not None:
+                reason = Failure(DataTLSFailed(self.tls.describe(reason, self._tls)))
             self.ready.errback(reason)
         elif self.on_lost is not None:
             self.on_lost(self, reason)

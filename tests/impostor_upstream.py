@@ -5,9 +5,11 @@ gateway verifies upstream certificates on data connections.
 explicit FTPS (RFC 4217): after `AUTH TLS` its control connection presents the certificate
 `control` (a (cert, key) pair of PEM paths), while every passive data connection presents
 `data`. Pass the same pair twice for an honest server. It knows just enough FTP for a login and
-one download (AUTH, PBSZ, PROT, USER, PASS, FEAT, TYPE, PWD, SYST, NOOP, EPSV, PASV, RETR,
-QUIT); RETR sends `payload` if the gateway completes the data handshake, and then claims `226`
-whatever happened, as an attacker holding the data port would. `events` records what happened.
+one download (AUTH, PBSZ, PROT, USER, PASS, FEAT, TYPE, PWD, SYST, NOOP, EPSV, PASV, PORT,
+RETR, QUIT); after PORT it connects to the gateway for the data connection and is still the TLS
+server there (RFC 4217 section 9). RETR sends `payload` if the gateway completes the data
+handshake, and then claims `226` whatever happened, as an attacker holding the data port would.
+`events` records what happened.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class ImpostorUpstream:
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(TIMEOUT)
         listener: socket.socket | None = None
+        target: tuple[str, int] | None = None
         try:
             conn.sendall(b"220 impostor upstream ready\r\n")
             lines = conn.makefile("rb")
@@ -123,9 +126,18 @@ class ImpostorUpstream:
                     if listener is not None:
                         listener.close()
                     listener = self._passive(conn, verb)
+                elif verb == "PORT":
+                    numbers = raw.decode("latin-1").split()[1].split(",")
+                    target = (".".join(numbers[:4]), int(numbers[4]) * 256 + int(numbers[5]))
+                    conn.sendall(b"200 PORT command successful.\r\n")
                 elif verb == "RETR" and listener is not None:
-                    self._retr(conn, listener)
+                    with listener:
+                        data, _ = listener.accept()
+                    self._retr(conn, data)
                     listener = None
+                elif verb == "RETR" and target is not None:
+                    self._retr(conn, socket.create_connection(target, timeout=TIMEOUT))
+                    target = None
                 else:
                     conn.sendall(_SIMPLE.get(verb, b"502 Command not implemented.\r\n"))
         except OSError as e:
@@ -146,9 +158,7 @@ class ImpostorUpstream:
             conn.sendall(f"227 Entering Passive Mode ({numbers}).\r\n".encode())
         return listener
 
-    def _retr(self, conn: socket.socket, listener: socket.socket) -> None:
-        with listener:
-            data, _ = listener.accept()
+    def _retr(self, conn: socket.socket, data: socket.socket) -> None:
         conn.sendall(b"150 Opening BINARY mode data connection.\r\n")
         try:
             with self._data_tls.wrap_socket(self._track(data), server_side=True) as tls:

@@ -67,7 +67,6 @@ from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
     client_options,
-    fingerprint,
     server_options,
 )
 
@@ -113,17 +112,8 @@ class UpstreamControl(Protocol):
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
+        # The certificate was verified during the handshake (`tls.UpstreamTLS`).
         self.handshake_done = True
-        pinned = self.owner.factory.config.upstream_fingerprint
-        if pinned is not None:
-            seen = fingerprint(self.transport.getPeerCertificate())  # type: ignore[union-attr]
-            if seen != pinned:
-                self.owner.run(
-                    self.owner.session.upstream_tls_failed(
-                        f"the upstream's certificate fingerprint {seen} is not the pinned one"
-                    )
-                )
-                return
         if not self.owner.session.closed:
             self.owner.run(self.owner.session.upstream_tls_ready())
 
@@ -143,7 +133,7 @@ class UpstreamControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
-            reason_text = self.tls_options.describe(reason)
+            reason_text = self.tls_options.describe(reason, _tls_handle(self.transport))
             self.owner.run(self.owner.session.upstream_tls_failed(reason_text))
         self.owner.upstream_gone(self)
 
@@ -438,7 +428,8 @@ class ClientControl(Protocol):
             )
         assert self.upstream is not None and self.upstream.tls_options is not None
         control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
-        return DataTLS(ResumingClientCreator(self.upstream.tls_options, control), server=False)
+        creator = ResumingClientCreator(self.upstream.tls_options, control)
+        return DataTLS(creator, server=False, describe=creator.describe)
 
     def _listen(self, side: Side, tls: bool) -> None:
         config = self.factory.config
@@ -639,6 +630,14 @@ def _no_delay(transport: Any) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _tls_handle(transport: Any) -> Any:
+    """The OpenSSL connection under a TLS transport, while it is being torn down."""
+    try:
+        return transport.getHandle()
+    except AttributeError:
+        return None
+
+
 def _reason(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
@@ -763,7 +762,7 @@ class GatewayFactory(Factory):
         return client_options(
             name,
             ca_file=config.upstream_ca_file,
-            pinned=config.upstream_fingerprint is not None,
+            pin=config.upstream_fingerprint,
             min_version=config.tls_min_version,
         )
 

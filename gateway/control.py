@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort, is_ip_literal
+from gateway.balancer import Balancer
 from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
@@ -674,6 +675,9 @@ class GatewayFactory(Factory):
         #: target.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
+        #: Reverse mode's backends, their health and sessions (`gateway.balancer`).
+        self.balancer = Balancer(config, reactor)
+        self.balancer.is_self = self.is_self
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -692,6 +696,8 @@ class GatewayFactory(Factory):
             rules=config.upstream_rules, own_addresses=frozenset(self.listening)
         )
         self.login_throttle.limit = config.max_failed_logins
+        if config is not self.balancer.config:
+            self.balancer.reconfigure(config)
         self.server_tls = server_tls
         self.config = config
 

@@ -9,7 +9,9 @@ serves `/metrics` (prometheus-client's text format) on that Twisted endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -135,6 +137,18 @@ class MetricsObserver:
             ["result"],
             registry=registry,
         )
+        self.backend_up = Gauge(
+            "ftp_gateway_backend_up",
+            "Reverse mode: 1 while a backend takes sessions, 0 while it is marked down.",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_sessions = Gauge(
+            "ftp_gateway_backend_sessions",
+            "Reverse mode: sessions on each backend now.",
+            ["backend"],
+            registry=registry,
+        )
         for reason in _REFUSAL_REASONS:
             self.sessions_refused.labels(reason=reason)
         for verb in _TRANSFER_VERBS:
@@ -185,6 +199,34 @@ class MetricsObserver:
             self.refused.labels(kind=event.get("refused", "other")).inc()
         elif kind == "config_reloaded":
             self.reloads.labels(result=event.get("result", "ok")).inc()
+        elif kind in _BACKEND_EVENTS:
+            _BACKEND_EVENTS[kind](self, event)
+
+    def _backend_configured(self, event: LogEvent) -> None:
+        backend = str(event.get("backend", "?"))
+        self.backend_up.labels(backend=backend).set(1 if event.get("up", True) else 0)
+        self.backend_sessions.labels(backend=backend).set(int(event.get("sessions", 0)))
+
+    def _backend_removed(self, event: LogEvent) -> None:
+        backend = str(event.get("backend", "?"))
+        for gauge in (self.backend_up, self.backend_sessions):
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend)
+
+
+#: Reverse mode's backends: what each of their events sets.
+_BACKEND_EVENTS: dict[str, Callable[[MetricsObserver, LogEvent], None]] = {
+    "backend_configured": MetricsObserver._backend_configured,
+    "backend_removed": MetricsObserver._backend_removed,
+    "backend_up": lambda m, e: m.backend_up.labels(backend=str(e.get("backend", "?"))).set(1),
+    "backend_down": lambda m, e: m.backend_up.labels(backend=str(e.get("backend", "?"))).set(0),
+    "backend_session_started": lambda m, e: m.backend_sessions.labels(
+        backend=str(e.get("backend", "?"))
+    ).inc(),
+    "backend_session_ended": lambda m, e: m.backend_sessions.labels(
+        backend=str(e.get("backend", "?"))
+    ).dec(),
+}
 
 
 class MetricsService(MultiService):

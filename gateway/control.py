@@ -35,10 +35,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import splice
 from gateway.addresses import HostPort, is_ip_literal
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
-from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
+from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult
 from gateway.effects import (
     Authenticate,
     CloseClient,
@@ -457,17 +458,24 @@ class ClientControl(Protocol):
         channels = self._data
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
         reactor = self.factory.reactor
-        stall = self.factory.config.stall_timeout
-        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
+        config = self.factory.config
+        d = splice.relay(
+            channels.connections[source],
+            channels.connections[sink],
+            reactor,
+            config.stall_timeout,
+            config.data_relay,
+        )
         channels.relay = d
 
         def finished(result: RelayResult) -> None:
             self.log.info(
-                "Transfer {direction} {outcome}: {detail}",
+                "Transfer {direction} {outcome}: {detail} ({relay})",
                 direction="download" if source is Side.UPSTREAM else "upload",
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
+                relay=result.path,
                 event="relay_finished",
             )
             if channels is self._data:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import sys
@@ -15,6 +16,7 @@ from twisted.cred import strcred
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gateway import capacity, splice
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
 from gateway.metrics import MetricsService
@@ -42,6 +44,7 @@ class Options(usage.Options):
         ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
         ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
         ["source-address", None, None, "Local IP address for connections to upstreams."],
+        ["data-relay", None, None, "How plain TCP data moves: auto, splice or copy."],
     ]
     optFlags = [
         ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
@@ -83,6 +86,7 @@ class Options(usage.Options):
             "data.passive_ports": self["passive-ports"],
             "data.masquerade_address": self["masquerade-address"],
             "data.source_address": self["source-address"],
+            "data.relay": self["data-relay"],
             "transparent": True if self["transparent"] else None,
         }
         return {key: value for key, value in pairs.items() if value not in (None, [])}
@@ -114,6 +118,8 @@ class Options(usage.Options):
                 ) from None
         if config.tls_certificate is not None:
             server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
+        if config.data_relay == "splice" and not splice.available():
+            raise ConfigError("data.relay: splice needs Linux (splice(2)); use auto or copy")
         return resolve_masquerade(config)
 
 
@@ -155,8 +161,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config = replace(config, upstream=demo_upstream)
     # First, so its observer counts the events of everything started after it.
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
+    raise_open_files(config)
     factory = GatewayFactory(config, reactor)
+    backlog = capacity.backlog_for(_somaxconn())
     for endpoint in config.listen:
+        endpoint = capacity.with_backlog(endpoint, backlog)
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
 
     def load() -> Config:
@@ -165,6 +174,46 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     ReloadOnHangup(factory, load, reactor).setServiceParent(top)
     return top
+
+
+def _somaxconn() -> int | None:
+    """The kernel's cap on listen backlogs (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def raise_open_files(config: Config) -> int:
+    """Raise the soft RLIMIT_NOFILE to `limits.max_open_files` (0: the hard limit), log the
+    figure, and warn in one line when it cannot hold `limits.max_sessions` sessions. Many
+    systems start services with a soft limit of 1024, about 240 sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = capacity.open_files_target(soft, hard, config.max_open_files)
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            _log.warn("Cannot set the open files limit to {target}: {e}", target=target, e=str(e))
+    _log.info(
+        "Open files limit: {limit} (hard limit {hard})",
+        limit=soft,
+        hard=hard,
+        event="open_files_limit",
+    )
+    supported = capacity.sessions_supported(soft)
+    if supported < config.max_sessions:
+        _log.warn(
+            "limits.max_sessions is {sessions} but {limit} open files hold about {supported} "
+            "sessions; raise the hard limit (LimitNOFILE=) or lower max_sessions",
+            sessions=config.max_sessions,
+            limit=soft,
+            supported=supported,
+            event="open_files_limit",
+        )
+    return soft
 
 
 class ReloadOnHangup(Service):

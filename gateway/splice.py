@@ -34,6 +34,7 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadWriteDescriptor
 from twisted.logger import Logger
@@ -373,7 +374,11 @@ class SpliceRelay:
         for connection in (self._source, self._sink):
             connection.on_abort = None
             if ok:
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                # Both peers have closed their side: close the sockets now (shutdown, close),
+                # through the transport so the connection is marked lost before the outcome is
+                # reported and a later abort() cannot turn the clean close into a reset.
+                transport: Any = connection.transport
+                transport.connectionLost(Failure(error.ConnectionDone()))
             else:
                 connection.abort()
         self._done.callback(RelayResult(ok, self.count, detail, path="splice"))

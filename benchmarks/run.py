@@ -223,6 +223,12 @@ def gateway(
     return start_gateway(work, "--config", str(config), "--upstream", f"127.0.0.1:{port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -252,18 +258,30 @@ def throughput(
         "STOR active": (["-P", "127.0.0.1", "-T", str(source)], "up.bin"),
     }
     samples: dict[str, dict[str, list[float]]] = {c: {p: [] for p in paths} for c in cases}
+    # The gateway's own CPU time per GiB moved: what each relay costs, whatever else runs.
+    cpu: dict[str, list[float]] = {relay: [] for relay in gateways}
     try:
         for round_ in range(repeat):
             for case, (extra, name) in cases.items():
                 order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
                 for path in order:
                     url = f"ftp://{server.user}:{server.password}@127.0.0.1:{paths[path]}/{name}"
+                    gw = gateways.get(path)
+                    before = cpu_seconds(gw.proc.pid) if gw else 0.0
                     samples[case][path].append(curl_speed(url, *extra))
+                    if gw:
+                        cpu[path].append((cpu_seconds(gw.proc.pid) - before) * 1024 / size_mib)
         peaks = {relay: status_kib(gw.proc.pid, "VmHWM") for relay, gw in gateways.items()}
     finally:
         for gw in gateways.values():
             gw.stop()
-    results: dict[str, Any] = {"size_mib": size_mib, "repeat": repeat, "peak_rss_kib": peaks}
+    cpu_median = {relay: statistics.median(values) for relay, values in cpu.items()}
+    results: dict[str, Any] = {
+        "size_mib": size_mib,
+        "repeat": repeat,
+        "peak_rss_kib": peaks,
+        "gateway_cpu_s_per_gib": cpu_median,
+    }
     out(f"\n1. Throughput, {size_mib} MiB, curl to vsftpd, MB/s: median (min-max) of {repeat}")
     out("| case | direct | splice | ratio | copy | ratio |")
     out("| --- | --- | --- | --- | --- | --- |")
@@ -278,6 +296,10 @@ def throughput(
             cells += [fmt_range(stats[relay]), f"{ratio(stats[relay]['median'], direct):.2f}"]
         out(f"| {case} | " + " | ".join(cells) + " |")
     out(f"Gateway peak RSS: splice {peaks['splice'] // 1024} MiB, copy {peaks['copy'] // 1024} MiB")
+    out(
+        f"Gateway CPU per GiB relayed (median of all cases): splice {cpu_median['splice']:.2f} s,"
+        f" copy {cpu_median['copy']:.2f} s"
+    )
     return results
 
 

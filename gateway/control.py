@@ -58,6 +58,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
+from gateway.flow import ControlFlow
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client
 from gateway.session import Session
 from gateway.tls import (
@@ -163,6 +164,7 @@ class _DataChannels:
             connection.abort()
 
 
+@implementer(IHandshakeListener)
 class ClientControl(Protocol):
     """One client session: the client control connection plus everything it owns."""
 
@@ -198,6 +200,10 @@ class ClientControl(Protocol):
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
+        self.flow = ControlFlow(clock, config.control_send_timeout, self._not_reading)
+        if self.session.client_tls:
+            self.flow.tls_started(Side.CLIENT)  # implicit TLS: the handshake comes first
+        self.flow.attach(Side.CLIENT, self.transport)
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
         self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
         self.run(self.session.start())
@@ -212,6 +218,18 @@ class ClientControl(Protocol):
             )
             return
         self.run(self.session.timed_out(what))
+
+    def handshakeCompleted(self) -> None:
+        self.flow.tls_done(Side.CLIENT)
+
+    def _not_reading(self, side: Side) -> None:
+        """`side` left its write buffer full too long: 421, then abort its connection, as a
+        clean close would wait for it to read what is buffered."""
+        upstream = self.upstream.transport if self.upstream is not None else None
+        stuck = self.transport if side is Side.CLIENT else upstream
+        self.run(self.session.peer_not_reading(side, self.factory.config.control_send_timeout))
+        if stuck is not None:
+            stuck.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle_timer.active():
@@ -230,6 +248,7 @@ class ClientControl(Protocol):
         for timer in (self._login_timer, self._idle_timer):
             if timer.active():
                 timer.cancel()
+        self.flow.stop()
         self.factory.session_ended(self)
         self.run(self.session.client_lost())
 
@@ -258,6 +277,7 @@ class ClientControl(Protocol):
             case StartClientTLS():
                 self.reader.discard()
                 self._tls_switched = True
+                self.flow.tls_started(Side.CLIENT)
                 self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
             case StartUpstreamTLS(name):
                 assert self.upstream is not None
@@ -342,6 +362,7 @@ class ClientControl(Protocol):
         transport = upstream.transport
         upstream.local = _hostport(transport.getHost())  # type: ignore[union-attr]
         self.factory.outbound.add(upstream.local)
+        self.flow.attach(Side.UPSTREAM, transport)
         self.run(
             self.session.upstream_connected(
                 upstream.local,
@@ -356,6 +377,7 @@ class ClientControl(Protocol):
         if upstream.local is not None:
             self.factory.outbound.discard(upstream.local)
         if upstream is self.upstream:
+            self.flow.detach(Side.UPSTREAM)
             self.upstream = None
             self.run(self.session.upstream_lost())
 

@@ -23,6 +23,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IReactorCore,
     IReactorTCP,
@@ -177,6 +178,8 @@ class ClientControl(Protocol):
         self._data = _DataChannels()
         self._pending_upstream: list[bytes] = []
         self._tls_switched = False
+        self._reply_timer: IDelayedCall | None = None
+        self._reply_mark: int | None = None
 
     # ------------------------------------------------------------------ client connection
 
@@ -209,15 +212,36 @@ class ClientControl(Protocol):
         self.run(self.session.start())
 
     def _timer(self, what: str) -> None:
-        if what == "login" and self.session.logged_in:
-            return
-        if what == "idle" and self.session.transferring:
-            # A transfer keeps the session alive; the stall timeout guards the transfer.
+        # The session decides whether the timer still counts (a transfer in progress is not
+        # idle: its own timeouts bound it); one that did not count starts over.
+        self.run(self.session.timed_out(what))
+        if what == "idle" and not self.session.closed:
             self._idle_timer = self.factory.reactor.callLater(
                 self.factory.config.idle_timeout, self._timer, "idle"
             )
+
+    def _watch_replies(self) -> None:
+        """Keep one `timeouts.reply` timer running while the session waits for the upstream,
+        restarted by every reply (the session's mark changes)."""
+        mark = self.session.awaiting_reply
+        timer = self._reply_timer
+        if mark is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._reply_timer = self._reply_mark = None
             return
-        self.run(self.session.timed_out(what))
+        if timer is not None and timer.active() and mark == self._reply_mark:
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._reply_mark = mark
+        self._reply_timer = self.factory.reactor.callLater(
+            self.factory.config.reply_timeout, self._reply_timed_out, mark
+        )
+
+    def _reply_timed_out(self, mark: int) -> None:
+        self._reply_timer = None
+        self.run(self.session.timed_out("reply", mark))
 
     def handshakeCompleted(self) -> None:
         self.flow.tls_done(Side.CLIENT)
@@ -245,8 +269,8 @@ class ClientControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.log.info("Client {client} disconnected", client=str(self.peer), event="session_ended")
-        for timer in (self._login_timer, self._idle_timer):
-            if timer.active():
+        for timer in (self._login_timer, self._idle_timer, self._reply_timer):
+            if timer is not None and timer.active():
                 timer.cancel()
         self.flow.stop()
         self.factory.session_ended(self)
@@ -257,6 +281,7 @@ class ClientControl(Protocol):
     def run(self, effects: list[Effect]) -> None:
         for effect in effects:
             self._do(effect)
+        self._watch_replies()
 
     def _do(self, effect: Effect) -> None:
         match effect:
@@ -344,15 +369,26 @@ class ClientControl(Protocol):
         if implicit_tls is not None:
             tls = self.factory.upstream_tls_options(implicit_tls)
             endpoint = wrapClientTLS(tls, endpoint)
+        started = self.factory.reactor.seconds()
         d = endpoint.connect(_UpstreamFactory(self, tls))
         self._upstream_connecting = d
+
+        def connected(_: object) -> None:
+            self._upstream_connecting = None
+            self.log.debug(
+                "Upstream {host}:{port} connected",
+                host=host,
+                port=port,
+                seconds=self.factory.reactor.seconds() - started,
+                event="upstream_connected",
+            )
 
         def failed(failure: Failure) -> None:
             self._upstream_connecting = None
             if not failure.check(error.ConnectingCancelledError):
                 self.run(self.session.upstream_connect_failed(_reason(failure)))
 
-        d.addCallbacks(lambda _: setattr(self, "_upstream_connecting", None), failed)
+        d.addCallbacks(connected, failed)
 
     def upstream_made(self, upstream: UpstreamControl) -> None:
         if self.session.closed:
@@ -417,8 +453,11 @@ class ClientControl(Protocol):
                 on_failure=lambda reason: self._data_failed(channels, side, reason),
             )
         except error.CannotListenError as e:
-            self.log.error("Cannot open a passive listener: {error}", error=str(e))
-            self.run(self.session.data_failed(side, "no passive port available"))
+            # A range with no free port, or an address that cannot be bound: the session
+            # answers the command with 425 and goes on.
+            reason = str(e.socketError)
+            self.log.error("Cannot open a passive listener: {error}", error=reason)
+            self.run(self.session.data_failed(side, reason))
             return
         channels.listeners[side] = listener
         listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
@@ -436,7 +475,11 @@ class ClientControl(Protocol):
             reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
         )
         channels = self._data
-        connection = DataConnection(self._data_tls(side, tls))
+        connection = DataConnection(
+            self._data_tls(side, tls),
+            clock=reactor,
+            handshake_timeout=config.data_connect_timeout,
+        )
         d = endpoint.connect(_Reuse(connection))
         channels.pending.append(d)
 
@@ -482,14 +525,18 @@ class ClientControl(Protocol):
         stall = self.factory.config.stall_timeout
         d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
         channels.relay = d
+        direction = "download" if source is Side.UPSTREAM else "upload"
+        started = reactor.seconds()
+        self.log.debug("Transfer {direction} started", direction=direction, event="relay_started")
 
         def finished(result: RelayResult) -> None:
             self.log.info(
                 "Transfer {direction} {outcome}: {detail}",
-                direction="download" if source is Side.UPSTREAM else "upload",
+                direction=direction,
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
+                seconds=reactor.seconds() - started,
                 event="relay_finished",
             )
             if channels is self._data:

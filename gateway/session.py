@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from ipaddress import IPv6Address, ip_address
 
 from gateway import features, proxy_login
 from gateway.addresses import (
@@ -60,6 +61,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import ProtocolError
+from gateway.numbers import is_ascii_number
 from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
 from gateway.transfer import SOURCES as TRANSFER_SOURCES
 from gateway.transfer import (
@@ -72,6 +74,10 @@ from gateway.transfer import (
 
 #: Commands a client may send before AUTH TLS when TLS is required.
 _BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
+
+#: Unsolicited upstream replies a session tolerates (a server that answers an over-long line
+#: twice sends one now and then); past this the upstream is flooding and the session ends.
+MAX_UNSOLICITED_REPLIES = 8
 
 #: Commands answered before an upstream is chosen in forward mode.
 _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
@@ -116,6 +122,7 @@ class Session:
         #: Commands sent upstream so far; each expectation remembers its number, so a reply
         #: that was read before its command went out is recognised as unsolicited.
         self.sent = 0
+        self._unsolicited = 0
         #: Upstream replies paired with a command so far: the mark `awaiting_reply` gives the
         #: shell's reply timer, so a timer armed before the latest reply no longer counts.
         self._replies = 0
@@ -183,7 +190,17 @@ class Session:
         destination = self.destination
         if destination is None:
             text = "This gateway serves redirected connections only; connect to an FTP server."
-            return self._close(Reply.of(421, text))
+            log = Log(
+                "warn",
+                "Refused {client}: {reason}",
+                {
+                    "reason": "transparent mode, but the connection was not redirected "
+                    "(made to the gateway's own address)",
+                    "event": "session_refused",
+                    "reason_key": "not_redirected",
+                },
+            )
+            return [log, *self._close(Reply.of(421, text))]
         decision = self.policy.check(destination.host, destination.port)
         if decision.allowed:
             return None
@@ -261,6 +278,12 @@ class Session:
 
     def upstream_tls_failed(self, reason: str) -> list[Effect]:
         """The upstream's certificate was refused or its handshake failed: never fall back."""
+        if self.config.upstream_tls == "auto" and "certificate" in reason:
+            # An administrator meets this first with a self-signed upstream: name the fix.
+            reason += (
+                "; to trust it set tls.upstream_ca_file or tls.upstream_fingerprint, "
+                'or set tls.upstream = "off" to use clear text'
+            )
         return [
             Log(
                 "warn",
@@ -280,7 +303,7 @@ class Session:
             # RFC 959 section 4.2: 421 means the server is closing the control connection.
             return self._close(answer)
         if not self._expect or (horizon is not None and self._expect[0][0] >= horizon):
-            return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
+            return self._unsolicited_reply(answer)
         handler = self._expect[0][1]
         self._replies += 1
         if answer.final:
@@ -300,6 +323,29 @@ class Session:
                 ]
             return [log, *self._close(Reply.of(421, f"Upstream server error: {e.message}"))]
 
+    def _unsolicited_reply(self, answer: Reply) -> list[Effect]:
+        """A reply no command asked for: dropped. The first is logged, the rest counted (the
+        count is logged when the session ends), and a flood ends the session with 421."""
+        self._unsolicited += 1
+        if self._unsolicited > MAX_UNSOLICITED_REPLIES:
+            text = "Upstream server error: too many unsolicited replies."
+            return self._close(Reply.of(421, text))
+        if self._unsolicited > 1:
+            return []
+        return [
+            Log(
+                "warn",
+                "Unsolicited upstream reply {reply}",
+                {"reply": str(answer.code), "event": "unsolicited_reply"},
+            )
+        ]
+
+    def _unsolicited_summary(self) -> list[Effect]:
+        if self._unsolicited <= 1:
+            return []
+        fields = {"count": self._unsolicited, "event": "unsolicited_replies"}
+        return [Log("warn", "Upstream sent {count} unsolicited replies in all", fields)]
+
     def upstream_failed(self, error: ProtocolError) -> list[Effect]:
         """The upstream sent something that is not FTP (e.g. an endless reply)."""
         return [
@@ -318,7 +364,20 @@ class Session:
         if self.closed:
             return []
         self.closed = True
-        return [CloseData(), CloseUpstream()]
+        return [*self._unsolicited_summary(), CloseData(), CloseUpstream()]
+
+    def _advertised_host(self, local: str) -> str:
+        """The address a 227 reply names: the masquerade address, except for clients inside
+        the networks that reach the gateway directly (`data.masquerade_except`)."""
+        masquerade = self.config.masquerade_address
+        if masquerade is None:
+            return local
+        client = ip_address(self.client_peer.host)
+        if isinstance(client, IPv6Address) and client.ipv4_mapped is not None:
+            client = client.ipv4_mapped
+        if any(client in network for network in self.config.masquerade_except):
+            return local
+        return masquerade
 
     def data_listening(self, side: Side, address: HostPort) -> list[Effect]:
         """A passive listener for `side` is bound to `address`."""
@@ -330,7 +389,7 @@ class Session:
             if data.verb == "EPSV":
                 text = format_epsv_reply(address.port)
                 return [reply(229, text), *self._finish()]
-            advertised = HostPort.of(self.config.masquerade_address or address.host, address.port)
+            advertised = HostPort.of(self._advertised_host(address.host), address.port)
             return [reply(227, format_pasv_reply(advertised)), *self._finish()]
         transfer = self._transfer
         if transfer is None:
@@ -442,7 +501,7 @@ class Session:
                     return self._acct_forward(command)
                 if verb in ("OPEN", "SITE") and self._proxy_ok and command.arg:
                     return self._open(command)
-        refusal = self.commands.check(verb)
+        refusal = self.commands.check(verb, command.arg)
         if refusal is not None:
             code, text = refusal
             return [
@@ -467,12 +526,29 @@ class Session:
     def _relay(self, command: Command) -> list[Effect]:
         """Send the command upstream and give the client every reply to it."""
         self._busy = True
-        return self._send(command, self._relay_reply)
+        login = command.verb in ("USER", "PASS", "ACCT")
+        return self._send(command, self._login_reply if login else self._relay_reply)
 
     def _relay_reply(self, answer: Reply) -> list[Effect]:
         if answer.code == 230:
             self.logged_in = True
         return [ToClient(answer), *(self._finish() if answer.final else [])]
+
+    def _login_reply(self, answer: Reply) -> list[Effect]:
+        """A reply to USER, PASS or ACCT; 530 (RFC 959 section 4.2: not logged in) is the
+        upstream refusing the login, worth a line and a count of its own."""
+        if answer.code != 530:
+            return self._relay_reply(answer)
+        log = Log(
+            "warn",
+            "Upstream {upstream} refused the login: {text}",
+            {
+                "upstream": str(self.upstream_peer),
+                "text": answer.lines[0],
+                "event": "upstream_login_failed",
+            },
+        )
+        return [log, *self._relay_reply(answer)]
 
     # ------------------------------------------------------------ forward mode: logging in
 
@@ -534,8 +610,11 @@ class Session:
         self._busy = True
         return [Authenticate(user, password)]
 
-    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+    def proxy_auth_result(
+        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+    ) -> list[Effect]:
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `unavailable`:
+        a user store (a directory) could not answer, which is no fault of the client."""
         login = self._login
         if login is None or self.closed:
             return []
@@ -549,6 +628,12 @@ class Session:
                 ),
                 *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
             ]
+        if unavailable:
+            return self._close(
+                Reply.of(
+                    421, "Proxy login cannot be checked now (user store unavailable); try later."
+                )
+            )
         if not ok:
             self._login = None
             return [
@@ -588,8 +673,8 @@ class Session:
 
         def on_user(answer: Reply) -> list[Effect]:
             if answer.code == 331 and password is not None:
-                return self._send(Command("PASS", password), self._relay_reply)
-            return self._relay_reply(answer)
+                return self._send(Command("PASS", password), self._login_reply)
+            return self._login_reply(answer)
 
         return lambda: self._send(Command("USER", user), on_user)
 
@@ -620,6 +705,17 @@ class Session:
         }[what]
         return [
             Log("info", "Session {what} timeout", {"what": what}),
+            *self._close(Reply.of(421, text)),
+        ]
+
+    def peer_not_reading(self, side: Side, seconds: float) -> list[Effect]:
+        """`side` left a full buffer of what the gateway sent it unread for `seconds`: 421 and
+        close (RFC 959 section 4.2), so a peer that never reads cannot hold the session."""
+        who = "client" if side is Side.CLIENT else "upstream"
+        fields = {"side": who, "seconds": seconds, "event": "control_not_read"}
+        text = f"The {who} did not read the control connection for {seconds:g} seconds; closing."
+        return [
+            Log("warn", "The {side} left its control connection unread for {seconds} s", fields),
             *self._close(Reply.of(421, text)),
         ]
 
@@ -829,8 +925,8 @@ class Session:
     def _rest(self, command: Command) -> list[Effect]:
         # Held until the transfer command, so nothing (EPSV, PASV) comes between the two on the
         # upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer command.
-        if not command.arg.strip().isdigit():
-            return [reply(501, "REST needs a byte offset.")]
+        if not is_ascii_number(command.arg.strip()):
+            return [reply(501, "REST needs a byte offset in ASCII digits.")]
         self._restart = command.arg.strip()
         return [reply(350, f"Restarting at {self._restart}. Send STOR or RETR.")]
 
@@ -849,7 +945,10 @@ class Session:
             # is where the gateway connects anyway (RFC 2577 section 3), so this opens no bounce.
             target = HostPort(self.client_peer.host, target.port)
         code, decision = check_data_target(
-            self.client_peer.host, target, allow_foreign=self.config.allow_foreign_data_address
+            self.client_peer.host,
+            target,
+            allow_foreign=self.config.allow_foreign_data_address,
+            own=self.policy.own_addresses,
         )
         if not decision.allowed:
             return [
@@ -1108,7 +1207,7 @@ class Session:
             return []
         self.closed = True
         effects: list[Effect] = [ToClient(last)] if last is not None else []
-        return [*effects, CloseData(), CloseClient(), CloseUpstream()]
+        return [*self._unsolicited_summary(), *effects, CloseData(), CloseClient(), CloseUpstream()]
 
 
 _COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {

@@ -284,11 +284,6 @@ class SpliceRelay:
             else:
                 self._sink_failed("connection closed")
             return
-        if not self._discarded:
-            _log.warn(
-                "Discarding bytes sent on the receiving side of a transfer",
-                event="data_discarded",
-            )
         self._discarded += n
 
     def lost(self, source: bool, reason: Failure) -> None:
@@ -366,10 +361,12 @@ class SpliceRelay:
         os.close(self._read_end)
         os.close(self._write_end)
         if self._discarded:
+            peer = self._sink.transport.getPeer()  # type: ignore[union-attr]
             _log.warn(
-                "Discarded {discarded} bytes sent on the receiving side of a transfer",
-                discarded=self._discarded,
-                event="data_discarded",
+                "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
+                ignored=self._discarded,
+                peer=str(getattr(peer, "host", "")),
+                event="relay_ignored_bytes",
             )
         for connection in (self._source, self._sink):
             connection.on_abort = None

@@ -170,7 +170,7 @@ def test_bytes_written_into_a_spliced_download_are_discarded(
     assert received == 8 * MIB + 3
     assert sum(sent) == 64 * MIB
     assert peak - baseline < 16 * 1024, f"RSS grew from {baseline} KiB to {peak} KiB"
-    assert "Discarded 67108864 bytes sent on the receiving side" in gw.log()
+    assert "Dropped 67108864 bytes sent by the receiving side 127.0.0.1" in gw.log()
 
 
 def listen_backlog(port: int) -> int:

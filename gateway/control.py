@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import proxyproto
 from gateway.addresses import HostPort, is_ip_literal
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
@@ -101,6 +102,12 @@ class UpstreamControl(Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        version = self.owner.factory.config.upstream_proxy_protocol
+        if version != "off":
+            # First on the connection, before the server's greeting is even read (haproxy's
+            # doc/proxy-protocol.txt, section 2): the client's real address for its logs.
+            local = _hostport(self.owner.transport.getHost())  # type: ignore[union-attr]
+            self.transport.write(proxyproto.header(version, self.owner.peer, local))  # type: ignore[union-attr]
         self.owner.upstream_made(self)
 
     def start_tls(self, options: Any) -> None:

@@ -186,7 +186,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     factory = GatewayFactory(config, reactor)
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        startup.Listener("listen", endpoint, factory, reactor, line).setServiceParent(top)
+        startup.Listener(
+            "listen", endpoint, factory, reactor, line, header_timeout=config.login_timeout
+        ).setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()

@@ -61,8 +61,11 @@ class GatewayProcess:
                 self.proc.wait(timeout=10)
 
 
-def start_gateway(workdir: Path, *args: str, host: str = "127.0.0.1") -> GatewayProcess:
-    """Start `python -m gateway` listening on a free loopback port; waits until it listens."""
+def start_gateway(
+    workdir: Path, *args: str, host: str = "127.0.0.1", listen_prefix: str = ""
+) -> GatewayProcess:
+    """Start `python -m gateway` listening on a free loopback port; waits until it listens.
+    `listen_prefix="haproxy:"` makes it a PROXY-protocol listener."""
     port = free_port(host)
     interface = host.replace(":", "\\:")
     log_path = workdir / f"gateway-{port}.log"
@@ -72,7 +75,7 @@ def start_gateway(workdir: Path, *args: str, host: str = "127.0.0.1") -> Gateway
         "gateway",
         f"--logfile={log_path}",
         "--listen",
-        f"tcp:{port}:interface={interface}",
+        f"{listen_prefix}tcp:{port}:interface={interface}",
         *args,
     ]
     env = dict(os.environ, PYTHONPATH=str(PROJECT))

@@ -722,6 +722,8 @@ def test_empty_transfer_without_1xx_connects_an_active_client_and_waits_for_the_
     assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
     assert s.data_connected(Side.CLIENT) == [StartRelay(Side.UPSTREAM)]
     assert to_client(s.relay_finished(True, "0 bytes")) == [(226, "Transfer complete.")]
+
+
 @pytest.mark.parametrize(
     ("client", "advertised"),
     [

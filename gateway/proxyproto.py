@@ -1,0 +1,236 @@
+"""The PROXY protocol (HAProxy's, versions 1 and 2) on both sides of the gateway.
+
+Clients: a `haproxy:` listener reads the header a load balancer sends before anything else and
+only then builds the session, with the client's real address as the connection's peer. Twisted's
+own `HAProxyWrappingFactory` cannot be used for this: it builds and starts the wrapped protocol
+when the TCP connection opens, before the header names the client, so admission (client ACL,
+per-IP limits), the bounce rules and the passive listener's peer check would all see the
+balancer. `ProxyHeaderFactory` reuses Twisted's header parsers and builds the session from the
+wrapped factory only once the real address is known.
+
+Upstreams: `header` writes the header the gateway sends first on an upstream control connection
+when `upstream_proxy_protocol` is `v1` or `v2`, so a server that accepts it (proftpd's
+mod_proxy_protocol) sees and logs the client instead of the gateway.
+
+The specification is haproxy's doc/proxy-protocol.txt; section numbers below refer to it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+from gateway.addresses import HostPort
+
+_log = Logger(namespace="gateway.session")
+
+#: Section 2.2: the twelve bytes every version 2 header starts with.
+V2_SIGNATURE = V2Parser.PREFIX
+#: Section 2.1: a version 1 header starts with "PROXY" and a space.
+V1_SIGNATURE = b"PROXY "
+#: Section 2.2: version 2, command PROXY; families TCP over IPv4 (0x11) and IPv6 (0x21).
+_V2_PROXY = 0x21
+_V2_TCP4 = 0x11
+_V2_TCP6 = 0x21
+
+UPSTREAM_PROXY_PROTOCOLS = ("off", "v1", "v2")
+
+
+class ProxyHeaderProtocol(ProtocolWrapper):
+    """Reads one PROXY header, then carries the session built for the address it names.
+
+    Until the header is complete nothing is built: no session, no greeting, no admission
+    decision. Afterwards it is a plain wrapper whose `getPeer` returns the client's address;
+    `getHost` stays the gateway's own socket address, which is where passive listeners bind
+    and what the session advertises (the balancer's address, named in the header as the
+    destination, is not where clients can open data connections to this instance).
+    """
+
+    factory: ProxyHeaderFactory
+
+    def __init__(self, factory: ProxyHeaderFactory) -> None:
+        super().__init__(factory, None)  # type: ignore[arg-type]  # built after the header
+        self._buffer = b""
+        self._parser: V1Parser | V2Parser | None = None
+        self._peer: IAddress | None = None
+        self._timer: IDelayedCall | None = None
+
+    def logPrefix(self) -> str:
+        return "ProxyHeader"
+
+    def makeConnection(self, transport: Any) -> None:
+        # ProtocolWrapper would connect the wrapped protocol here; it does not exist yet.
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+
+    def connectionMade(self) -> None:
+        self._timer = self.factory.clock.callLater(
+            self.factory.timeout, self._refuse, f"no PROXY header within {self.factory.timeout:g} s"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._timer is None:  # already refused; the connection is closing
+            return
+        try:
+            info, rest = self._feed(data)
+        except InvalidProxyHeader as e:
+            self._refuse(f"invalid PROXY header ({type(e).__name__})")
+            return
+        if info is None:
+            return
+        self._timer.cancel()
+        self._timer = None
+        source = info.source
+        if source is None:
+            # Section 2.1 (UNKNOWN) and 2.2 (LOCAL, e.g. the balancer's own health check):
+            # the connection's own endpoints are the real ones.
+            source = self.transport.getPeer()  # type: ignore[union-attr]
+        elif not isinstance(source, IPv4Address | IPv6Address) or source.type != "TCP":
+            self._refuse(f"the PROXY header names a non-TCP source ({source})")
+            return
+        else:
+            source = _normal(source)
+        self._peer = source
+        protocol = self.factory.wrappedFactory.buildProtocol(source)
+        if protocol is None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.wrappedProtocol = protocol
+        self.factory.registerProtocol(self)
+        protocol.makeConnection(self)
+        if rest and not self.disconnecting:
+            protocol.dataReceived(rest)
+
+    def _feed(self, data: bytes) -> tuple[Any, bytes | None]:
+        """Pick the parser from the first bytes (sections 2.1, 2.2), then feed it."""
+        if self._parser is None:
+            self._buffer += data
+            head = self._buffer
+            if head.startswith(V2_SIGNATURE):
+                if len(head) < 16:  # V2Parser needs the fixed 16 bytes in one piece
+                    return None, None
+                self._parser = V2Parser()
+            elif head.startswith(V1_SIGNATURE):
+                self._parser = V1Parser()
+            elif V2_SIGNATURE.startswith(head[:12]) or V1_SIGNATURE.startswith(head[:6]):
+                return None, None
+            else:
+                raise InvalidProxyHeader()
+            data, self._buffer = head, b""
+        return self._parser.feed(data)
+
+    def _refuse(self, reason: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        peer = _describe(self.transport.getPeer())  # type: ignore[union-attr]
+        _log.warn(
+            "Refused connection from {client}: {reason}",
+            client=peer,
+            reason=reason,
+            event="session_refused",
+            reason_key="proxy_header",
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def getPeer(self) -> IAddress:
+        if self._peer is not None:
+            return self._peer
+        return self.transport.getPeer()  # type: ignore[union-attr, no-any-return]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.wrappedProtocol is not None:
+            super().connectionLost(reason)
+
+
+class ProxyHeaderFactory(WrappingFactory):
+    """Wraps the gateway's factory for a `haproxy:` listener.
+
+    `timeout` bounds the wait for the header; a connection without a valid header in time is
+    closed and logged at warn, and never reaches the gateway's factory.
+    """
+
+    protocol = ProxyHeaderProtocol
+
+    def __init__(self, wrapped: IProtocolFactory, clock: IReactorTime, timeout: float) -> None:
+        super().__init__(wrapped)
+        self.clock = clock
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHeaderProtocol:  # type: ignore[override]
+        return ProxyHeaderProtocol(self)
+
+    def logPrefix(self) -> str:
+        return "ProxyHeader"
+
+
+def split_endpoint(description: str) -> tuple[bool, str]:
+    """Whether a listener description asks for the PROXY protocol, and the endpoint under it:
+    `haproxy:tcp:2121` -> (True, "tcp:2121")."""
+    kind, _, rest = description.partition(":")
+    if kind.strip().lower() == "haproxy":
+        return True, rest
+    return False, description
+
+
+def header(version: str, source: HostPort, destination: HostPort) -> bytes:
+    """The PROXY header naming a TCP connection from `source` to `destination`.
+
+    Both ends must be of one family (sections 2.1, 2.2); when they are not (an IPv6 client of
+    an IPv4 listener, say), the IPv4 one is written IPv4-mapped (RFC 4291 section 2.5.5.2).
+    """
+    src = ipaddress.ip_address(source.host)
+    dst = ipaddress.ip_address(destination.host)
+    if src.version != dst.version:
+        src, dst = (_mapped(src), _mapped(dst))
+    if version == "v1":
+        # Section 2.1: "PROXY TCP4|TCP6 <src> <dst> <sport> <dport>\r\n".
+        proto = "TCP4" if src.version == 4 else "TCP6"
+        line = f"PROXY {proto} {src} {dst} {source.port} {destination.port}\r\n"
+        return line.encode("ascii")
+    if version == "v2":
+        family = _V2_TCP4 if src.version == 4 else _V2_TCP6
+        addresses = src.packed + dst.packed + struct.pack("!HH", source.port, destination.port)
+        return V2_SIGNATURE + struct.pack("!BBH", _V2_PROXY, family, len(addresses)) + addresses
+    raise ValueError(f"unknown PROXY protocol version {version!r}")
+
+
+def _mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address):
+        return address
+    return ipaddress.IPv6Address(f"::ffff:{address}")
+
+
+def _normal(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
+    """The address in the form the rest of the gateway compares: canonical text, and an
+    IPv4-mapped IPv6 source (an IPv6 balancer frontend) as plain IPv4."""
+    hostport = HostPort.of(address.host, address.port)
+    if hostport.family == 4:
+        return IPv4Address("TCP", hostport.host, hostport.port)
+    return IPv6Address("TCP", hostport.host, hostport.port)
+
+
+def _describe(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,369 @@
+"""Behind a load balancer: real HAProxy (Debian's haproxy, in the foreground) in front of two
+gateway processes with `haproxy:` listeners, proxying to a real pyftpdlib server.
+
+The HAProxy configuration is etc/examples/haproxy.cfg with only its addresses substituted, so
+the shipped example is what runs here. The client is bound to 127.0.0.5, HAProxy listens on
+127.0.0.20 and the gateways on 127.0.0.11 and 127.0.0.12: every address in the logs says which
+hop it belongs to.
+
+Also here: `upstream_proxy_protocol` against a scripted upstream that parses the header with
+Twisted's parsers (proftpd's mod_proxy_protocol is not among Debian's proftpd modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ftplib
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clients import curl, sent_commands
+from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway, wait_for_port
+from servers import RunningServer, start_server
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+
+TIMEOUT = 30.0
+CLIENT = "127.0.0.5"
+BALANCER = "127.0.0.20"
+INSTANCES = ("127.0.0.11", "127.0.0.12")
+RANGES = ("40100-40149", "40150-40199")
+EXAMPLE = PROJECT / "etc" / "examples" / "haproxy.cfg"
+PAYLOAD = os.urandom(300_000)
+GATEWAY_CONFIG = 'commands.deny = ["EPSV"]\n'
+
+
+def haproxy_config(frontend: int, ports: tuple[int, int]) -> str:
+    """etc/examples/haproxy.cfg with its example addresses replaced by loopback ones; every
+    substituted line must be in the example as shipped, so the example cannot drift."""
+    text = EXAMPLE.read_text()
+    substitutions = {
+        "bind 203.0.113.10:21": f"bind {BALANCER}:{frontend}",
+        "server gw1 10.0.0.11:2121": f"server gw1 {INSTANCES[0]}:{ports[0]}",
+        "server gw2 10.0.0.12:2121": f"server gw2 {INSTANCES[1]}:{ports[1]}",
+        "inter 10s": "inter 1s",
+    }
+    for line in (
+        "mode tcp",
+        "tcp-check expect string 220",
+        "default-server send-proxy-v2 check inter 10s fall 3 rise 2",
+        "balance leastconn",
+    ):
+        assert re.search(rf"^\s*{re.escape(line)}\s*$", text, re.M), line
+    for old, new in substitutions.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
+
+
+class Balancer:
+    def __init__(self, workdir: Path, config: str, port: int) -> None:
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(binary).exists():
+            raise FileNotFoundError("haproxy is not installed (scripts/install-test-deps)")
+        path = workdir / "haproxy.cfg"
+        path.write_text(config)
+        self.output = workdir / "haproxy.out"
+        self.proc = subprocess.Popen(
+            [binary, "-db", "-f", str(path)],
+            stdout=self.output.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.port = port
+        wait_for_port(BALANCER, port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    server = start_server("pyftpdlib", tmp_path_factory.mktemp("pyftpdlib"))
+    (server.root / "file.bin").write_bytes(PAYLOAD)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def farm(
+    server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Balancer, list[GatewayProcess]]]:
+    workdir = tmp_path_factory.mktemp("farm")
+    (workdir / "gateway.toml").write_text(GATEWAY_CONFIG)
+    gateways: list[GatewayProcess] = []
+    balancer = None
+    try:
+        for host, ports in zip(INSTANCES, RANGES, strict=True):
+            gateways.append(
+                start_gateway(
+                    workdir,
+                    "--config",
+                    str(workdir / "gateway.toml"),
+                    "--upstream",
+                    f"{server.host}:{server.port}",
+                    "--passive-ports",
+                    ports,
+                    host=host,
+                    listen_prefix="haproxy:",
+                )
+            )
+        frontend = free_port(BALANCER)
+        config = haproxy_config(frontend, (gateways[0].port, gateways[1].port))
+        balancer = Balancer(workdir, config, frontend)
+        yield balancer, gateways
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for gateway in gateways:
+            gateway.stop()
+
+
+def client() -> ftplib.FTP:
+    ftp = ftplib.FTP(timeout=TIMEOUT, source_address=(CLIENT, 0))
+    # Follow the 227 address: it names the instance, not the balancer the control
+    # connection went to (ftplib ignores it by default; docs/deployment.md says why it matters).
+    ftp.trust_server_pasv_ipv4_address = True
+    return ftp
+
+
+def sessions_from(gateway: GatewayProcess, host: str) -> int:
+    return len(re.findall(rf"Client {re.escape(host)}:\d+ connected", gateway.log()))
+
+
+def wait_for(predicate: object, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_transfers_through_haproxy_reach_both_instances_with_the_real_address(
+    farm: tuple[Balancer, list[GatewayProcess]], server: RunningServer
+) -> None:
+    balancer, gateways = farm
+    uploads: list[str] = []
+    for i in range(4):
+        for passive in (True, False):
+            ftp = client()
+            ftp.connect(BALANCER, balancer.port)
+            try:
+                ftp.login(server.user, server.password)
+                ftp.set_pasv(passive)
+                data = io.BytesIO()
+                ftp.retrbinary("RETR file.bin", data.write)
+                assert data.getvalue() == PAYLOAD
+                name = f"up-{i}-{'pasv' if passive else 'port'}.bin"
+                assert ftp.storbinary(f"STOR {name}", io.BytesIO(PAYLOAD)).startswith("226")
+                uploads.append(name)
+                ftp.quit()
+            finally:
+                ftp.close()
+    for name in uploads:
+        assert (server.root / name).read_bytes() == PAYLOAD, name
+    for passive in (True, False):
+        # curl 7.74 and later ignore the 227 address unless told (--ftp-skip-pasv-ip became
+        # the default); the deployment guide names this option for clients behind a balancer.
+        args = ["--interface", CLIENT, "--no-ftp-skip-pasv-ip"]
+        if not passive:
+            args += ["--ftp-port", CLIENT]
+        for _ in range(2):
+            url = f"ftp://{server.user}:{server.password}@{BALANCER}:{balancer.port}/file.bin"
+            result = curl(url, *args)
+            assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+            assert result.stdout == PAYLOAD
+            if passive:  # EPSV names no address: refused, and curl falls back to PASV
+                verbs = sent_commands(result.stderr)
+                assert verbs.index("PASV") == verbs.index("EPSV") + 1, verbs
+    # Both instances served sessions, and each logged the client's real address.
+    for gateway in gateways:
+        wait_for(lambda g=gateway: sessions_from(g, CLIENT) >= 2, "sessions in both logs")
+        log = gateway.log()
+        assert "Transfer download complete" in log and "Transfer upload complete" in log
+        # The only other sessions are HAProxy's own health checks (PROXY v2 LOCAL, section
+        # 2.2), which keep the balancer's connection address; clients never appear as it.
+        for host in re.findall(r"Client ([0-9.]+):\d+ connected", log):
+            assert host in (CLIENT, "127.0.0.1", BALANCER), log[-3000:]
+    assert sum(sessions_from(g, CLIENT) for g in gateways) == 12
+
+
+def test_port_naming_the_balancer_is_refused_as_a_bounce(
+    farm: tuple[Balancer, list[GatewayProcess]], server: RunningServer
+) -> None:
+    balancer, _ = farm
+    ftp = client()
+    ftp.connect(BALANCER, balancer.port)
+    try:
+        ftp.login(server.user, server.password)
+        for host in (BALANCER, "127.0.0.1"):
+            numbers = host.replace(".", ",")
+            with pytest.raises(ftplib.error_perm) as refused:
+                ftp.sendcmd(f"PORT {numbers},156,64")
+            assert "not your own address" in str(refused.value), refused.value
+        # The client's own address is fine: the check compares with the real one.
+        assert ftp.sendcmd(f"PORT {CLIENT.replace('.', ',')},156,64").startswith("200")
+    finally:
+        ftp.close()
+
+
+def test_connection_without_header_is_closed_and_logged(
+    farm: tuple[Balancer, list[GatewayProcess]],
+) -> None:
+    _, gateways = farm
+    gateway = gateways[0]
+    with socket.create_connection(
+        (gateway.host, gateway.port), timeout=TIMEOUT, source_address=(CLIENT, 0)
+    ) as sock:
+        sock.sendall(b"USER anonymous\r\n")
+        received = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with unread bytes: a reset
+            while chunk := sock.recv(4096):
+                received += chunk
+    assert received == b""  # no greeting, no session
+    wait_for(lambda: "invalid PROXY header" in gateway.log(), "the refusal line")
+    line = next(line for line in gateway.log().splitlines() if "invalid PROXY header" in line)
+    assert f"Refused connection from {CLIENT}:" in line
+    assert "#warn" in line or "warn" in line.lower(), line
+
+
+# ------------------------------------------------------------------ PROXY towards upstreams
+
+
+class HeaderUpstream:
+    """A scripted FTP server that expects a PROXY header first and records what it names."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(TIMEOUT)
+        self.port = self.sock.getsockname()[1]
+        self.headers: list[tuple[str, int, str, int]] = []
+        self.errors: list[str] = []
+        self.quits = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        # The gateway's start-up probe (tests/gateway_process.py) may open a session too.
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            parser = V1Parser() if self.version == "v1" else V2Parser()
+            buffer = b""
+            info = None
+            rest = b""
+            while info is None:
+                chunk = conn.recv(4096)
+                if not chunk:  # the start-up probe's session, cancelled while connecting
+                    return
+                buffer += chunk
+                if self.version == "v2" and len(buffer) < 16:
+                    continue
+                info, rest = parser.feed(buffer)
+                buffer = b""
+            assert info.source is not None and info.destination is not None
+            self.headers.append(
+                (info.source.host, info.source.port, info.destination.host, info.destination.port)  # type: ignore[attr-defined]
+            )
+            if rest:
+                self.errors.append(f"bytes before the greeting: {rest!r}")
+            conn.sendall(b"220 scripted\r\n")
+            for line in conn.makefile("rb"):
+                verb = line.split(b" ", 1)[0].strip().upper()
+                if verb == b"USER":
+                    conn.sendall(b"331 password\r\n")
+                elif verb == b"PASS":
+                    conn.sendall(b"230 in\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    self.quits += 1
+                    return
+                else:
+                    conn.sendall(b"502 no\r\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.sock.close()
+        self.thread.join(timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_upstream_proxy_protocol_names_the_client(version: str, tmp_path: Path) -> None:
+    upstream = HeaderUpstream(version)
+    (tmp_path / "gateway.toml").write_text(f'upstream_proxy_protocol = "{version}"\n')
+    gateway = start_gateway(
+        tmp_path,
+        "--config",
+        str(tmp_path / "gateway.toml"),
+        "--upstream",
+        f"127.0.0.1:{upstream.port}",
+        host=INSTANCES[0],
+    )
+    try:
+        ftp = client()
+        ftp.connect(gateway.host, gateway.port)
+        local_port = ftp.sock.getsockname()[1]
+        assert ftp.login("user", "secret").startswith("230")
+        ftp.quit()
+        wait_for(lambda: upstream.quits == 1, "the session's QUIT upstream")
+        assert upstream.errors == []
+        assert (CLIENT, local_port, INSTANCES[0], gateway.port) in upstream.headers
+        # Every session's header names its client, the probe's too: none names the gateway.
+        assert all(host != INSTANCES[0] for host, *_ in upstream.headers), upstream.headers
+    finally:
+        upstream.close()
+        gateway.stop()
+
+
+def test_real_address_passes_from_haproxy_listener_to_upstream_header(tmp_path: Path) -> None:
+    """A `haproxy:` listener and `upstream_proxy_protocol`: the upstream sees the address the
+    balancer's header named, not the balancer's."""
+    upstream = HeaderUpstream("v2")
+    (tmp_path / "gateway.toml").write_text('upstream_proxy_protocol = "v2"\n')
+    gateway = start_gateway(
+        tmp_path,
+        "--config",
+        str(tmp_path / "gateway.toml"),
+        "--upstream",
+        f"127.0.0.1:{upstream.port}",
+        host=INSTANCES[1],
+        listen_prefix="haproxy:",
+    )
+    try:
+        with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"PROXY TCP4 192.0.2.77 198.51.100.1 50123 21\r\n")
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220")
+            sock.sendall(b"QUIT\r\n")
+            assert reader.readline().startswith(b"221")
+        wait_for(lambda: upstream.quits == 1, "the session's QUIT upstream")
+        assert upstream.errors == []
+        assert ("192.0.2.77", 50123, INSTANCES[1], gateway.port) in upstream.headers
+        assert "Client 192.0.2.77:50123 connected" in gateway.log()
+    finally:
+        upstream.close()
+        gateway.stop()

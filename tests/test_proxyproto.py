@@ -273,3 +273,21 @@ def test_upstream_proxy_protocol_setting() -> None:
         build({"upstream_proxy_protocol": "v3"})
     with pytest.raises(ConfigError, match="implicit"):
         build({"upstream_proxy_protocol": "v1", "tls.upstream": "implicit"})
+
+
+def test_refusal_is_counted_in_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import MetricsObserver
+
+    registry = CollectorRegistry()
+    observer = MetricsObserver(registry)
+    name = "ftp_gateway_sessions_refused_total"
+    assert registry.get_sample_value(name, {"reason": "proxy_header"}) == 0
+    globalLogPublisher.addObserver(observer)
+    try:
+        wrapper, _ = connect(ProxyHeaderFactory(RecordingFactory(), Clock(), 10))
+        wrapper.dataReceived(b"GET / HTTP/1.0\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert registry.get_sample_value(name, {"reason": "proxy_header"}) == 1

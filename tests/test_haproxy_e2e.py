@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -28,9 +29,13 @@ from pathlib import Path
 import pytest
 from clients import curl, sent_commands
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway, wait_for_port
+from pki import make_pki
 from servers import RunningServer, start_server
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
+
+from gateway.addresses import HostPort
+from gateway.proxyproto import header
 
 TIMEOUT = 30.0
 CLIENT = "127.0.0.5"
@@ -367,3 +372,78 @@ def test_real_address_passes_from_haproxy_listener_to_upstream_header(tmp_path: 
     finally:
         upstream.close()
         gateway.stop()
+
+
+def test_explicit_ftps_through_a_haproxy_listener(server: RunningServer, tmp_path: Path) -> None:
+    """AUTH TLS after the PROXY header: TLS starts under the header wrapper, the data
+    connection is protected too, and the passive peer check still uses the header's client."""
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "gateway.toml").write_text(
+        f'[tls]\ncertificate = "{pki.server_chain}"\nprivate_key = "{pki.server_key}"\n'
+        'client = "required"\nupstream = "off"\n'
+    )
+    gateway = start_gateway(
+        tmp_path,
+        "--config",
+        str(tmp_path / "gateway.toml"),
+        "--upstream",
+        f"{server.host}:{server.port}",
+        host=INSTANCES[0],
+        listen_prefix="haproxy:",
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.check_hostname = False
+        ftp = ftplib.FTP_TLS(context=context, timeout=TIMEOUT, source_address=(CLIENT, 0))
+        ftp.trust_server_pasv_ipv4_address = True
+        sock = socket.create_connection(
+            (gateway.host, gateway.port), timeout=TIMEOUT, source_address=(CLIENT, 0)
+        )
+        # The balancer's part: the header, naming the client's own address.
+        client_port = sock.getsockname()[1]
+        sock.sendall(header("v2", HostPort.of(CLIENT, client_port), HostPort.of(BALANCER, 21)))
+        ftp.sock, ftp.af, ftp.host = sock, sock.family, gateway.host
+        ftp.file = sock.makefile("r", encoding="latin-1")
+        assert ftp.getresp().startswith("220")
+        ftp.auth()
+        ftp.login(server.user, server.password)
+        ftp.prot_p()
+        data = io.BytesIO()
+        ftp.retrbinary("RETR file.bin", data.write)
+        assert data.getvalue() == PAYLOAD
+        ftp.quit()
+        assert f"Client {CLIENT}:{client_port} connected" in gateway.log()
+    finally:
+        gateway.stop()
+
+
+def test_passive_peer_check_uses_the_real_client(
+    farm: tuple[Balancer, list[GatewayProcess]], server: RunningServer
+) -> None:
+    """A data connection from the balancer's side (127.0.0.1) to a client's passive port is
+    dropped as possible port theft; the client itself, named by the header, gets the file."""
+    balancer, gateways = farm
+    ftp = client()
+    ftp.connect(BALANCER, balancer.port)
+    try:
+        ftp.login(server.user, server.password)
+        ftp.voidcmd("TYPE I")
+        reply = ftp.sendcmd("PASV")
+        host, port = ftplib.parse227(reply)
+        assert host in INSTANCES  # the instance's own address, not the balancer's
+        with socket.create_connection((host, port), timeout=TIMEOUT) as thief:
+            thief.settimeout(TIMEOUT)
+            with contextlib.suppress(ConnectionResetError):
+                assert thief.recv(1) == b""  # closed without a byte
+        data = socket.create_connection((host, port), timeout=TIMEOUT, source_address=(CLIENT, 0))
+        with data:
+            ftp.sendcmd("RETR file.bin")
+            received = b""
+            while chunk := data.recv(65536):
+                received += chunk
+        assert ftp.voidresp().startswith("226")
+        assert received == PAYLOAD
+    finally:
+        ftp.close()
+    logs = "".join(g.log() for g in gateways)
+    assert f"Dropped data connection from 127.0.0.1 on a listener for {CLIENT}" in logs

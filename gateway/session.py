@@ -61,6 +61,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import ProtocolError
+from gateway.numbers import is_ascii_number
 from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
 from gateway.transfer import SOURCES as TRANSFER_SOURCES
 from gateway.transfer import (
@@ -472,7 +473,7 @@ class Session:
                     return self._acct_forward(command)
                 if verb in ("OPEN", "SITE") and self._proxy_ok and command.arg:
                     return self._open(command)
-        refusal = self.commands.check(verb)
+        refusal = self.commands.check(verb, command.arg)
         if refusal is not None:
             code, text = refusal
             return [
@@ -581,8 +582,11 @@ class Session:
         self._busy = True
         return [Authenticate(user, password)]
 
-    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+    def proxy_auth_result(
+        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+    ) -> list[Effect]:
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `unavailable`:
+        a user store (a directory) could not answer, which is no fault of the client."""
         login = self._login
         if login is None or self.closed:
             return []
@@ -596,6 +600,12 @@ class Session:
                 ),
                 *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
             ]
+        if unavailable:
+            return self._close(
+                Reply.of(
+                    421, "Proxy login cannot be checked now (user store unavailable); try later."
+                )
+            )
         if not ok:
             self._login = None
             return [
@@ -876,8 +886,8 @@ class Session:
     def _rest(self, command: Command) -> list[Effect]:
         # Held until the transfer command, so nothing (EPSV, PASV) comes between the two on the
         # upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer command.
-        if not command.arg.strip().isdigit():
-            return [reply(501, "REST needs a byte offset.")]
+        if not is_ascii_number(command.arg.strip()):
+            return [reply(501, "REST needs a byte offset in ASCII digits.")]
         self._restart = command.arg.strip()
         return [reply(350, f"Restarting at {self._restart}. Send STOR or RETR.")]
 
@@ -896,7 +906,10 @@ class Session:
             # is where the gateway connects anyway (RFC 2577 section 3), so this opens no bounce.
             target = HostPort(self.client_peer.host, target.port)
         code, decision = check_data_target(
-            self.client_peer.host, target, allow_foreign=self.config.allow_foreign_data_address
+            self.client_peer.host,
+            target,
+            allow_foreign=self.config.allow_foreign_data_address,
+            own=self.policy.own_addresses,
         )
         if not decision.allowed:
             return [

@@ -10,12 +10,14 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from gateway import __version__, startup
 from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
+from gateway.listeners import report_bound
+from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
 from gateway.tls import TLSConfigError
 
@@ -172,6 +174,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     config = options.config
+    # Ahead of every log file: peer text is escaped in each event before any observer that
+    # writes it runs (twistd adds its log observers after this, when logging begins).
+    globalLogPublisher.addObserver(escape_event)
     top = MultiService()
     demo_upstream = None
     if options["demo"]:
@@ -186,9 +191,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     factory = GatewayFactory(config, reactor)
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        startup.Listener(
+        listener = startup.Listener(
             "listen", endpoint, factory, reactor, line, header_timeout=config.login_timeout
-        ).setServiceParent(top)
+        )
+        report_bound(listener, factory.add_listener)
+        listener.setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()

@@ -469,6 +469,7 @@ class ClientControl(Protocol):
                 port_range=config.passive_ports,
                 tls=self._data_tls(side, tls),
                 on_failure=lambda reason: self._data_failed(channels, side, reason),
+                balancer=proxyproto.balancer_of(control) if side is Side.CLIENT else None,
             )
         except error.CannotListenError as e:
             # A range with no free port, or an address that cannot be bound: the session

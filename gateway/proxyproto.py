@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -35,6 +36,7 @@ from zope.interface import directlyProvides, providedBy
 from gateway.addresses import HostPort
 
 _log = Logger(namespace="gateway.session")
+_data_log = Logger(namespace="gateway.data")
 
 #: Section 2.2: the twelve bytes every version 2 header starts with.
 V2_SIGNATURE = V2Parser.PREFIX
@@ -46,6 +48,45 @@ _V2_TCP4 = 0x11
 _V2_TCP6 = 0x21
 
 UPSTREAM_PROXY_PROTOCOLS = ("off", "v1", "v2")
+
+
+class HeaderReader:
+    """Collects one PROXY header, v1 or v2, from bytes as they come; Twisted's parsers do the
+    parsing. `feed` returns the header's info and the bytes after it once complete, (None,
+    None) before, and raises InvalidProxyHeader for anything else."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._parser: V1Parser | V2Parser | None = None
+
+    def feed(self, data: bytes) -> tuple[Any, bytes | None]:
+        if self._parser is None:
+            # Pick the parser from the first bytes (sections 2.1, 2.2).
+            self._buffer += data
+            head = self._buffer
+            if head.startswith(V2_SIGNATURE):
+                if len(head) < 16:  # V2Parser needs the fixed 16 bytes in one piece
+                    return None, None
+                self._parser = V2Parser()
+            elif head.startswith(V1_SIGNATURE):
+                self._parser = V1Parser()
+            elif V2_SIGNATURE.startswith(head[:12]) or V1_SIGNATURE.startswith(head[:6]):
+                return None, None
+            else:
+                raise InvalidProxyHeader()
+            data, self._buffer = head, b""
+        return self._parser.feed(data)
+
+
+def tcp_source(info: Any) -> IPv4Address | IPv6Address | None:
+    """The header's TCP source in the gateway's canonical form; None for a header that names
+    none (UNKNOWN, LOCAL); raises InvalidProxyHeader for a UNIX or UDP source."""
+    source = info.source
+    if source is None:
+        return None
+    if not isinstance(source, IPv4Address | IPv6Address) or source.type != "TCP":
+        raise InvalidProxyHeader(f"the PROXY header names a non-TCP source ({source})")
+    return _normal(source)
 
 
 class ProxyHeaderProtocol(ProtocolWrapper):
@@ -62,8 +103,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     def __init__(self, factory: ProxyHeaderFactory) -> None:
         super().__init__(factory, None)  # type: ignore[arg-type]  # built after the header
-        self._buffer = b""
-        self._parser: V1Parser | V2Parser | None = None
+        self._reader = HeaderReader()
         self._peer: IAddress | None = None
         self._timer: IDelayedCall | None = None
 
@@ -87,24 +127,19 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if self._timer is None:  # already refused; the connection is closing
             return
         try:
-            info, rest = self._feed(data)
+            info, rest = self._reader.feed(data)
+            source = None if info is None else tcp_source(info)
         except InvalidProxyHeader as e:
-            self._refuse(f"invalid PROXY header ({type(e).__name__})")
+            self._refuse(f"invalid PROXY header ({e.args[0] if e.args else type(e).__name__})")
             return
         if info is None:
             return
         self._timer.cancel()
         self._timer = None
-        source = info.source
         if source is None:
             # Section 2.1 (UNKNOWN) and 2.2 (LOCAL, e.g. the balancer's own health check):
             # the connection's own endpoints are the real ones.
             source = self.transport.getPeer()  # type: ignore[union-attr]
-        elif not isinstance(source, IPv4Address | IPv6Address) or source.type != "TCP":
-            self._refuse(f"the PROXY header names a non-TCP source ({source})")
-            return
-        else:
-            source = _normal(source)
         self._peer = source
         protocol = self.factory.wrappedFactory.buildProtocol(source)
         if protocol is None:
@@ -115,24 +150,6 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         protocol.makeConnection(self)
         if rest and not self.disconnecting:
             protocol.dataReceived(rest)
-
-    def _feed(self, data: bytes) -> tuple[Any, bytes | None]:
-        """Pick the parser from the first bytes (sections 2.1, 2.2), then feed it."""
-        if self._parser is None:
-            self._buffer += data
-            head = self._buffer
-            if head.startswith(V2_SIGNATURE):
-                if len(head) < 16:  # V2Parser needs the fixed 16 bytes in one piece
-                    return None, None
-                self._parser = V2Parser()
-            elif head.startswith(V1_SIGNATURE):
-                self._parser = V1Parser()
-            elif V2_SIGNATURE.startswith(head[:12]) or V1_SIGNATURE.startswith(head[:6]):
-                return None, None
-            else:
-                raise InvalidProxyHeader()
-            data, self._buffer = head, b""
-        return self._parser.feed(data)
 
     def _refuse(self, reason: str) -> None:
         if self._timer is not None and self._timer.active():
@@ -180,6 +197,91 @@ class ProxyHeaderFactory(WrappingFactory):
 
     def logPrefix(self) -> str:
         return "ProxyHeader"
+
+
+class ForwardedData(Protocol):
+    """A passive data connection that the balancer forwarded: reads its PROXY header, then
+    hands the socket itself to the protocol `accept` returns for the header's source.
+
+    Clients that ignore the address in `227` (curl since 7.74, Python's ftplib) or use EPSV
+    connect to the balancer, which forwards each instance's passive port range to it with a
+    header. Only connections from the balancer that carried the session's control connection
+    get here (`PassiveListener`), and `accept` applies the usual check to the client's address,
+    so the port stays the client's alone. After the header the connection is the data
+    connection's own: no wrapper stays between it and the socket (TLS, the relay).
+    """
+
+    def __init__(
+        self,
+        accept: Callable[[IAddress], Protocol | None],
+        clock: IReactorTime,
+        timeout: float,
+    ) -> None:
+        self._accept = accept
+        self._clock = clock
+        self._timeout = timeout
+        self._reader = HeaderReader()
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(
+            self._timeout, self._drop, f"no PROXY header within {self._timeout:g} s"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is None:
+            return
+        try:
+            info, rest = self._reader.feed(data)
+            source = None if info is None else tcp_source(info)
+        except InvalidProxyHeader as e:
+            self._drop(f"invalid PROXY header ({e.args[0] if e.args else type(e).__name__})")
+            return
+        if info is None:
+            return
+        if source is None:
+            self._drop("the PROXY header names no client")
+            return
+        self._timer.cancel()
+        self._timer = None
+        transport = self.transport
+        protocol = self._accept(source)
+        if protocol is None:
+            transport.abortConnection()  # type: ignore[union-attr]
+            return
+        # The way startTLS puts its layer in: the socket delivers to `protocol` from now on.
+        transport.protocol = protocol  # type: ignore[union-attr]
+        protocol.makeConnection(transport)
+        if rest:
+            protocol.dataReceived(rest)
+
+    def _drop(self, reason: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        _data_log.warn(
+            "Dropped forwarded data connection from {peer}: {reason}",
+            peer=_describe(self.transport.getPeer()),  # type: ignore[union-attr]
+            reason=reason,
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def balancer_of(transport: Any) -> str | None:
+    """The balancer's address when `transport` is a session's connection that came through a
+    `haproxy:` listener (and named a client other than the balancer); None otherwise."""
+    if not isinstance(transport, ProxyHeaderProtocol) or transport.transport is None:
+        return None
+    socket_peer = transport.transport.getPeer()
+    host = getattr(socket_peer, "host", None)
+    if host is None or host == getattr(transport.getPeer(), "host", None):
+        return None
+    return HostPort.of(host, 1).host
 
 
 def split_endpoint(description: str) -> tuple[bool, str]:

@@ -44,7 +44,7 @@ INSTANCES = ("127.0.0.11", "127.0.0.12")
 RANGES = ("40100-40149", "40150-40199")
 EXAMPLE = PROJECT / "etc" / "examples" / "haproxy.cfg"
 PAYLOAD = os.urandom(300_000)
-GATEWAY_CONFIG = 'commands.deny = ["EPSV"]\n'
+GATEWAY_CONFIG = "timeouts.data_connect = 10\n"
 
 
 def haproxy_config(frontend: int, ports: tuple[int, int]) -> str:
@@ -56,6 +56,10 @@ def haproxy_config(frontend: int, ports: tuple[int, int]) -> str:
         "server gw1 10.0.0.11:2121": f"server gw1 {INSTANCES[0]}:{ports[0]}",
         "server gw2 10.0.0.12:2121": f"server gw2 {INSTANCES[1]}:{ports[1]}",
         "inter 10s": "inter 1s",
+        "bind 203.0.113.10:30000-30999": f"bind {BALANCER}:{RANGES[0]}",
+        "bind 203.0.113.10:31000-31999": f"bind {BALANCER}:{RANGES[1]}",
+        "server gw1 10.0.0.11 send-proxy-v2": f"server gw1 {INSTANCES[0]} send-proxy-v2",
+        "server gw2 10.0.0.12 send-proxy-v2": f"server gw2 {INSTANCES[1]} send-proxy-v2",
     }
     for line in (
         "mode tcp",
@@ -138,11 +142,11 @@ def farm(
             gateway.stop()
 
 
-def client() -> ftplib.FTP:
+def client(follow_227: bool = True) -> ftplib.FTP:
     ftp = ftplib.FTP(timeout=TIMEOUT, source_address=(CLIENT, 0))
-    # Follow the 227 address: it names the instance, not the balancer the control
-    # connection went to (ftplib ignores it by default; docs/deployment.md says why it matters).
-    ftp.trust_server_pasv_ipv4_address = True
+    # Following the 227 address reaches the instance directly; ftplib's default (not
+    # following it) reaches the balancer, which forwards the instance's range with a header.
+    ftp.trust_server_pasv_ipv4_address = follow_227
     return ftp
 
 
@@ -165,8 +169,8 @@ def test_transfers_through_haproxy_reach_both_instances_with_the_real_address(
     balancer, gateways = farm
     uploads: list[str] = []
     for i in range(4):
-        for passive in (True, False):
-            ftp = client()
+        for passive, follow_227 in ((True, True), (True, False), (False, True)):
+            ftp = client(follow_227)
             ftp.connect(BALANCER, balancer.port)
             try:
                 ftp.login(server.user, server.password)
@@ -174,7 +178,7 @@ def test_transfers_through_haproxy_reach_both_instances_with_the_real_address(
                 data = io.BytesIO()
                 ftp.retrbinary("RETR file.bin", data.write)
                 assert data.getvalue() == PAYLOAD
-                name = f"up-{i}-{'pasv' if passive else 'port'}.bin"
+                name = f"up-{i}-{'pasv' if passive else 'port'}-{follow_227}.bin"
                 assert ftp.storbinary(f"STOR {name}", io.BytesIO(PAYLOAD)).startswith("226")
                 uploads.append(name)
                 ftp.quit()
@@ -182,20 +186,21 @@ def test_transfers_through_haproxy_reach_both_instances_with_the_real_address(
                 ftp.close()
     for name in uploads:
         assert (server.root / name).read_bytes() == PAYLOAD, name
-    for passive in (True, False):
-        # curl 7.74 and later ignore the 227 address unless told (--ftp-skip-pasv-ip became
-        # the default); the deployment guide names this option for clients behind a balancer.
-        args = ["--interface", CLIENT, "--no-ftp-skip-pasv-ip"]
-        if not passive:
-            args += ["--ftp-port", CLIENT]
+    # curl's defaults: EPSV (no address: to the balancer's forwarded range); PASV with the
+    # 227 address skipped (curl 7.74 and later: the balancer again); PASV following it
+    # (directly to the instance); active mode.
+    for args, verb in (
+        ((), "EPSV"),
+        (("--disable-epsv",), "PASV"),
+        (("--disable-epsv", "--no-ftp-skip-pasv-ip"), "PASV"),
+        (("--ftp-port", CLIENT), "EPRT"),
+    ):
         for _ in range(2):
             url = f"ftp://{server.user}:{server.password}@{BALANCER}:{balancer.port}/file.bin"
-            result = curl(url, *args)
+            result = curl(url, "--interface", CLIENT, *args)
             assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
             assert result.stdout == PAYLOAD
-            if passive:  # EPSV names no address: refused, and curl falls back to PASV
-                verbs = sent_commands(result.stderr)
-                assert verbs.index("PASV") == verbs.index("EPSV") + 1, verbs
+            assert verb in sent_commands(result.stderr)
     # Both instances served sessions, and each logged the client's real address.
     for gateway in gateways:
         wait_for(lambda g=gateway: sessions_from(g, CLIENT) >= 2, "sessions in both logs")
@@ -205,7 +210,9 @@ def test_transfers_through_haproxy_reach_both_instances_with_the_real_address(
         # 2.2), which keep the balancer's connection address; clients never appear as it.
         for host in re.findall(r"Client ([0-9.]+):\d+ connected", log):
             assert host in (CLIENT, "127.0.0.1", BALANCER), log[-3000:]
-    assert sum(sessions_from(g, CLIENT) for g in gateways) == 12
+    assert sum(sessions_from(g, CLIENT) for g in gateways) == 20
+    # The forwarded data connections were checked against the client too.
+    assert "Dropped" not in "".join(g.log() for g in gateways)
 
 
 def test_port_naming_the_balancer_is_refused_as_a_bounce(
@@ -420,21 +427,25 @@ def test_explicit_ftps_through_a_haproxy_listener(server: RunningServer, tmp_pat
 def test_passive_peer_check_uses_the_real_client(
     farm: tuple[Balancer, list[GatewayProcess]], server: RunningServer
 ) -> None:
-    """A data connection from the balancer's side (127.0.0.1) to a client's passive port is
-    dropped as possible port theft; the client itself, named by the header, gets the file."""
+    """Port theft behind the balancer: a connection from a third address, and one from the
+    balancer's side whose PROXY header names someone else, are both dropped; the client,
+    named by the control connection's header, still gets its file."""
     balancer, gateways = farm
     ftp = client()
     ftp.connect(BALANCER, balancer.port)
     try:
         ftp.login(server.user, server.password)
         ftp.voidcmd("TYPE I")
-        reply = ftp.sendcmd("PASV")
-        host, port = ftplib.parse227(reply)
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
         assert host in INSTANCES  # the instance's own address, not the balancer's
-        with socket.create_connection((host, port), timeout=TIMEOUT) as thief:
-            thief.settimeout(TIMEOUT)
-            with contextlib.suppress(ConnectionResetError):
-                assert thief.recv(1) == b""  # closed without a byte
+        thief_header = header("v1", HostPort.of("127.0.0.66", 40000), HostPort.of(host, port))
+        for source, first in (("127.0.0.7", b""), ("127.0.0.1", thief_header)):
+            with socket.create_connection(
+                (host, port), timeout=TIMEOUT, source_address=(source, 0)
+            ) as thief:
+                thief.sendall(first)
+                with contextlib.suppress(ConnectionResetError):
+                    assert thief.recv(1) == b""  # closed without a byte
         data = socket.create_connection((host, port), timeout=TIMEOUT, source_address=(CLIENT, 0))
         with data:
             ftp.sendcmd("RETR file.bin")
@@ -446,4 +457,33 @@ def test_passive_peer_check_uses_the_real_client(
     finally:
         ftp.close()
     logs = "".join(g.log() for g in gateways)
-    assert f"Dropped data connection from 127.0.0.1 on a listener for {CLIENT}" in logs
+    assert f"Dropped data connection from 127.0.0.7 on a listener for {CLIENT}" in logs
+    assert f"Dropped data connection from 127.0.0.66 on a listener for {CLIENT}" in logs
+
+
+def test_forwarded_data_connection_without_header_is_dropped(
+    farm: tuple[Balancer, list[GatewayProcess]], server: RunningServer
+) -> None:
+    """From the balancer's address, a data connection must start with a header: one that
+    sends anything else is dropped and logged, and the port stays open for the client."""
+    balancer, gateways = farm
+    ftp = client(follow_227=False)
+    ftp.connect(BALANCER, balancer.port)
+    try:
+        ftp.login(server.user, server.password)
+        ftp.voidcmd("TYPE I")
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+        assert host in INSTANCES
+        with socket.create_connection(
+            (host, port), timeout=TIMEOUT, source_address=("127.0.0.1", 0)
+        ) as thief:
+            thief.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert thief.recv(1) == b""
+        data = io.BytesIO()
+        ftp.retrbinary("RETR file.bin", data.write)  # via the balancer, with a header
+        assert data.getvalue() == PAYLOAD
+    finally:
+        ftp.close()
+    logs = "".join(g.log() for g in gateways)
+    assert "Dropped forwarded data connection from 127.0.0.1" in logs

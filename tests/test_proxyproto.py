@@ -21,7 +21,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from gateway.addresses import HostPort
 from gateway.config import ConfigError, build
 from gateway.control import ClientControl, GatewayFactory
-from gateway.proxyproto import ProxyHeaderFactory, header, split_endpoint
+from gateway.proxyproto import ForwardedData, ProxyHeaderFactory, header, split_endpoint
 
 BALANCER = IPv4Address("TCP", "127.0.0.9", 40000)
 GATEWAY = IPv4Address("TCP", "127.0.0.11", 2121)
@@ -291,3 +291,74 @@ def test_refusal_is_counted_in_metrics() -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert registry.get_sample_value(name, {"reason": "proxy_header"}) == 1
+
+
+# ------------------------------------------------ data connections forwarded by the balancer
+
+
+class Accepting:
+    def __init__(self, allow: str) -> None:
+        self.allow = allow
+        self.asked: list[IAddress] = []
+        self.protocol = Recorder()
+
+    def __call__(self, addr: IAddress) -> Protocol | None:
+        self.asked.append(addr)
+        return self.protocol if addr.host == self.allow else None  # type: ignore[attr-defined]
+
+
+def forwarded(accept: Accepting, clock: Clock) -> tuple[ForwardedData, StringTransport]:
+    protocol = ForwardedData(accept, clock, 10)
+    transport = StringTransport(hostAddress=GATEWAY, peerAddress=BALANCER)
+    transport.protocol = protocol  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize("chunk", [1, 10_000])
+def test_forwarded_data_is_handed_to_the_client_protocol(chunk: int) -> None:
+    accept = Accepting("192.0.2.5")
+    _, transport = forwarded(accept, Clock())
+    data = V2 + b"first bytes of an upload"
+    for i in range(0, len(data), chunk):
+        # As the socket does: to whichever protocol is the transport's now.
+        transport.protocol.dataReceived(data[i : i + chunk])  # type: ignore[attr-defined]
+    assert [(a.host, a.port) for a in accept.asked] == [("192.0.2.5", 50123)]  # type: ignore[attr-defined]
+    # The socket delivers to the data connection itself from now on, nothing in between.
+    assert transport.protocol is accept.protocol  # type: ignore[attr-defined]
+    assert accept.protocol.transport is transport
+    assert accept.protocol.received == b"first bytes of an upload"
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (V1.replace(b"192.0.2.5", b"192.0.2.66"), None),  # someone else: the check refuses
+        (b"GET / HTTP/1.0\r\n\r\n", "invalid PROXY header"),
+        (V2_LOCAL, "names no client"),
+    ],
+)
+def test_forwarded_data_not_from_the_client_is_dropped(data: bytes, reason: str | None) -> None:
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        accept = Accepting("192.0.2.5")
+        _, transport = forwarded(accept, Clock())
+        forwarded_protocol = transport.protocol  # type: ignore[attr-defined]
+        forwarded_protocol.dataReceived(data)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert transport.disconnecting
+    assert accept.protocol.transport is None
+    if reason is not None:
+        assert any(reason in str(e.get("reason", "")) for e in seen), seen
+
+
+def test_forwarded_data_without_header_in_time_is_dropped() -> None:
+    clock = Clock()
+    accept = Accepting("192.0.2.5")
+    _, transport = forwarded(accept, clock)
+    clock.advance(10.1)
+    assert transport.disconnecting
+    assert accept.asked == []

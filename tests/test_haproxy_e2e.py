@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from clients import curl, sent_commands
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway, wait_for_port
-from pki import make_pki
+from pki import Pki, make_pki
 from servers import RunningServer, start_server
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -109,11 +109,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="module")
+def farm_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
 def farm(
-    server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+    server: RunningServer, farm_pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Balancer, list[GatewayProcess]]]:
     workdir = tmp_path_factory.mktemp("farm")
-    (workdir / "gateway.toml").write_text(GATEWAY_CONFIG)
+    pki = farm_pki
+    (workdir / "gateway.toml").write_text(
+        GATEWAY_CONFIG + f'[tls]\ncertificate = "{pki.server_chain}"\n'
+        f'private_key = "{pki.server_key}"\nclient = "optional"\nupstream = "off"\n'
+    )
     gateways: list[GatewayProcess] = []
     balancer = None
     try:
@@ -487,3 +496,34 @@ def test_forwarded_data_connection_without_header_is_dropped(
         ftp.close()
     logs = "".join(g.log() for g in gateways)
     assert "Dropped forwarded data connection from 127.0.0.1" in logs
+
+
+@pytest.mark.parametrize("follow_227", [True, False])
+def test_ftps_data_through_the_balancer(
+    farm: tuple[Balancer, list[GatewayProcess]],
+    server: RunningServer,
+    farm_pki: Pki,
+    follow_227: bool,
+) -> None:
+    """Explicit FTPS behind HAProxy: TLS on the control connection under the header wrapper,
+    and protected data connections both directly and forwarded by the balancer (where the
+    socket is handed to the data connection after the header)."""
+    balancer, _ = farm
+    context = ssl.create_default_context(cafile=str(farm_pki.ca_cert))
+    context.check_hostname = False
+    ftp = ftplib.FTP_TLS(context=context, timeout=TIMEOUT, source_address=(CLIENT, 0))
+    ftp.trust_server_pasv_ipv4_address = follow_227
+    ftp.connect(BALANCER, balancer.port)
+    try:
+        ftp.auth()
+        ftp.login(server.user, server.password)
+        ftp.prot_p()
+        data = io.BytesIO()
+        ftp.retrbinary("RETR file.bin", data.write)
+        assert data.getvalue() == PAYLOAD
+        name = f"tls-{follow_227}.bin"
+        assert ftp.storbinary(f"STOR {name}", io.BytesIO(PAYLOAD)).startswith("226")
+        ftp.quit()
+    finally:
+        ftp.close()
+    assert (server.root / name).read_bytes() == PAYLOAD

@@ -8,6 +8,10 @@ per-IP limits), the bounce rules and the passive listener's peer check would all
 balancer. `ProxyHeaderFactory` reuses Twisted's header parsers and builds the session from the
 wrapped factory only once the real address is known.
 
+Passive data: a client that uses EPSV, or ignores the address in 227, connects to the balancer,
+which forwards each instance's port range to it with a header; `ForwardedData` reads it and
+hands the socket to the data connection if it names the session's client.
+
 Upstreams: `header` writes the header the gateway sends first on an upstream control connection
 when `upstream_proxy_protocol` is `v1` or `v2`, so a server that accepts it (proftpd's
 mod_proxy_protocol) sees and logs the client instead of the gateway.
@@ -46,8 +50,6 @@ V1_SIGNATURE = b"PROXY "
 _V2_PROXY = 0x21
 _V2_TCP4 = 0x11
 _V2_TCP6 = 0x21
-
-UPSTREAM_PROXY_PROTOCOLS = ("off", "v1", "v2")
 
 
 class HeaderReader:

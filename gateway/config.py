@@ -19,6 +19,8 @@ from gateway.policy import Rule
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
 CLIENT_TLS_MODES = ("off", "optional", "required")
 UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,7 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
+    shutdown_timeout: float = 60.0
     max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
@@ -65,6 +68,9 @@ class Config:
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    transfer_log: str | None = None
 
     @property
     def client_tls_available(self) -> bool:
@@ -419,6 +425,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a transfer may go without moving a byte.",
     ),
     Setting(
+        "timeouts.shutdown",
+        "shutdown_timeout",
+        _number(0, 86400),
+        "Seconds running transfers may finish after SIGTERM; keep below systemd's TimeoutStopSec.",
+    ),
+    Setting(
         "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."
     ),
     Setting(
@@ -499,6 +511,19 @@ SETTINGS: tuple[Setting, ...] = (
         "metrics_listen",
         _optional_string,
         "Twisted endpoint to serve Prometheus metrics on (/metrics). Empty: not served.",
+    ),
+    Setting(
+        "log.level",
+        "log_level",
+        _choice(*LOG_LEVELS),
+        "Least severe log level written: debug, info, warn or error.",
+    ),
+    Setting("log.format", "log_format", _choice(*LOG_FORMATS), "Log lines as text or json."),
+    Setting(
+        "log.transfer_log",
+        "transfer_log",
+        _optional_string,
+        "File to append one xferlog(5) line per transfer to; reopened on SIGUSR1. Empty: none.",
     ),
 )
 

@@ -8,7 +8,9 @@ connections; none of the decisions are made here.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import strcred
@@ -58,6 +60,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
+from gateway.logs import SessionLogger
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client
 from gateway.session import Session
 from gateway.tls import (
@@ -175,6 +178,10 @@ class ClientControl(Protocol):
         self._data = _DataChannels()
         self._pending_upstream: list[bytes] = []
         self._tls_switched = False
+        #: The current transfer's relay: when it started and the bytes it moved, for the
+        #: transfer's log record (and so the transfer log).
+        self._relay_started: float | None = None
+        self._relay_bytes = 0
 
     # ------------------------------------------------------------------ client connection
 
@@ -182,7 +189,9 @@ class ClientControl(Protocol):
         config = self.factory.config
         peer = _hostport(self.transport.getPeer())  # type: ignore[union-attr]
         local = _hostport(self.transport.getHost())  # type: ignore[union-attr]
-        self.log = Logger(namespace="gateway.session", source=self)
+        #: A short id on every line of this session, to pick them out of a busy log.
+        self.session_id = secrets.token_hex(4)
+        self.log = SessionLogger(self.session_id, namespace="gateway.session", source=self)
         self.peer = peer
         self.reader = CommandReader(max_line=config.max_line)
         self.session = Session(
@@ -193,7 +202,13 @@ class ClientControl(Protocol):
             implicit_tls=ISSLTransport.providedBy(self.transport),
             destination=_original_destination(self.transport) if config.transparent else None,
         )
-        self.log.info("Client {client} connected", client=str(peer), event="session_started")
+        self.log.info(
+            "Session started: client {client}, {mode} mode, upstream {upstream}",
+            client=str(peer),
+            mode=self.session.mode,
+            upstream=self._upstream_name(),
+            event="session_started",
+        )
         self.factory.listening.add(local)
         _urgent_inline(self.transport)
         _no_delay(self.transport)
@@ -225,8 +240,28 @@ class ClientControl(Protocol):
                 self._tls_switched = False
                 return
 
+    def _upstream_name(self) -> str:
+        session = self.session
+        if session.upstream_peer is not None:
+            return str(session.upstream_peer)
+        if session.fixed_upstream is not None:
+            host, port = session.fixed_upstream
+            return str(HostPort.of(host, port)) if is_ip_literal(host) else f"{host}:{port}"
+        return "not chosen yet"
+
+    def shutdown(self, *, immediate: bool) -> None:
+        """The gateway is stopping (`gateway.shutdown`)."""
+        self.run(self.session.shutdown(immediate=immediate))
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.log.info("Client {client} disconnected", client=str(self.peer), event="session_ended")
+        self.log.info(
+            "Session ended: client {client}, {mode} mode, upstream {upstream}, user {user}",
+            client=str(self.peer),
+            mode=self.session.mode,
+            upstream=self._upstream_name(),
+            user=self.session.user or "-",
+            event="session_ended",
+        )
         for timer in (self._login_timer, self._idle_timer):
             if timer.active():
                 timer.cancel()
@@ -279,7 +314,16 @@ class ClientControl(Protocol):
                 if self.upstream is not None and self.upstream.transport is not None:
                     self.upstream.transport.loseConnection()
             case Log(level, fmt, fields):
+                if fields.get("event") in ("transfer_finished", "transfer_aborted"):
+                    fields = {**fields, **self._transfer_measures()}
                 getattr(self.log, level)(fmt, client=str(self.peer), **fields)
+
+    def _transfer_measures(self) -> dict[str, float | int]:
+        """Bytes the finished transfer's relay moved and for how many seconds."""
+        started, self._relay_started = self._relay_started, None
+        moved, self._relay_bytes = self._relay_bytes, 0
+        seconds = 0.0 if started is None else self.factory.reactor.seconds() - started
+        return {"bytes": moved, "seconds": round(seconds, 3)}
 
     def _write_client(self, answer: Reply) -> None:
         self.log.debug("To client: {code}", code=answer.code)
@@ -460,6 +504,8 @@ class ClientControl(Protocol):
         stall = self.factory.config.stall_timeout
         d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
         channels.relay = d
+        self._relay_started = reactor.seconds()
+        self._relay_bytes = 0
 
         def finished(result: RelayResult) -> None:
             self.log.info(
@@ -471,6 +517,7 @@ class ClientControl(Protocol):
                 event="relay_finished",
             )
             if channels is self._data:
+                self._relay_bytes = result.bytes
                 self.run(self.session.relay_finished(result.ok, result.detail))
 
         d.addCallback(finished)
@@ -569,6 +616,10 @@ class GatewayFactory(Factory):
         self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
         self.sessions: dict[str, int] = {}
         self.active = 0
+        #: Every running session, so a shutdown can reach them (`gateway.shutdown`).
+        self.protocols: set[ClientControl] = set()
+        #: Called after each session ends (the shutdown waits on them).
+        self.on_session_ended: Callable[[ClientControl], None] | None = None
         #: Local addresses of the gateway's own upstream control connections: a client
         #: connecting from one of them is the gateway proxying to itself.
         self.outbound: set[HostPort] = set()
@@ -608,6 +659,8 @@ class GatewayFactory(Factory):
         self.active += 1
         self.sessions[peer.host] = self.sessions.get(peer.host, 0) + 1
         protocol = super().buildProtocol(addr)
+        if isinstance(protocol, ClientControl):
+            self.protocols.add(protocol)
         return protocol
 
     def _admission(self, peer: HostPort) -> tuple[str, str] | None:
@@ -634,6 +687,9 @@ class GatewayFactory(Factory):
         return loopback and any(address.port == port for address in self.listening)
 
     def session_ended(self, protocol: ClientControl) -> None:
+        self.protocols.discard(protocol)
+        if self.on_session_ended is not None:
+            self.on_session_ended(protocol)
         self.active -= 1
         left = self.sessions.get(protocol.peer.host, 1) - 1
         if left > 0:

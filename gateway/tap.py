@@ -17,7 +17,9 @@ from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
+from gateway.logs import LogService, MainLog, install_main_observer
 from gateway.metrics import MetricsService
+from gateway.shutdown import GracefulShutdown
 from gateway.tls import TLSConfigError, server_options
 
 _log = Logger(namespace="gateway.config")
@@ -144,7 +146,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     config = options.config
-    top = MultiService()
+    # twistd's own options (--logfile, --syslog, ...) name where the main log goes.
+    main_log = MainLog(config, getattr(options, "parent", None))
+    top = _Application(main_log)
+    LogService(main_log, config.transfer_log, reactor).setServiceParent(top)
     demo_upstream = None
     if options["demo"]:
         from gateway.demo import DemoUpstream
@@ -156,6 +161,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # First, so its observer counts the events of everything started after it.
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
     factory = GatewayFactory(config, reactor)
+    # Before the listeners: services stop in reverse order, so they stop accepting first.
+    GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top)
     for endpoint in config.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
 
@@ -165,6 +172,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     ReloadOnHangup(factory, load, reactor).setServiceParent(top)
     return top
+
+
+class _Application(MultiService):
+    """The gateway's top service; attached to twistd's application, it brings the main log
+    observer with it (twistd asks the application for one before building its own)."""
+
+    def __init__(self, main_log: MainLog) -> None:
+        super().__init__()
+        self.main_log = main_log
+
+    def setServiceParent(self, parent: Any) -> Any:
+        install_main_observer(parent, self.main_log)
+        return super().setServiceParent(parent)
 
 
 class ReloadOnHangup(Service):
@@ -208,6 +228,9 @@ class ReloadOnHangup(Service):
         for setting, value in (
             ("listen", running.listen),
             ("metrics_listen", running.metrics_listen),
+            ("log_level", running.log_level),
+            ("log_format", running.log_format),
+            ("transfer_log", running.transfer_log),
         ):
             if getattr(config, setting) != value:
                 _log.warn("Reload: {setting} changes only on restart", setting=setting)

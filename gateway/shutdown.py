@@ -112,4 +112,9 @@ class GracefulShutdown(Service):
             aborted=self._aborted,
             event="shutdown_complete",
         )
+        # twistd ends the process by re-raising the signal that stopped the reactor (exit
+        # status "killed by SIGTERM"); a stop that let every session end as it should is a
+        # clean exit, status 0, for supervisors and scripts that check it.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
         done.callback(None)

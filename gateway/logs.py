@@ -178,6 +178,10 @@ def _field(text: object) -> str:
     return cleaned or "*"
 
 
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def _client_host(client: str) -> str:
     host = client.rsplit(":", 1)[0] if client.count(":") == 1 or client.startswith("[") else client
     return host.strip("[]")
@@ -195,15 +199,15 @@ def xferlog_line(event: LogEvent) -> str | None:
         return None
     if event.get("verb") not in _FILE_COMMANDS:
         return None
-    code = int(event.get("code", 0))
-    complete = kind == "transfer_finished" and 200 <= code < 300
+    code = event.get("code")
+    complete = kind == "transfer_finished" and isinstance(code, int) and 200 <= code < 300
     user = event.get("user") or "*"
     when = time.localtime(event.get("log_time", time.time()))
     fields = [
         time.strftime("%a %b %d %H:%M:%S %Y", when),
-        str(max(1, round(float(event.get("seconds", 0))))),
+        str(max(1, round(_number(event.get("seconds"))))),
         _field(_client_host(str(event.get("client", "*")))),
-        str(int(event.get("bytes", 0))),
+        str(int(_number(event.get("bytes")))),
         _field(event.get("path", "")),
         "a" if event.get("type") == "a" else "b",
         "_",

@@ -152,7 +152,7 @@ def test_running_transfer_completes_and_idle_session_gets_421(
         download.start()
         gateway.proc.send_signal(signal.SIGTERM)
         # The idle session is told at once and closed.
-        with pytest.raises(ftplib.error_temp, match="^421 Service shutting down"):
+        with pytest.raises(ftplib.error_temp, match=r"^421 Service shutting down"):
             idle.getresp()
         assert idle.sock.recv(1) == b""  # closed by the gateway
         # No new sessions.

@@ -46,7 +46,7 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 
 _log = Logger(namespace="gateway.logs")
 
@@ -220,6 +220,17 @@ def xferlog_line(event: LogEvent) -> str | None:
         "c" if complete else "i",
     ]
     return " ".join(fields) + "\n"
+
+
+def check_transfer_log(path: str | None) -> None:
+    """Raise ConfigError, naming the setting, when the transfer log cannot be appended to: at
+    start, a one-line reason instead of a traceback once the service starts."""
+    if path is None:
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+    except OSError as e:
+        raise ConfigError(f"log.transfer_log: cannot open {path}: {e.strerror}") from None
 
 
 @implementer(ILogObserver)

@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from gateway.config import Config, ConfigError, build, load_file
 from gateway.control import GatewayFactory
-from gateway.logs import LogService, MainLog, install_main_observer
+from gateway.logs import LogService, MainLog, check_transfer_log, install_main_observer
 from gateway.metrics import MetricsService
 from gateway.shutdown import GracefulShutdown
 from gateway.tls import TLSConfigError, server_options
@@ -116,6 +116,7 @@ class Options(usage.Options):
                 ) from None
         if config.tls_certificate is not None:
             server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
+        check_transfer_log(config.transfer_log)
         return resolve_masquerade(config)
 
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +51,8 @@ def download_and_upload(gateway: GatewayProcess, server: RunningServer, name: st
 
 
 def wait_for(gateway: GatewayProcess, text: str, count: int = 1) -> str:
-    """The gateway's log once `text` appears in it `count` times (bounded wait)."""
+    """The gateway's log once `text` appears in it `count` times (bounded wait). Counts of
+    sessions include start_gateway's probe connection."""
     deadline = time.monotonic() + 15
     while gateway.log().count(text) < count:
         assert gateway.proc.poll() is None, gateway.log()[-3000:]
@@ -77,7 +79,7 @@ def test_info_level_has_no_debug_lines_nor_listener_noise(
     try:
         curl_list(gateway, server)
         download_and_upload(gateway, server, "info.txt")
-        log = wait_for(gateway, "Session ended", 2)
+        log = wait_for(gateway, "Session ended", 3)
     finally:
         gateway.stop()
     assert "#info" in log
@@ -92,7 +94,7 @@ def test_debug_level_shows_replies_and_listener_lines(
     gateway = reverse_gateway(tmp_path, server, '[log]\nlevel = "debug"\n')
     try:
         curl_list(gateway, server)
-        log = wait_for(gateway, "Session ended")
+        log = wait_for(gateway, "Session ended", 2)
     finally:
         gateway.stop()
     assert "[gateway.session#debug" in log and "To client: 226" in log
@@ -123,7 +125,7 @@ def test_json_lines_carry_event_fields_and_one_session_id(
     try:
         download_and_upload(gateway, server, "json.txt")
         download_and_upload(gateway, server, "json2.txt")
-        wait_for(gateway, '"session_ended"', 2)
+        wait_for(gateway, '"session_ended"', 3)
     finally:
         gateway.stop()
     records = [json.loads(line) for line in gateway.log().splitlines() if line.strip()]
@@ -159,7 +161,7 @@ def test_text_lines_carry_the_session_id_and_the_user(
     gateway = reverse_gateway(tmp_path, server, "")
     try:
         download_and_upload(gateway, server, "text.txt")
-        log = wait_for(gateway, "Session ended")
+        log = wait_for(gateway, "Session ended", 2)
     finally:
         gateway.stop()
     session_lines = [line for line in log.splitlines() if "[gateway.session#" in line]
@@ -189,7 +191,7 @@ def test_demo_server_lines_at_their_own_level(tmp_path: Path) -> None:
         data = io.BytesIO()
         ftp.retrbinary("RETR pub/hello.txt", data.write)
         ftp.quit()
-        log = wait_for(gateway, "Session ended")
+        log = wait_for(gateway, "Session ended", 2)
     finally:
         gateway.stop()
     assert data.getvalue() == b"Hello through the gateway!\n"
@@ -224,7 +226,7 @@ def test_transfer_log_has_one_xferlog_line_per_file_transfer(
         with pytest.raises(ftplib.error_perm):
             ftp.retrbinary("RETR missing.bin", lambda _: None)
         ftp.quit()
-        wait_for(gateway, "Session ended", 2)
+        wait_for(gateway, "Session ended", 3)
     finally:
         gateway.stop()
     lines = xferlog_lines(xferlog)
@@ -245,7 +247,7 @@ def test_logrotate_example_rotates_the_transfer_log(tmp_path: Path, server: Runn
     gateway = reverse_gateway(tmp_path, server, f'[log]\ntransfer_log = "{xferlog}"\n')
     try:
         download_and_upload(gateway, server, "before.txt")
-        wait_for(gateway, "Session ended")
+        wait_for(gateway, "Session ended", 2)
         assert len(xferlog_lines(xferlog)) == 2
         example = (PROJECT / "etc" / "examples" / "logrotate").read_text()
         signal_command = "systemctl kill -s USR1 --kill-whom=main ftp-gateway.service"
@@ -268,7 +270,7 @@ def test_logrotate_example_rotates_the_transfer_log(tmp_path: Path, server: Runn
         rotated = tmp_path / "xferlog.1"  # delaycompress: the newest rotation stays plain
         assert len(xferlog_lines(rotated)) == 2
         download_and_upload(gateway, server, "after.txt")
-        wait_for(gateway, "Session ended", 2)
+        wait_for(gateway, "Session ended", 3)
     finally:
         gateway.stop()
     assert len(xferlog_lines(rotated)) == 2  # nothing more went to the renamed file
@@ -283,13 +285,45 @@ def test_sigusr1_reopens_a_renamed_transfer_log(tmp_path: Path, server: RunningS
     gateway = reverse_gateway(tmp_path, server, f'[log]\ntransfer_log = "{xferlog}"\n')
     try:
         download_and_upload(gateway, server, "one.txt")
-        wait_for(gateway, "Session ended")
+        wait_for(gateway, "Session ended", 2)
         xferlog.rename(tmp_path / "xferlog.old")
         gateway.proc.send_signal(signal.SIGUSR1)
         wait_for(gateway, "Log files reopened")
         download_and_upload(gateway, server, "two.txt")
-        wait_for(gateway, "Session ended", 2)
+        wait_for(gateway, "Session ended", 3)
     finally:
         gateway.stop()
     assert [f[8] for f in xferlog_lines(tmp_path / "xferlog.old")] == ["data.bin", "one.txt"]
     assert [f[8] for f in xferlog_lines(xferlog)] == ["data.bin", "two.txt"]
+
+
+def test_unwritable_transfer_log_is_one_line_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[log]\ntransfer_log = "{tmp_path}/missing/xferlog"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config)],
+        env=dict(os.environ, PYTHONPATH=str(PROJECT)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"ftp-gateway: configuration error: log.transfer_log: cannot open "
+        f"{tmp_path}/missing/xferlog: No such file or directory"
+    ]
+
+
+def test_unknown_log_level_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[log]\nlevel = "verbose"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config)],
+        env=dict(os.environ, PYTHONPATH=str(PROJECT)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 2 and "log.level: expected one of debug, info, warn, error" in (
+        done.stderr
+    )

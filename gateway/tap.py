@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
         ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
         ["source-address", None, None, "Local IP address for connections to upstreams."],
+        ["log-level", None, None, "Least severe log level written: debug, info, warn, error."],
     ]
     optFlags = [
         ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
@@ -85,6 +86,7 @@ class Options(usage.Options):
             "data.passive_ports": self["passive-ports"],
             "data.masquerade_address": self["masquerade-address"],
             "data.source_address": self["source-address"],
+            "log.level": self["log-level"],
             "transparent": True if self["transparent"] else None,
         }
         return {key: value for key, value in pairs.items() if value not in (None, [])}

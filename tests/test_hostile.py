@@ -445,7 +445,7 @@ def test_nul_and_non_utf8_bytes(gateway: GatewayProcess, ftpd: RunningServer) ->
     assert_download_works(ftp)
     ftp.quit()
     # The log still works after logging those bytes (it records the session's end).
-    wait_for_log(gateway, f"Client 127.0.0.1:{client_port} disconnected")
+    wait_for_log(gateway, f"Session ended: client 127.0.0.1:{client_port},")
     after_attack(base)
 
 

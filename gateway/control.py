@@ -437,6 +437,7 @@ class ClientControl(Protocol):
                 port_range=config.passive_ports,
                 tls=self._data_tls(side, tls),
                 on_failure=lambda reason: self._data_failed(channels, side, reason),
+                log=self.log,
             )
         except error.CannotListenError as e:
             self.log.error("Cannot open a passive listener: {error}", error=str(e))

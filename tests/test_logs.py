@@ -278,21 +278,25 @@ def test_logrotate_example_rotates_the_transfer_log(tmp_path: Path, server: Runn
     assert [fields[8] for fields in after] == ["data.bin", "after.txt"]
 
 
-def test_sigusr1_reopens_a_renamed_transfer_log(tmp_path: Path, server: RunningServer) -> None:
+def test_sigusr1_reopens_renamed_log_files(tmp_path: Path, server: RunningServer) -> None:
     """What the logrotate example does, by hand: rename, signal, the next line is in a new
-    file."""
+    file; for the transfer log and for the main log (--logfile) alike."""
     xferlog = tmp_path / "xferlog"
     gateway = reverse_gateway(tmp_path, server, f'[log]\ntransfer_log = "{xferlog}"\n')
     try:
         download_and_upload(gateway, server, "one.txt")
         wait_for(gateway, "Session ended", 2)
         xferlog.rename(tmp_path / "xferlog.old")
+        main_log = gateway.log_path.rename(tmp_path / "gateway.log.old")
         gateway.proc.send_signal(signal.SIGUSR1)
-        wait_for(gateway, "Log files reopened")
+        wait_for(gateway, "Log files reopened")  # read from a new file at the old name
         download_and_upload(gateway, server, "two.txt")
-        wait_for(gateway, "Session ended", 3)
+        wait_for(gateway, "Session ended")
     finally:
         gateway.stop()
+    old_main = main_log.read_text()
+    assert "Log files reopened" not in old_main and "Session ended" in old_main
+    assert "two.txt" not in old_main and "Transfer STOR two.txt" in gateway.log()
     assert [f[8] for f in xferlog_lines(tmp_path / "xferlog.old")] == ["data.bin", "one.txt"]
     assert [f[8] for f in xferlog_lines(xferlog)] == ["data.bin", "two.txt"]
 

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -165,9 +166,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
     factory = GatewayFactory(config, reactor)
     # Before the listeners: services stop in reverse order, so they stop accepting first.
-    GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top)
+    GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
     for endpoint in config.listen:
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top.sessions)
+    top.sessions.setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()
@@ -179,11 +181,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 class _Application(MultiService):
     """The gateway's top service; attached to twistd's application, it brings the main log
-    observer with it (twistd asks the application for one before building its own)."""
+    observer with it (twistd asks the application for one before building its own).
+
+    It stops in two steps: first `sessions` (the listeners, and the graceful shutdown that
+    waits for running transfers), then everything else, so the logs, the transfer log, the
+    metrics and the --demo upstream keep serving those transfers to their end.
+    """
 
     def __init__(self, main_log: MainLog) -> None:
         super().__init__()
         self.main_log = main_log
+        self.sessions = MultiService()
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        first: Deferred[Any] = maybeDeferred(self.sessions.stopService)
+
+        def the_rest(_: object) -> Deferred[Any]:
+            others = [service for service in reversed(list(self)) if service is not self.sessions]
+            return DeferredList([maybeDeferred(service.stopService) for service in others])
+
+        return first.addBoth(the_rest)
 
     def setServiceParent(self, parent: Any) -> Any:
         install_main_observer(parent, self.main_log)

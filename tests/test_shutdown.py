@@ -69,8 +69,12 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 
 
 def gateway_for(tmp_path: Path, upstream: int, grace: float) -> GatewayProcess:
+    """A reverse-mode gateway with this grace period, writing `tmp_path/xferlog`."""
     config = tmp_path / "gateway.toml"
-    config.write_text(f'upstream = "127.0.0.1:{upstream}"\n[timeouts]\nshutdown = {grace}\n')
+    config.write_text(
+        f'upstream = "127.0.0.1:{upstream}"\n[timeouts]\nshutdown = {grace}\n'
+        f'[log]\ntransfer_log = "{tmp_path / "xferlog"}"\n'
+    )
     return start_gateway(tmp_path, "--config", str(config))
 
 
@@ -168,6 +172,9 @@ def test_running_transfer_completes_and_idle_session_gets_421(
     log = gateway.log()
     assert "1 idle sessions closed, 1 transfers may run for up to 60 s" in log
     assert "Shutdown complete: 1 transfers ran to their end, 0 ended with 426" in log
+    # The transfer log was still open when the transfer ended during the grace period.
+    (record,) = [line.split() for line in (tmp_path / "xferlog").read_text().splitlines()]
+    assert record[7:9] == [str(len(SMALL)), "small.bin"] and record[-1] == "c"
 
 
 def test_transfer_outlasting_the_grace_gets_426_then_421(tmp_path: Path, upstream: int) -> None:
@@ -186,6 +193,8 @@ def test_transfer_outlasting_the_grace_gets_426_then_421(tmp_path: Path, upstrea
     log = gateway.log()
     assert "ending 1 transfers with 426 (grace period over)" in log
     assert "Shutdown complete: 0 transfers ran to their end, 1 ended with 426" in log
+    (record,) = [line.split() for line in (tmp_path / "xferlog").read_text().splitlines()]
+    assert record[8] == "large.bin" and record[-1] == "i"
 
 
 def test_second_sigterm_ends_transfers_at_once(tmp_path: Path, upstream: int) -> None:

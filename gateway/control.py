@@ -318,6 +318,19 @@ class ClientControl(Protocol):
                     fields = {**fields, **self._transfer_measures()}
                 getattr(self.log, level)(fmt, client=str(self.peer), **fields)
 
+    def _count_relayed(self, source: DataConnection) -> None:
+        """Count the bytes the relay takes from `source` as they pass, so a transfer cut short
+        (ABOR, shutdown) is recorded with what it moved before its relay reports."""
+        deliver = source.receiver
+        if deliver is None:
+            return
+
+        def counted(data: bytes) -> None:
+            self._relay_bytes += len(data)
+            deliver(data)
+
+        source.receiver = counted
+
     def _transfer_measures(self) -> dict[str, float | int]:
         """Bytes the finished transfer's relay moved and for how many seconds."""
         started, self._relay_started = self._relay_started, None
@@ -507,6 +520,7 @@ class ClientControl(Protocol):
         channels.relay = d
         self._relay_started = reactor.seconds()
         self._relay_bytes = 0
+        self._count_relayed(channels.connections[source])
 
         def finished(result: RelayResult) -> None:
             self.log.info(
@@ -518,7 +532,7 @@ class ClientControl(Protocol):
                 event="relay_finished",
             )
             if channels is self._data:
-                self._relay_bytes = result.bytes
+                self._relay_bytes = max(self._relay_bytes, result.bytes)
                 self.run(self.session.relay_finished(result.ok, result.detail))
 
         d.addCallback(finished)

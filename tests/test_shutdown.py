@@ -195,6 +195,7 @@ def test_transfer_outlasting_the_grace_gets_426_then_421(tmp_path: Path, upstrea
     assert "Shutdown complete: 0 transfers ran to their end, 1 ended with 426" in log
     (record,) = [line.split() for line in (tmp_path / "xferlog").read_text().splitlines()]
     assert record[8] == "large.bin" and record[-1] == "i"
+    assert 0 < int(record[7]) < len(LARGE)  # what moved before the cut
 
 
 def test_second_sigterm_ends_transfers_at_once(tmp_path: Path, upstream: int) -> None:

@@ -45,6 +45,7 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
+    reply_timeout: float = 120.0
     shutdown_timeout: float = 60.0
     max_line: int = 2048
     max_pending_commands: int = 32
@@ -423,6 +424,12 @@ SETTINGS: tuple[Setting, ...] = (
         "stall_timeout",
         _number(1, 86400),
         "Seconds a transfer may go without moving a byte.",
+    ),
+    Setting(
+        "timeouts.reply",
+        "reply_timeout",
+        _number(1, 86400),
+        "Seconds to wait for any upstream reply before ending the transfer (426) or session (421).",
     ),
     Setting(
         "timeouts.shutdown",

@@ -25,6 +25,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IReactorCore,
     IReactorTCP,
@@ -182,6 +183,8 @@ class ClientControl(Protocol):
         #: transfer's log record (and so the transfer log).
         self._relay_started: float | None = None
         self._relay_bytes = 0
+        self._reply_timer: IDelayedCall | None = None
+        self._reply_mark: int | None = None
 
     # ------------------------------------------------------------------ client connection
 
@@ -218,15 +221,36 @@ class ClientControl(Protocol):
         self.run(self.session.start())
 
     def _timer(self, what: str) -> None:
-        if what == "login" and self.session.logged_in:
-            return
-        if what == "idle" and self.session.transferring:
-            # A transfer keeps the session alive; the stall timeout guards the transfer.
+        # The session decides whether the timer still counts (a transfer in progress is not
+        # idle: its own timeouts bound it); one that did not count starts over.
+        self.run(self.session.timed_out(what))
+        if what == "idle" and not self.session.closed:
             self._idle_timer = self.factory.reactor.callLater(
                 self.factory.config.idle_timeout, self._timer, "idle"
             )
+
+    def _watch_replies(self) -> None:
+        """Keep one `timeouts.reply` timer running while the session waits for the upstream,
+        restarted by every reply (the session's mark changes)."""
+        mark = self.session.awaiting_reply
+        timer = self._reply_timer
+        if mark is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._reply_timer = self._reply_mark = None
             return
-        self.run(self.session.timed_out(what))
+        if timer is not None and timer.active() and mark == self._reply_mark:
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._reply_mark = mark
+        self._reply_timer = self.factory.reactor.callLater(
+            self.factory.config.reply_timeout, self._reply_timed_out, mark
+        )
+
+    def _reply_timed_out(self, mark: int) -> None:
+        self._reply_timer = None
+        self.run(self.session.timed_out("reply", mark))
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle_timer.active():
@@ -262,8 +286,8 @@ class ClientControl(Protocol):
             user=self.session.user or "-",
             event="session_ended",
         )
-        for timer in (self._login_timer, self._idle_timer):
-            if timer.active():
+        for timer in (self._login_timer, self._idle_timer, self._reply_timer):
+            if timer is not None and timer.active():
                 timer.cancel()
         self.factory.session_ended(self)
         self.run(self.session.client_lost())
@@ -273,6 +297,7 @@ class ClientControl(Protocol):
     def run(self, effects: list[Effect]) -> None:
         for effect in effects:
             self._do(effect)
+        self._watch_replies()
 
     def _do(self, effect: Effect) -> None:
         match effect:
@@ -453,8 +478,11 @@ class ClientControl(Protocol):
                 log=self.log,
             )
         except error.CannotListenError as e:
-            self.log.error("Cannot open a passive listener: {error}", error=str(e))
-            self.run(self.session.data_failed(side, "no passive port available"))
+            # A range with no free port, or an address that cannot be bound: the session
+            # answers the command with 425 and goes on.
+            reason = str(e.socketError)
+            self.log.error("Cannot open a passive listener: {error}", error=reason)
+            self.run(self.session.data_failed(side, reason))
             return
         channels.listeners[side] = listener
         listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
@@ -472,7 +500,11 @@ class ClientControl(Protocol):
             reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
         )
         channels = self._data
-        connection = DataConnection(self._data_tls(side, tls))
+        connection = DataConnection(
+            self._data_tls(side, tls),
+            clock=reactor,
+            handshake_timeout=config.data_connect_timeout,
+        )
         d = endpoint.connect(_Reuse(connection))
         channels.pending.append(d)
 

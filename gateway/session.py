@@ -119,6 +119,9 @@ class Session:
         #: Commands sent upstream so far; each expectation remembers its number, so a reply
         #: that was read before its command went out is recognised as unsolicited.
         self.sent = 0
+        #: Upstream replies paired with a command so far: the mark `awaiting_reply` gives the
+        #: shell's reply timer, so a timer armed before the latest reply no longer counts.
+        self._replies = 0
         self._target: UserTarget | None = None
         self._client_data: ClientData | None = None
         self._transfer: Transfer | None = None
@@ -174,6 +177,23 @@ class Session:
         return self._complete(
             transfer, Reply.of(426, "Transfer aborted: the gateway is shutting down.")
         )
+
+    @property
+    def awaiting_reply(self) -> int | None:
+        """While the session waits for the upstream to answer, a mark that changes with every
+        upstream reply; None when no wait needs `timeouts.reply`: nothing is asked, or a
+        transfer's data side is under way after its 1xx (bounded by `timeouts.data_connect` and
+        `timeouts.stall` until the relay's outcome is known, then by this timer again)."""
+        if self.closed or not self._expect:
+            return None
+        transfer = self._transfer
+        if (
+            transfer is not None
+            and transfer.relay_result is None
+            and (transfer.relay_started or transfer.preliminary_sent)
+        ):
+            return None
+        return self._replies
 
     # ----------------------------------------------------------------- inputs from the shell
 
@@ -295,6 +315,7 @@ class Session:
         if not self._expect or (horizon is not None and self._expect[0][0] >= horizon):
             return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
         handler = self._expect[0][1]
+        self._replies += 1
         if answer.final:
             self._expect.popleft()
         try:
@@ -338,6 +359,7 @@ class Session:
             data = self._client_data
             if data is None:
                 return []
+            data.advertised = True
             if data.verb == "EPSV":
                 text = format_epsv_reply(address.port)
                 return [reply(229, text), *self._finish()]
@@ -362,7 +384,10 @@ class Session:
         data connection only once it has the command (RFC 4217 section 7), so waiting for the
         handshake first would deadlock."""
         transfer = self._transfer
-        if transfer is None or side is not Side.UPSTREAM or not transfer.command_due:
+        if transfer is None or side is not Side.UPSTREAM:
+            return []
+        transfer.upstream_opened = True
+        if not transfer.command_due:
             return []
         return self._send_transfer(transfer)
 
@@ -375,7 +400,7 @@ class Session:
             return []
         effects: list[Effect] = []
         if side is Side.UPSTREAM:
-            transfer.upstream_connected = True
+            transfer.upstream_opened = transfer.upstream_connected = True
             if transfer.command_due:
                 effects += self._send_transfer(transfer)
         else:
@@ -393,8 +418,16 @@ class Session:
     def _data_failed(self, side: Side, reason: str) -> list[Effect]:
         transfer = self._transfer
         if transfer is None:
-            if side is Side.CLIENT and self._client_data is not None:
-                self._client_data.failure = reason
+            data = self._client_data
+            if side is not Side.CLIENT or data is None:
+                return []
+            if data.target is None and not data.advertised:
+                # PASV/EPSV waits for its listener, which could not be opened: the command's
+                # one final reply is 425 (RFC 959 section 4.2), and the session goes on.
+                self._client_data = None
+                text = f"Cannot open passive data connection: {reason}."
+                return [CloseData(), reply(425, text), *self._finish()]
+            data.failure = reason
             return []
         if transfer.relay_started or transfer.relay_result is not None:
             return []  # the relay reports its own outcome
@@ -609,8 +642,23 @@ class Session:
         text = f"Connected to {target.host}; log in with USER and PASS."
         return lambda: [reply(code, text), *self._finish()]
 
-    def timed_out(self, what: str) -> list[Effect]:
-        """A session timer ran out (`login` or `idle`): RFC 959 section 4.2, 421 and close."""
+    def timed_out(self, what: str, mark: int | None = None) -> list[Effect]:
+        """A session timer ran out: `login`, `idle`, or `reply` (armed with the mark
+        `awaiting_reply` gave). Whether it still counts is decided here: a logged-in session
+        has no login timer, a transfer in progress keeps the session from being idle (the
+        transfer's own timeouts bound it), and a reply timer counts only if no reply came since
+        it was armed. A timer that counts ends the session with 421 (RFC 959 section 4.2),
+        except the reply timer of a transfer, which ends only the transfer, with 426."""
+        if self.closed:
+            return []
+        if what == "login" and self.logged_in:
+            return []
+        if what == "idle" and self.transferring:
+            return []
+        if what == "reply":
+            if mark is None or mark != self.awaiting_reply:
+                return []
+            return self._reply_timed_out()
         text = {
             "login": "Login timed out; closing the connection.",
             "idle": "Idle timeout; closing the connection.",
@@ -619,6 +667,27 @@ class Session:
             Log("info", "Session {what} timeout", {"what": what}),
             *self._close(Reply.of(421, text)),
         ]
+
+    def _reply_timed_out(self) -> list[Effect]:
+        """The upstream left a command unanswered for `timeouts.reply` seconds."""
+        seconds = f"{self.config.reply_timeout:g}"
+        log = Log(
+            "warn",
+            "Upstream {peer} sent no reply within {seconds} seconds",
+            {"peer": str(self.upstream_peer), "seconds": seconds, "event": "reply_timeout"},
+        )
+        if self._quitting:
+            return [log, *self._close(Reply.of(221, "Goodbye."))]
+        transfer = self._transfer
+        if transfer is not None:
+            # Its handlers swallow whatever the upstream still sends for it, so replies stay
+            # paired if the upstream wakes up; if it stays silent, the next command's wait
+            # runs into this timer again and closes the session.
+            transfer.aborted = True
+            text = f"Transfer aborted: the upstream server sent no reply within {seconds} seconds."
+            return [log, *self._complete(transfer, Reply.of(426, text))]
+        text = f"The upstream server sent no reply within {seconds} seconds; closing."
+        return [log, *self._close(Reply.of(421, text))]
 
     def _login_refused(self, text: str) -> list[Effect]:
         self._target = None
@@ -980,19 +1049,27 @@ class Session:
     def _on_transfer(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         if transfer.aborted:
             return []
+        effects: list[Effect] = []
         if answer.preliminary:
-            effects: list[Effect] = []
             if not transfer.preliminary_sent:
                 transfer.preliminary_sent = True
                 effects.append(ToClient(answer))
-            target = transfer.client.target
-            if target is not None and not transfer.client_connecting:
-                # RFC 959 section 3.2: in active mode the server connects after its 150.
-                transfer.client_connecting = True
-                effects.append(ConnectData(Side.CLIENT, target, tls=transfer.client.tls))
-            return effects
+            return effects + self._connect_client(transfer)
         transfer.upstream_final = answer
-        return self._maybe_complete(transfer)
+        if answer.positive and transfer.upstream_opened:
+            # Some servers skip the 1xx of an empty transfer; their data connection exists,
+            # so the client's is opened too and the relay decides (`final_reply`).
+            effects += self._connect_client(transfer)
+        return effects + self._maybe_complete(transfer)
+
+    def _connect_client(self, transfer: Transfer) -> list[Effect]:
+        """Active mode: connect to the client's PORT/EPRT address, once. RFC 959 section 3.2:
+        the server connects after its 1xx."""
+        target = transfer.client.target
+        if target is None or transfer.client_connecting:
+            return []
+        transfer.client_connecting = True
+        return [ConnectData(Side.CLIENT, target, tls=transfer.client.tls)]
 
     def _maybe_start_relay(self, transfer: Transfer) -> list[Effect]:
         if (

@@ -34,6 +34,7 @@ class ClientData:
     target: HostPort | None = None  # active modes: where to connect
     connected: bool = False  # passive modes: the client already connected
     failure: str | None = None
+    advertised: bool = False  # passive modes: the 227/229 reply went out
 
 
 @dataclass(slots=True)
@@ -50,6 +51,8 @@ class Transfer:
     preliminary_sent: bool = False
     client_connecting: bool = False
     client_connected: bool = False
+    upstream_opened: bool = False
+    """The upstream's data connection exists (TCP up; TLS, if any, may still be negotiating)."""
     upstream_connected: bool = False
     relay_started: bool = False
     relay_result: tuple[bool, str] | None = None
@@ -86,23 +89,40 @@ def setup_failure(transfer: Transfer) -> Reply:
     return Reply.of(425, f"Cannot open data connection: {detail}.")
 
 
+def no_data_connection(transfer: Transfer) -> Reply:
+    """451: the upstream reported success for a transfer it never opened a data connection
+    for (RFC 959 section 4.2: 451, local error in processing)."""
+    verb = transfer.command.verb
+    return Reply.of(
+        451,
+        f"{verb} failed: the upstream server reported success without ever opening "
+        "a data connection; nothing was transferred.",
+    )
+
+
 def final_reply(transfer: Transfer) -> Reply | None:
     """The one final reply the client may see now, or None while the transfer must wait.
 
     The upstream's final reply passes only once the relay has delivered every byte; a relay
     that failed turns it into 425 (never connected) or 426 (cut off), so a transfer that did
-    not complete never reaches the client as 226.
+    not complete never reaches the client as 226. A positive reply for a transfer whose
+    upstream data connection never existed (no 1xx, no connection opened or accepted) is a
+    transfer that never happened: 451. A server that answers an empty transfer with 226 and
+    no 1xx after its data connection opened and closed is honest; that case waits for the
+    relay like any other.
     """
     final = transfer.upstream_final
     result = transfer.relay_result
     if final is None:
         return None  # the upstream has not answered yet; it will, once its data side ends
     if result is None:
-        if final.positive and (transfer.relay_started or transfer.preliminary_sent):
+        if not final.positive:
+            return final
+        if transfer.relay_started or transfer.preliminary_sent or transfer.upstream_opened:
             # The upstream's 226 can overtake the bytes still being relayed, or the client's
             # data connection may still be opening: hold it until the relay's outcome.
             return None
-        return final
+        return no_data_connection(transfer)
     ok, detail = result
     if ok:
         return final

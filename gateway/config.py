@@ -10,6 +10,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class Config:
     upstream_data_mode: str = "passive"
     passive_ports: tuple[int, int] | None = None
     masquerade_address: str | None = None
+    masquerade_except: tuple[IPv4Network | IPv6Network, ...] = ()
     follow_pasv_address: bool = False
     allow_foreign_data_address: bool = False
     source_address: str | None = None
@@ -182,6 +184,16 @@ def _ip_or_name(name: str, value: object) -> str | None:
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is neither an IP address nor a host name") from None
     return text
+
+
+def _networks(name: str, value: object) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for text in _strings(name, value):
+        try:
+            networks.append(ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not an IP network like 10.0.0.0/8") from None
+    return tuple(networks)
 
 
 def _bool(name: str, value: object) -> bool:
@@ -394,6 +406,12 @@ SETTINGS: tuple[Setting, ...] = (
         "IPv4 address advertised in 227 replies instead of the local one (gateway behind NAT).",
     ),
     Setting(
+        "data.masquerade_except",
+        "masquerade_except",
+        _networks,
+        "CIDR networks whose clients get the local address in 227, not masquerade_address.",
+    ),
+    Setting(
         "data.follow_pasv_address",
         "follow_pasv_address",
         _bool,
@@ -589,6 +607,13 @@ def build(*layers: Mapping[str, Any]) -> Config:
     config = Config(**values)
     if config.transparent and config.upstream is not None:
         raise ConfigError("transparent: the upstream comes from each connection; drop upstream")
+    if config.transparent and config.passive_ports is None:
+        # Clients connect for passive data to the server's address, on a port the gateway
+        # chose: only a port range that the edge also redirects to the gateway reaches it.
+        raise ConfigError(
+            "transparent: needs data.passive_ports, a range the edge redirects to the gateway "
+            "as it does the control port"
+        )
     if config.proxy_auth and not config.forward:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
     if config.client_tls == "required" and config.tls_certificate is None:

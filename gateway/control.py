@@ -406,15 +406,26 @@ class ClientControl(Protocol):
         if implicit_tls is not None:
             tls = self.factory.upstream_tls_options(implicit_tls)
             endpoint = wrapClientTLS(tls, endpoint)
+        started = self.factory.reactor.seconds()
         d = endpoint.connect(_UpstreamFactory(self, tls))
         self._upstream_connecting = d
+
+        def connected(_: object) -> None:
+            self._upstream_connecting = None
+            self.log.debug(
+                "Upstream {host}:{port} connected",
+                host=host,
+                port=port,
+                seconds=self.factory.reactor.seconds() - started,
+                event="upstream_connected",
+            )
 
         def failed(failure: Failure) -> None:
             self._upstream_connecting = None
             if not failure.check(error.ConnectingCancelledError):
                 self.run(self.session.upstream_connect_failed(_reason(failure)))
 
-        d.addCallbacks(lambda _: setattr(self, "_upstream_connecting", None), failed)
+        d.addCallbacks(connected, failed)
 
     def upstream_made(self, upstream: UpstreamControl) -> None:
         if self.session.closed:
@@ -550,17 +561,21 @@ class ClientControl(Protocol):
         stall = self.factory.config.stall_timeout
         d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
         channels.relay = d
-        self._relay_started = reactor.seconds()
+        direction = "download" if source is Side.UPSTREAM else "upload"
+        started = reactor.seconds()
+        self.log.debug("Transfer {direction} started", direction=direction, event="relay_started")
+        self._relay_started = started
         self._relay_bytes = 0
         self._count_relayed(channels.connections[source])
 
         def finished(result: RelayResult) -> None:
             self.log.info(
                 "Transfer {direction} {outcome}: {detail}",
-                direction="download" if source is Side.UPSTREAM else "upload",
+                direction=direction,
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
+                seconds=reactor.seconds() - started,
                 event="relay_finished",
             )
             if channels is self._data:

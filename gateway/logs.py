@@ -223,14 +223,19 @@ def xferlog_line(event: LogEvent) -> str | None:
 
 
 def check_transfer_log(path: str | None) -> None:
-    """Raise ConfigError, naming the setting, when the transfer log cannot be appended to: at
-    start, a one-line reason instead of a traceback once the service starts."""
+    """Raise ConfigError, naming the setting, when the transfer log could not be appended to:
+    at start (and --check-config), a one-line reason instead of a traceback once the service
+    starts. Nothing is created: checking has no side effects."""
     if path is None:
         return
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
-    except OSError as e:
-        raise ConfigError(f"log.transfer_log: cannot open {path}: {e.strerror}") from None
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        if os.path.isdir(path) or not os.access(path, os.W_OK):
+            raise ConfigError(f"log.transfer_log: cannot write to {path}")
+    elif not os.path.isdir(directory):
+        raise ConfigError(f"log.transfer_log: cannot open {path}: No such directory {directory}")
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"log.transfer_log: cannot create {path}: {directory} is not writable")
 
 
 @implementer(ILogObserver)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from ipaddress import IPv6Address, ip_address
 
 from gateway import features, proxy_login
 from gateway.addresses import (
@@ -216,7 +217,17 @@ class Session:
         destination = self.destination
         if destination is None:
             text = "This gateway serves redirected connections only; connect to an FTP server."
-            return self._close(Reply.of(421, text))
+            log = Log(
+                "warn",
+                "Refused {client}: {reason}",
+                {
+                    "reason": "transparent mode, but the connection was not redirected "
+                    "(made to the gateway's own address)",
+                    "event": "session_refused",
+                    "reason_key": "not_redirected",
+                },
+            )
+            return [log, *self._close(Reply.of(421, text))]
         decision = self.policy.check(destination.host, destination.port)
         if decision.allowed:
             return None
@@ -294,6 +305,12 @@ class Session:
 
     def upstream_tls_failed(self, reason: str) -> list[Effect]:
         """The upstream's certificate was refused or its handshake failed: never fall back."""
+        if self.config.upstream_tls == "auto" and "certificate" in reason:
+            # An administrator meets this first with a self-signed upstream: name the fix.
+            reason += (
+                "; to trust it set tls.upstream_ca_file or tls.upstream_fingerprint, "
+                'or set tls.upstream = "off" to use clear text'
+            )
         return [
             Log(
                 "warn",
@@ -353,6 +370,19 @@ class Session:
         self.closed = True
         return [CloseData(), CloseUpstream()]
 
+    def _advertised_host(self, local: str) -> str:
+        """The address a 227 reply names: the masquerade address, except for clients inside
+        the networks that reach the gateway directly (`data.masquerade_except`)."""
+        masquerade = self.config.masquerade_address
+        if masquerade is None:
+            return local
+        client = ip_address(self.client_peer.host)
+        if isinstance(client, IPv6Address) and client.ipv4_mapped is not None:
+            client = client.ipv4_mapped
+        if any(client in network for network in self.config.masquerade_except):
+            return local
+        return masquerade
+
     def data_listening(self, side: Side, address: HostPort) -> list[Effect]:
         """A passive listener for `side` is bound to `address`."""
         if side is Side.CLIENT:
@@ -363,7 +393,7 @@ class Session:
             if data.verb == "EPSV":
                 text = format_epsv_reply(address.port)
                 return [reply(229, text), *self._finish()]
-            advertised = HostPort.of(self.config.masquerade_address or address.host, address.port)
+            advertised = HostPort.of(self._advertised_host(address.host), address.port)
             return [reply(227, format_pasv_reply(advertised)), *self._finish()]
         transfer = self._transfer
         if transfer is None:
@@ -502,7 +532,8 @@ class Session:
         self._busy = True
         if command.verb == "TYPE":
             return self._send(command, lambda answer: self._type_reply(command.arg, answer))
-        return self._send(command, self._relay_reply)
+        login = command.verb in ("USER", "PASS", "ACCT")
+        return self._send(command, self._login_reply if login else self._relay_reply)
 
     def _type_reply(self, arg: str, answer: Reply) -> list[Effect]:
         if answer.code == 200:
@@ -518,6 +549,22 @@ class Session:
                 Log("info", "User {user} logged in", {"user": self.user, "event": "logged_in"})
             )
         return [*effects, ToClient(answer), *(self._finish() if answer.final else [])]
+
+    def _login_reply(self, answer: Reply) -> list[Effect]:
+        """A reply to USER, PASS or ACCT; 530 (RFC 959 section 4.2: not logged in) is the
+        upstream refusing the login, worth a line and a count of its own."""
+        if answer.code != 530:
+            return self._relay_reply(answer)
+        log = Log(
+            "warn",
+            "Upstream {upstream} refused the login: {text}",
+            {
+                "upstream": str(self.upstream_peer),
+                "text": answer.lines[0],
+                "event": "upstream_login_failed",
+            },
+        )
+        return [log, *self._relay_reply(answer)]
 
     # ------------------------------------------------------------ forward mode: logging in
 
@@ -633,8 +680,8 @@ class Session:
 
         def on_user(answer: Reply) -> list[Effect]:
             if answer.code == 331 and password is not None:
-                return self._send(Command("PASS", password), self._relay_reply)
-            return self._relay_reply(answer)
+                return self._send(Command("PASS", password), self._login_reply)
+            return self._login_reply(answer)
 
         return lambda: self._send(Command("USER", user), on_user)
 

@@ -314,7 +314,7 @@ def test_unwritable_transfer_log_is_one_line_at_start(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"ftp-gateway: configuration error: log.transfer_log: cannot open "
-        f"{tmp_path}/missing/xferlog: No such file or directory"
+        f"{tmp_path}/missing/xferlog: No such directory {tmp_path}/missing"
     ]
 
 

@@ -722,3 +722,55 @@ def test_empty_transfer_without_1xx_connects_an_active_client_and_waits_for_the_
     assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
     assert s.data_connected(Side.CLIENT) == [StartRelay(Side.UPSTREAM)]
     assert to_client(s.relay_finished(True, "0 bytes")) == [(226, "Transfer complete.")]
+
+
+@pytest.mark.parametrize(
+    ("client", "advertised"),
+    [
+        ("10.1.2.3", "Entering Passive Mode (192,0,2,1,117,49)."),  # inside: the local address
+        ("::ffff:10.1.2.3", "Entering Passive Mode (192,0,2,1,117,49)."),
+        ("198.51.100.7", "Entering Passive Mode (203,0,113,99,117,49)."),  # outside: masquerade
+    ],
+)
+def test_masquerade_except_networks_get_the_local_address(client: str, advertised: str) -> None:
+    config = build(
+        {
+            "upstream": "ftp.test:21",
+            "data.masquerade_address": "203.0.113.99",
+            "data.masquerade_except": ["10.0.0.0/8"],
+        }
+    )
+    s = Session(config, client_peer=HostPort.of(client, 40000), client_local=LOCAL)
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    s.upstream_reply(r(220, "upstream ready"))
+    s.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
+    s.client_line(line("PASV"))
+    effects = s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30001))
+    assert to_client(effects) == [(227, advertised)]
+
+
+def test_unredirected_transparent_connection_is_logged_at_warn_with_its_reason() -> None:
+    s = Session(Config(transparent=True), client_peer=CLIENT, client_local=LOCAL, destination=None)
+    [log] = [e for e in s.start() if isinstance(e, Log)]
+    assert log.level == "warn"
+    assert "not redirected" in log.fields["reason"]
+    assert log.fields["event"] == "session_refused"
+
+
+@pytest.mark.parametrize(("mode", "hint"), [("auto", True), ("required", False)])
+def test_untrusted_upstream_certificate_in_auto_mode_names_the_settings(
+    mode: str, hint: bool
+) -> None:
+    s = Session(
+        Config(upstream=("ftp.test", 21), upstream_tls=mode), client_peer=CLIENT, client_local=LOCAL
+    )
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    effects = s.upstream_tls_failed("the upstream's certificate is signed by an unknown CA")
+    [(code, text)] = to_client(effects)
+    assert code == 421
+    named = ("tls.upstream_ca_file", "tls.upstream_fingerprint", 'tls.upstream = "off"')
+    assert all(name in text for name in named) is hint
+    [log] = [e for e in effects if isinstance(e, Log)]
+    assert ("tls.upstream_ca_file" in log.fields["reason"]) is hint

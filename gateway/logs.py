@@ -92,13 +92,15 @@ def _noise_filter(level: str) -> Callable[[LogEvent], PredicateResult]:
 
 
 def format_text(event: LogEvent) -> str | None:
-    """Twisted's classic line, with the session id beside namespace and level."""
+    """Twisted's classic line, with the session id in brackets before the message:
+    `2026-11-28T08:52:03+0000 [gateway.session#info] [9ce0f6ca] Session started: ...`, so
+    `grep '#warn]'` and `grep 9ce0f6ca` both work."""
+    text = formatEventAsClassicLogText(event)
     session = event.get("session")
-    if session is not None and "log_system" not in event:
-        level = event.get("log_level", LogLevel.info)
-        namespace = event.get("log_namespace", "-")
-        event = dict(event, log_system=f"{namespace}#{level.name} {session}")
-    return formatEventAsClassicLogText(event)
+    if text is None or session is None:
+        return text
+    head, sep, message = text.partition("] ")
+    return f"{head}{sep}[{session}] {message}" if sep else text
 
 
 def format_json(event: LogEvent) -> str:

@@ -594,7 +594,7 @@ def test_second_host_on_pasv_port_is_dropped(gateway: GatewayProcess, ftpd: Runn
     log = wait_for_log(gateway, "possible data-port theft")
     assert "127.0.0.2" in log
     # Logged with the session's id, so the victim's session can be found.
-    assert re.search(r"#warn [0-9a-f]{8}\] Dropped data connection from 127\.0\.0\.2", log)
+    assert re.search(r"#warn\] \[[0-9a-f]{8}\] Dropped data connection from 127\.0\.0\.2", log)
     assert_listener_closes(host, port)  # one connection per listener, then it closes
     ftp.quit()
     after_attack(base)

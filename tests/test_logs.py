@@ -165,9 +165,8 @@ def test_text_lines_carry_the_session_id_and_the_user(
     finally:
         gateway.stop()
     session_lines = [line for line in log.splitlines() if "[gateway.session#" in line]
-    tagged = [
-        re.search(r"\[gateway\.session#\w+ ([0-9a-f]{8})\] (.*)", line) for line in session_lines
-    ]
+    pattern = re.compile(r"\[gateway\.session#\w+\] \[([0-9a-f]{8})\] (.*)")
+    tagged = [pattern.search(line) for line in session_lines]
     assert None not in tagged, session_lines  # every session line has an id
     by_id: dict[str, list[str]] = {}
     for match in tagged:

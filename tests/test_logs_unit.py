@@ -88,4 +88,4 @@ def test_json_line_is_flat_with_the_event_fields() -> None:
 
 def test_text_line_shows_the_session_id() -> None:
     text = format_text(event())
-    assert text is not None and "[gateway.session#info 0a1b2c3d] Transfer RETR" in text
+    assert text is not None and "[gateway.session#info] [0a1b2c3d] Transfer RETR" in text

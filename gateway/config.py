@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.addresses import HostPort, parse_host_port
+from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
 
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
@@ -152,14 +153,11 @@ def _port_range(name: str, value: object) -> tuple[int, int] | None:
     text = _optional_string(name, value)
     if text is None:
         return None
-    low, sep, high = text.partition("-")
-    if (
-        sep
-        and low.strip().isdigit()
-        and high.strip().isdigit()
-        and 1024 <= int(low) <= int(high) <= 65535
-    ):
-        return int(low), int(high)
+    low_text, sep, high_text = text.partition("-")
+    low = ascii_number(low_text.strip(), max_digits=5)
+    high = ascii_number(high_text.strip(), max_digits=5)
+    if sep and low is not None and high is not None and 1024 <= low <= high <= 65535:
+        return low, high
     raise ConfigError(
         f"{name}: expected 'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535, got {text!r}"
     )
@@ -228,8 +226,8 @@ def _number(low: float, high: float) -> Callable[[str, object], float]:
 
 def _integer(low: int, high: int) -> Callable[[str, object], int]:
     def parse(name: str, value: object) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
+        if isinstance(value, str) and is_ascii_number(value.strip()):
+            value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(
                 f"{name}: expected a whole number from {low} to {high}, got {value!r}"

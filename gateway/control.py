@@ -11,6 +11,8 @@ import contextlib
 import secrets
 import socket
 from collections.abc import Callable
+from dataclasses import replace
+from ipaddress import ip_address
 from typing import Any
 
 from twisted.cred import strcred
@@ -61,13 +63,13 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
+from gateway.listeners import interface_addresses, listener_addresses
 from gateway.logs import SessionLogger
-from gateway.policy import LoginThrottle, UpstreamPolicy, check_client
+from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
     client_options,
-    fingerprint,
     server_options,
 )
 
@@ -113,17 +115,8 @@ class UpstreamControl(Protocol):
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
+        # The certificate was verified during the handshake (`tls.UpstreamTLS`).
         self.handshake_done = True
-        pinned = self.owner.factory.config.upstream_fingerprint
-        if pinned is not None:
-            seen = fingerprint(self.transport.getPeerCertificate())  # type: ignore[union-attr]
-            if seen != pinned:
-                self.owner.run(
-                    self.owner.session.upstream_tls_failed(
-                        f"the upstream's certificate fingerprint {seen} is not the pinned one"
-                    )
-                )
-                return
         if not self.owner.session.closed:
             self.owner.run(self.owner.session.upstream_tls_ready())
 
@@ -143,7 +136,7 @@ class UpstreamControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
-            reason_text = self.tls_options.describe(reason)
+            reason_text = self.tls_options.describe(reason, _tls_handle(self.transport))
             self.owner.run(self.owner.session.upstream_tls_failed(reason_text))
         self.owner.upstream_gone(self)
 
@@ -183,6 +176,7 @@ class ClientControl(Protocol):
         #: transfer's log record (and so the transfer log).
         self._relay_started: float | None = None
         self._relay_bytes = 0
+        self._refused = False
         self._reply_timer: IDelayedCall | None = None
         self._reply_mark: int | None = None
 
@@ -196,6 +190,12 @@ class ClientControl(Protocol):
         self.session_id = secrets.token_hex(4)
         self.log = SessionLogger(self.session_id, namespace="gateway.session", source=self)
         self.peer = peer
+        destination = _original_destination(self.transport) if config.transparent else None
+        if self.factory.is_loop(peer, destination or local):
+            self._refuse_loop()
+            return
+        if local not in self.factory.listening:
+            self.factory.add_listener(local)
         self.reader = CommandReader(max_line=config.max_line)
         self.session = Session(
             config,
@@ -203,7 +203,7 @@ class ClientControl(Protocol):
             client_local=local,
             policy=self.factory.policy,
             implicit_tls=ISSLTransport.providedBy(self.transport),
-            destination=_original_destination(self.transport) if config.transparent else None,
+            destination=destination,
         )
         self.log.info(
             "Session started: client {client}, {mode} mode, upstream {upstream}",
@@ -212,13 +212,25 @@ class ClientControl(Protocol):
             upstream=self._upstream_name(),
             event="session_started",
         )
-        self.factory.listening.add(local)
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
         self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
         self.run(self.session.start())
+
+    def _refuse_loop(self) -> None:
+        text = "Connection loop: the gateway was asked to connect to itself."
+        _log.warn(
+            "Refused client {client}: {reason}",
+            client=str(self.peer),
+            reason=text,
+            event="session_refused",
+            reason_key="loop",
+        )
+        self._refused = True
+        self.transport.write(Reply.of(421, text).encode())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _timer(self, what: str) -> None:
         # The session decides whether the timer still counts (a transfer in progress is not
@@ -253,6 +265,8 @@ class ClientControl(Protocol):
         self.run(self.session.timed_out("reply", mark))
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._idle_timer.active():
             self._idle_timer.reset(self.factory.config.idle_timeout)
         for event in self.reader.feed(data):
@@ -273,11 +287,20 @@ class ClientControl(Protocol):
             return str(HostPort.of(host, port)) if is_ip_literal(host) else f"{host}:{port}"
         return "not chosen yet"
 
+    @property
+    def ended(self) -> bool:
+        """Whether this connection has no session left to run (closed, or refused)."""
+        return self._refused or self.session.closed
+
     def shutdown(self, *, immediate: bool) -> None:
         """The gateway is stopping (`gateway.shutdown`)."""
-        self.run(self.session.shutdown(immediate=immediate))
+        if not self.ended:
+            self.run(self.session.shutdown(immediate=immediate))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._refused:
+            self.factory.session_ended(self)
+            return
         self.log.info(
             "Session ended: client {client}, {mode} mode, upstream {upstream}, user {user}",
             client=str(self.peer),
@@ -434,7 +457,7 @@ class ClientControl(Protocol):
         self.upstream = upstream
         transport = upstream.transport
         upstream.local = _hostport(transport.getHost())  # type: ignore[union-attr]
-        self.factory.outbound.add(upstream.local)
+        self.factory.outbound[upstream.local] = _hostport(transport.getPeer())  # type: ignore[union-attr]
         self.run(
             self.session.upstream_connected(
                 upstream.local,
@@ -447,7 +470,7 @@ class ClientControl(Protocol):
 
     def upstream_gone(self, upstream: UpstreamControl) -> None:
         if upstream.local is not None:
-            self.factory.outbound.discard(upstream.local)
+            self.factory.outbound.pop(upstream.local, None)
         if upstream is self.upstream:
             self.upstream = None
             self.run(self.session.upstream_lost())
@@ -468,7 +491,8 @@ class ClientControl(Protocol):
             )
         assert self.upstream is not None and self.upstream.tls_options is not None
         control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
-        return DataTLS(ResumingClientCreator(self.upstream.tls_options, control), server=False)
+        creator = ResumingClientCreator(self.upstream.tls_options, control)
+        return DataTLS(creator, server=False, describe=creator.describe)
 
     def _listen(self, side: Side, tls: bool) -> None:
         config = self.factory.config
@@ -500,6 +524,16 @@ class ClientControl(Protocol):
         self.run(self.session.data_listening(side, listener.address))
 
     def _connect_data(self, side: Side, target: HostPort, tls: bool) -> None:
+        if self.factory.is_self(target.host, target.port):
+            # Whichever peer named it: the gateway never opens a data connection to itself.
+            self.log.warn(
+                "Refused a data connection to {target}: this gateway itself",
+                target=str(target),
+                event="refused",
+                refused="data_target",
+            )
+            self.run(self.session.data_failed(side, "the data address is this gateway itself"))
+            return
         config = self.factory.config
         control = self._control_transport(side)
         # Data connections leave from the same local address as their control connection, so
@@ -664,6 +698,14 @@ def _no_delay(transport: Any) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _tls_handle(transport: Any) -> Any:
+    """The OpenSSL connection under a TLS transport, while it is being torn down."""
+    try:
+        return transport.getHandle()
+    except AttributeError:
+        return None
+
+
 def _reason(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
@@ -682,10 +724,11 @@ class GatewayFactory(Factory):
         self.protocols: set[ClientControl] = set()
         #: Called after each session ends (the shutdown waits on them).
         self.on_session_ended: Callable[[ClientControl], None] | None = None
-        #: Local addresses of the gateway's own upstream control connections: a client
-        #: connecting from one of them is the gateway proxying to itself.
-        self.outbound: set[HostPort] = set()
-        #: Addresses clients reached the gateway on: an upstream there is the gateway itself.
+        #: The gateway's own upstream control connections, local end to peer: a client
+        #: connecting from one of those local ends to that peer is the gateway itself.
+        self.outbound: dict[HostPort, HostPort] = {}
+        #: Every address the gateway listens on (`add_listener`): never an upstream or a data
+        #: target.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
         self.reconfigure(config)
@@ -700,7 +743,9 @@ class GatewayFactory(Factory):
                 config.tls_certificate, config.tls_private_key, config.tls_min_version
             )
         self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
-        self.policy = UpstreamPolicy(rules=config.upstream_rules)
+        self.policy = UpstreamPolicy(
+            rules=config.upstream_rules, own_addresses=frozenset(self.listening)
+        )
         self.login_throttle.limit = config.max_failed_logins
         self.server_tls = server_tls
         self.config = config
@@ -725,10 +770,20 @@ class GatewayFactory(Factory):
             self.protocols.add(protocol)
         return protocol
 
+    def add_listener(self, address: HostPort) -> None:
+        """Learn a bound listener's address (at start-up, before any client uses it); for a
+        wildcard one, every local interface address on its port."""
+        self.listening |= listener_addresses(address, interface_addresses())
+        self.policy = replace(self.policy, own_addresses=frozenset(self.listening))
+
+    def is_loop(self, peer: HostPort, destination: HostPort) -> bool:
+        """Whether a client connected from `peer` to `destination` is one of the gateway's own
+        upstream connections: both ends must match, so a client whose port happens to equal
+        one of the gateway's outbound ports is not mistaken for one."""
+        return self.outbound.get(peer) == destination
+
     def _admission(self, peer: HostPort) -> tuple[str, str] | None:
         """Why a new client may not start a session (a short key and a sentence), or None."""
-        if peer in self.outbound:
-            return "loop", "Connection loop: the gateway was asked to connect to itself."
         decision = check_client(self.config.client_rules, peer.host)
         if not decision.allowed:
             return "client_policy", "Access denied by the gateway's client policy."
@@ -742,11 +797,7 @@ class GatewayFactory(Factory):
         """Whether connecting to host:port would reach this gateway's own listener."""
         if not is_ip_literal(host):
             return False
-        target = HostPort.of(host, port)
-        if target in self.listening:
-            return True
-        loopback = target.host.startswith("127.") or target.host in ("::1", "0.0.0.0", "::")
-        return loopback and any(address.port == port for address in self.listening)
+        return is_own_address(frozenset(self.listening), ip_address(host), port)
 
     def session_ended(self, protocol: ClientControl) -> None:
         self.protocols.discard(protocol)
@@ -788,7 +839,7 @@ class GatewayFactory(Factory):
         return client_options(
             name,
             ca_file=config.upstream_ca_file,
-            pinned=config.upstream_fingerprint is not None,
+            pin=config.upstream_fingerprint,
             min_version=config.tls_min_version,
         )
 

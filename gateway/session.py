@@ -61,6 +61,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import ProtocolError
+from gateway.numbers import is_ascii_number
 from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
 from gateway.transfer import SOURCES as TRANSFER_SOURCES
 from gateway.transfer import (
@@ -505,7 +506,7 @@ class Session:
                     return self._acct_forward(command)
                 if verb in ("OPEN", "SITE") and self._proxy_ok and command.arg:
                     return self._open(command)
-        refusal = self.commands.check(verb)
+        refusal = self.commands.check(verb, command.arg)
         if refusal is not None:
             code, text = refusal
             return [
@@ -921,8 +922,8 @@ class Session:
     def _rest(self, command: Command) -> list[Effect]:
         # Held until the transfer command, so nothing (EPSV, PASV) comes between the two on the
         # upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer command.
-        if not command.arg.strip().isdigit():
-            return [reply(501, "REST needs a byte offset.")]
+        if not is_ascii_number(command.arg.strip()):
+            return [reply(501, "REST needs a byte offset in ASCII digits.")]
         self._restart = command.arg.strip()
         return [reply(350, f"Restarting at {self._restart}. Send STOR or RETR.")]
 
@@ -941,7 +942,10 @@ class Session:
             # is where the gateway connects anyway (RFC 2577 section 3), so this opens no bounce.
             target = HostPort(self.client_peer.host, target.port)
         code, decision = check_data_target(
-            self.client_peer.host, target, allow_foreign=self.config.allow_foreign_data_address
+            self.client_peer.host,
+            target,
+            allow_foreign=self.config.allow_foreign_data_address,
+            own=self.policy.own_addresses,
         )
         if not decision.allowed:
             return [

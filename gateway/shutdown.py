@@ -52,7 +52,7 @@ class GracefulShutdown(Service):
         sessions = list(self.factory.protocols)
         for protocol in sessions:
             protocol.shutdown(immediate=False)
-        transferring = [p for p in self.factory.protocols if not p.session.closed]
+        transferring = [p for p in self.factory.protocols if not p.ended]
         _log.info(
             "Shutting down: stopped accepting; {idle} idle sessions closed, {transfers} "
             "transfers may run for up to {grace:g} s",
@@ -81,7 +81,7 @@ class GracefulShutdown(Service):
         self._ended_at_once = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        remaining = [p for p in self.factory.protocols if not p.session.closed]
+        remaining = [p for p in self.factory.protocols if not p.ended]
         _log.warn(
             "Shutdown: ending {count} transfers with 426 ({why})",
             count=len(remaining),

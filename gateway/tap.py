@@ -11,13 +11,15 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from gateway import __version__, startup
 from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
+from gateway.listeners import report_bound
 from gateway.logs import LogService, MainLog, check_transfer_log, install_main_observer
+from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
 from gateway.shutdown import GracefulShutdown
 from gateway.tls import TLSConfigError
@@ -178,6 +180,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     config = options.config
+    # Ahead of every log file: peer text is escaped in each event before any observer that
+    # writes it runs (twistd adds its log observers after this, when logging begins).
+    globalLogPublisher.addObserver(escape_event)
     # twistd's own options (--logfile, --syslog, ...) name where the main log goes.
     main_log = MainLog(config, getattr(options, "parent", None))
     top = _Application(main_log)
@@ -197,7 +202,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        startup.Listener("listen", endpoint, factory, reactor, line).setServiceParent(top.sessions)
+        listener = startup.Listener("listen", endpoint, factory, reactor, line)
+        report_bound(listener, factory.add_listener)
+        listener.setServiceParent(top.sessions)
     top.sessions.setServiceParent(top)
 
     def load() -> Config:

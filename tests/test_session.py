@@ -337,10 +337,8 @@ def forward(config: Config | None = None) -> Session:
 
 def test_forward_mode_connects_to_host_after_last_at_and_logs_in_with_the_rest() -> None:
     s = forward()
-    assert s.client_line(line("USER alice@corp@203.0.113.7:2121")) == [
-        ConnectUpstream("203.0.113.7", 2121)
-    ]
-    s.upstream_connected(UP_LOCAL, HostPort.of("203.0.113.7", 2121))
+    assert s.client_line(line("USER alice@corp@8.8.8.7:2121")) == [ConnectUpstream("8.8.8.7", 2121)]
+    s.upstream_connected(UP_LOCAL, HostPort.of("8.8.8.7", 2121))
     effects = s.upstream_reply(r(220, "hello"))
     assert to_client(effects) == []  # the upstream greeting is the gateway's to swallow
     assert to_upstream(effects) == ["FEAT"]
@@ -354,8 +352,8 @@ def test_forward_mode_resolves_names_and_connects_to_the_checked_address() -> No
     assert s.client_line(line("USER bob@ftp.example.net")) == [
         ResolveUpstream("ftp.example.net", 21)
     ]
-    effects = s.upstream_resolved(["10.0.0.5", "203.0.113.8"])
-    assert effects == [ConnectUpstream("203.0.113.8", 21)]
+    effects = s.upstream_resolved(["10.0.0.5", "8.8.8.8"])
+    assert effects == [ConnectUpstream("8.8.8.8", 21)]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "224.0.0.1"])
@@ -366,7 +364,7 @@ def test_forward_mode_refuses_denied_upstreams_with_530(host: str) -> None:
     assert code == 530 and "denied by policy" in text
     assert not any(isinstance(e, ConnectUpstream) for e in effects)
     # The session stays usable: a later allowed USER works.
-    assert s.client_line(line("USER x@203.0.113.1")) == [ConnectUpstream("203.0.113.1", 21)]
+    assert s.client_line(line("USER x@8.8.4.4")) == [ConnectUpstream("8.8.4.4", 21)]
 
 
 def test_forward_mode_allow_rule_opens_loopback() -> None:
@@ -383,7 +381,7 @@ def test_forward_mode_commands_before_login_are_refused() -> None:
 
 def test_forward_mode_unreachable_upstream_gets_530_and_session_survives() -> None:
     s = forward()
-    s.client_line(line("USER x@203.0.113.1"))
+    s.client_line(line("USER x@8.8.4.4"))
     ((code, text),) = to_client(s.upstream_connect_failed("Connection refused"))
     assert code == 530 and "Connection refused" in text
     assert to_client(s.client_line(line("NOOP")))[0][0] == 200
@@ -502,13 +500,41 @@ def test_auth_required_refuses_plain_user_at_host_without_contacting_upstream() 
 
 
 @pytest.mark.parametrize(
-    "verb", ["STOR x", "DELE x", "RNFR x", "MKD d", "SITE CHMOD 1 x", "APPE x"]
+    "verb",
+    [
+        "STOR x",
+        "DELE x",
+        "RNFR x",
+        "MKD d",
+        "SITE CHMOD 1 x",
+        "APPE x",
+        "MFMT 20200101000000 x",
+        "MFF modify=20200101000000; x",
+        "MFCT 20200101000000 x",
+        "SITE UTIME x 20200101000000 20200101000000 20200101000000 UTC",
+        "MDTM 20200101000000 x",
+    ],
 )
 def test_read_only_preset_refuses_writes(verb: str) -> None:
     s = reverse(build({"upstream": "ftp.test", "commands.read_only": True}))
     effects = s.client_line(line(verb))
     assert to_client(effects)[0][0] == 550 and to_upstream(effects) == []
     assert to_upstream(s.client_line(line("RETR x"))) == []  # no PORT yet: 425, not refused
+
+
+def test_read_only_preset_still_reads_times() -> None:
+    s = reverse(build({"upstream": "ftp.test", "commands.read_only": True}))
+    assert to_upstream(s.client_line(line("MDTM x"))) == ["MDTM x"]
+
+
+@pytest.mark.parametrize("arg", ["\u0661\u0660\u0660", "\uff11\uff10\uff10", "\u00b2", "-1", "1e3"])
+def test_rest_and_allo_take_ascii_digits_only(arg: str) -> None:
+    s = reverse()
+    for verb in ("REST", "ALLO"):
+        effects = s.client_line(line(f"{verb} {arg}"))
+        assert to_client(effects)[0][0] == 501 and to_upstream(effects) == [], verb
+    assert to_client(s.client_line(line("REST 100")))[0][0] == 350
+    assert to_upstream(s.client_line(line("ALLO 100"))) == ["ALLO 100"]
 
 
 def test_command_deny_list() -> None:

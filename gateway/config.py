@@ -21,6 +21,8 @@ from gateway.policy import Rule
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
 CLIENT_TLS_MODES = ("off", "optional", "required")
 UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -46,7 +48,9 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
+    control_send_timeout: float = 60.0
     reply_timeout: float = 120.0
+    shutdown_timeout: float = 60.0
     max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
@@ -69,6 +73,9 @@ class Config:
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    transfer_log: str | None = None
     ldap_url: str | None = None
     ldap_starttls: bool = False
     ldap_ca_file: str | None = None
@@ -461,10 +468,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a transfer may go without moving a byte.",
     ),
     Setting(
+        "timeouts.control_send",
+        "control_send_timeout",
+        _number(1, 86400),
+        "Seconds a control connection's peer may leave a full buffer of the gateway's "
+        "replies or commands unread before the session ends with 421.",
+    ),
+    Setting(
         "timeouts.reply",
         "reply_timeout",
         _number(1, 86400),
         "Seconds to wait for any upstream reply before ending the transfer (426) or session (421).",
+    ),
+    Setting(
+        "timeouts.shutdown",
+        "shutdown_timeout",
+        _number(0, 86400),
+        "Seconds running transfers may finish after SIGTERM; keep below systemd's TimeoutStopSec.",
     ),
     Setting(
         "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."
@@ -614,6 +634,19 @@ SETTINGS: tuple[Setting, ...] = (
         "metrics_listen",
         _optional_string,
         "Twisted endpoint to serve Prometheus metrics on (/metrics). Empty: not served.",
+    ),
+    Setting(
+        "log.level",
+        "log_level",
+        _choice(*LOG_LEVELS),
+        "Least severe log level written: debug, info, warn or error.",
+    ),
+    Setting("log.format", "log_format", _choice(*LOG_FORMATS), "Log lines as text or json."),
+    Setting(
+        "log.transfer_log",
+        "transfer_log",
+        _optional_string,
+        "File to append one xferlog(5) line per transfer to; reopened on SIGUSR1. Empty: none.",
     ),
 )
 

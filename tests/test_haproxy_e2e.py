@@ -119,19 +119,22 @@ def farm(
 ) -> Iterator[tuple[Balancer, list[GatewayProcess]]]:
     workdir = tmp_path_factory.mktemp("farm")
     pki = farm_pki
-    (workdir / "gateway.toml").write_text(
-        GATEWAY_CONFIG + f'[tls]\ncertificate = "{pki.server_chain}"\n'
-        f'private_key = "{pki.server_key}"\nclient = "optional"\nupstream = "off"\n'
+    tls = (
+        f'[tls]\ncertificate = "{pki.server_chain}"\nprivate_key = "{pki.server_key}"\n'
+        'client = "optional"\nupstream = "off"\n'
     )
     gateways: list[GatewayProcess] = []
     balancer = None
     try:
         for host, ports in zip(INSTANCES, RANGES, strict=True):
+            config = workdir / f"gateway-{host}.toml"
+            xferlog = workdir / f"xferlog-{host}"
+            config.write_text(f'{GATEWAY_CONFIG}[log]\ntransfer_log = "{xferlog}"\n{tls}')
             gateways.append(
                 start_gateway(
                     workdir,
                     "--config",
-                    str(workdir / "gateway.toml"),
+                    str(config),
                     "--upstream",
                     f"{server.host}:{server.port}",
                     "--passive-ports",
@@ -160,7 +163,7 @@ def client(follow_227: bool = True) -> ftplib.FTP:
 
 
 def sessions_from(gateway: GatewayProcess, host: str) -> int:
-    return len(re.findall(rf"Client {re.escape(host)}:\d+ connected", gateway.log()))
+    return len(re.findall(rf"Session started: client {re.escape(host)}:\d+", gateway.log()))
 
 
 def wait_for(predicate: object, what: str) -> None:
@@ -215,9 +218,13 @@ def test_transfers_through_haproxy_reach_both_instances_with_the_real_address(
         wait_for(lambda g=gateway: sessions_from(g, CLIENT) >= 2, "sessions in both logs")
         log = gateway.log()
         assert "Transfer download complete" in log and "Transfer upload complete" in log
+        # xferlog(5): the remote host (after the date and the duration) is the client.
+        xferlog = (gateway.log_path.parent / f"xferlog-{gateway.host}").read_text()
+        hosts = {line.split()[6] for line in xferlog.splitlines()}
+        assert hosts == {CLIENT}, xferlog
         # The only other sessions are HAProxy's own health checks (PROXY v2 LOCAL, section
         # 2.2), which keep the balancer's connection address; clients never appear as it.
-        for host in re.findall(r"Client ([0-9.]+):\d+ connected", log):
+        for host in re.findall(r"Session started: client ([0-9.]+):\d+", log):
             assert host in (CLIENT, "127.0.0.1", BALANCER), log[-3000:]
     assert sum(sessions_from(g, CLIENT) for g in gateways) == 20
     # The forwarded data connections were checked against the client too.
@@ -384,7 +391,7 @@ def test_real_address_passes_from_haproxy_listener_to_upstream_header(tmp_path: 
         wait_for(lambda: upstream.quits == 1, "the session's QUIT upstream")
         assert upstream.errors == []
         assert ("192.0.2.77", 50123, INSTANCES[1], gateway.port) in upstream.headers
-        assert "Client 192.0.2.77:50123 connected" in gateway.log()
+        assert "Session started: client 192.0.2.77:50123" in gateway.log()
     finally:
         upstream.close()
         gateway.stop()
@@ -428,7 +435,7 @@ def test_explicit_ftps_through_a_haproxy_listener(server: RunningServer, tmp_pat
         ftp.retrbinary("RETR file.bin", data.write)
         assert data.getvalue() == PAYLOAD
         ftp.quit()
-        assert f"Client {CLIENT}:{client_port} connected" in gateway.log()
+        assert f"Session started: client {CLIENT}:{client_port}" in gateway.log()
     finally:
         gateway.stop()
 

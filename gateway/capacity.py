@@ -38,7 +38,10 @@ def backlog_for(somaxconn: int | None) -> int:
 
 def with_backlog(endpoint: str, backlog: int) -> str:
     """`endpoint` with `backlog=` added when it is a TCP-based endpoint that sets none."""
-    kind = endpoint.split(":", 1)[0].strip().lower()
+    kind, _, rest = endpoint.partition(":")
+    if kind.strip().lower() == "haproxy":  # the gateway's PROXY-protocol wrapper of a TCP endpoint
+        return f"{kind}:{with_backlog(rest, backlog)}" if rest else endpoint
+    kind = kind.strip().lower()
     if kind not in _BACKLOG_ENDPOINTS or ":" not in endpoint:
         return endpoint
     arguments = endpoint.split(":")[1:]

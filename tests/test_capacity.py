@@ -28,6 +28,8 @@ def test_default_backlog_is_capped_by_somaxconn(somaxconn: int | None, expected:
         ("tcp:2121:interface=127.0.0.1", "tcp:2121:interface=127.0.0.1:backlog=1024"),
         ("tcp6:2121:interface=\\:\\:1", "tcp6:2121:interface=\\:\\:1:backlog=1024"),
         ("TCP:21", "TCP:21:backlog=1024"),
+        ("haproxy:tcp:2121", "haproxy:tcp:2121:backlog=1024"),
+        ("haproxy:tcp:2121:backlog=8", "haproxy:tcp:2121:backlog=8"),
         ("ssl:990:privateKey=k.pem", "ssl:990:privateKey=k.pem:backlog=1024"),
         # The operator's own figure wins.
         ("tcp:2121:backlog=10", "tcp:2121:backlog=10"),

@@ -37,7 +37,10 @@ def test_shipped_file_states_every_setting_with_its_default() -> None:
         ({"data.relay": "zerocopy"}, "data.relay: expected one of auto, splice, copy"),
         ({"limits.max_open_files": -1}, "limits.max_open_files: expected a whole number"),
         ({"listen": ["unix:/run/ftp.sock"]}, "listen: 'unix:/run/ftp.sock': FTP needs an IP"),
-        ({"listen": ["haproxy:tcp:2121"]}, "listen: 'haproxy:tcp:2121': the PROXY protocol"),
+        (
+            {"listen": ["haproxy:ssl:990"]},
+            "listen: 'haproxy:ssl:990': the PROXY protocol needs a TCP",
+        ),
         ({"transparent": True, "upstream": "ftp.example"}, "transparent: the upstream comes"),
         (
             {

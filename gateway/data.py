@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort
+from gateway.proxyproto import ForwardedData
 from gateway.transfer import ReceiverClose, download_delivered
 
 _log = Logger(namespace="gateway.data")
@@ -51,6 +52,7 @@ class RelayResult:
     ok: bool
     bytes: int
     detail: str
+    path: str = "copy"  # how the bytes moved: "copy" (through Python) or "splice" (kernel)
 
 
 class TLSReuseRequired(Exception):
@@ -150,6 +152,9 @@ class DataConnection(Protocol):
         self._handshake_timer: IDelayedCall | None = None
         self.receiver: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[DataConnection, Failure], None] | None = None
+        #: Called once before `abort` closes the socket: a relay that took the socket over
+        #: from the transport (`gateway.splice`) lets go of it first.
+        self.on_abort: Callable[[], None] | None = None
         self.ready: Deferred[DataConnection] = Deferred()
         self.lost = False
         self._early: list[bytes] = []
@@ -264,6 +269,9 @@ class DataConnection(Protocol):
             self.on_lost(self, reason)
 
     def abort(self) -> None:
+        if self.on_abort is not None:
+            release, self.on_abort = self.on_abort, None
+            release()
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -300,6 +308,7 @@ def relay(
     count = 0
     seen = -1
     source_ended = False
+    ignored = _Ignored()
 
     def watchdog() -> None:
         nonlocal seen, timer
@@ -317,6 +326,7 @@ def relay(
         if timer.active():
             timer.cancel()
         if not done.called:
+            ignored.report(sink)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -347,6 +357,7 @@ def relay(
             finish(False, f"receiving side closed the connection after {count} bytes")
 
     source.attach(receive)
+    sink.attach(ignored.receive)
     source.on_lost = source_lost
     sink.on_lost = sink_lost
     sink.send()
@@ -355,6 +366,34 @@ def relay(
     sink.transport.resumeProducing()  # type: ignore[union-attr]
     source.transport.resumeProducing()  # type: ignore[union-attr]
     return done
+
+
+class _Ignored:
+    """Counts and drops what the receiving side of a transfer sends.
+
+    RFC 959 section 3.2 has data flow one way per transfer: the side the gateway writes to
+    has nothing to say on it, and the relay reads it only to notice a close or a reset. Bytes
+    it sends anyway are dropped as they arrive, never kept, so a peer writing into its own
+    download cannot grow the gateway. They are dropped rather than answered with 426: memory
+    stays bounded either way, and a stray byte (a keep-alive, a client's CRLF) should not
+    fail a transfer that delivered every byte. One log line per transfer says how many.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def receive(self, data: bytes) -> None:
+        self.bytes += len(data)
+
+    def report(self, sink: DataConnection) -> None:
+        if self.bytes:
+            peer = sink.transport.getPeer() if sink.transport is not None else None
+            _log.warn(
+                "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
+                ignored=self.bytes,
+                peer=str(getattr(peer, "host", "")),
+                event="relay_ignored_bytes",
+            )
 
 
 def _describe(reason: Failure) -> str:
@@ -377,7 +416,9 @@ class PassiveListener:
     """A listener that accepts one connection, from one IP, within a timeout.
 
     Connections from any other address are dropped and logged (data-port theft, RFC 2577
-    section 5). After the first good connection, or the timeout, it stops listening.
+    section 5). After the first good connection, or the timeout, it stops listening. Behind a
+    load balancer (`balancer`), a connection from the balancer must start with a PROXY header
+    naming that IP (`proxyproto.ForwardedData`).
     """
 
     def __init__(
@@ -391,11 +432,16 @@ class PassiveListener:
         port_range: tuple[int, int] | None,
         tls: DataTLS | None,
         on_failure: Callable[[str], None],
+        balancer: str | None = None,
+        log: Logger = _log,
     ) -> None:
+        #: The session's logger, so a dropped connection is logged with its session id.
+        self._log = log
         self._reactor = reactor
         self._clock = clock
         self._timeout = timeout
         self._peer = peer_host
+        self._balancer = balancer
         self._tls = tls
         self._on_failure = on_failure
         self.connection: DataConnection | None = None
@@ -422,12 +468,23 @@ class PassiveListener:
         host = self._port.getHost()
         return HostPort.of(host.host, host.port)  # type: ignore[attr-defined]
 
-    def _accept(self, addr: object) -> Protocol | None:
+    def _accept(self, addr: object, forwarded: bool = False) -> Protocol | None:
         peer = getattr(addr, "host", None)
         if self.connection is not None:
             return None
+        if (
+            not forwarded
+            and self._balancer is not None
+            and peer is not None
+            and HostPort.of(peer, 1).host == self._balancer
+        ):
+            # Forwarded by the balancer that carried the control connection: the PROXY header
+            # names who connected, and that must be the client.
+            return ForwardedData(
+                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+            )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
-            _log.warn(
+            self._log.warn(
                 "Dropped data connection from {peer} on a listener for {expected} "
                 "(possible data-port theft)",
                 peer=peer,

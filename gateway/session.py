@@ -75,10 +75,17 @@ from gateway.transfer import (
 #: Commands a client may send before AUTH TLS when TLS is required.
 _BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
 
+#: Unsolicited upstream replies a session tolerates (a server that answers an over-long line
+#: twice sends one now and then); past this the upstream is flooding and the session ends.
+MAX_UNSOLICITED_REPLIES = 8
+
 #: Commands answered before an upstream is chosen in forward mode.
 _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
 
 Handler = Callable[[Reply], list[Effect]]
+
+#: RFC 959 section 4.2: 421 when the service is shutting down.
+SHUTDOWN_TEXT = "Service shutting down."
 
 
 def reply(code: int, text: str) -> ToClient:
@@ -118,6 +125,7 @@ class Session:
         #: Commands sent upstream so far; each expectation remembers its number, so a reply
         #: that was read before its command went out is recognised as unsolicited.
         self.sent = 0
+        self._unsolicited = 0
         #: Upstream replies paired with a command so far: the mark `awaiting_reply` gives the
         #: shell's reply timer, so a timer armed before the latest reply no longer counts.
         self._replies = 0
@@ -142,10 +150,40 @@ class Session:
         self._after_connect: Callable[[], list[Effect]] | None = None
         self.logged_in = False
         self.commands = CommandPolicy(config.denied_commands, config.read_only)
+        #: The user name last sent upstream (never the password), for the logs.
+        self.user: str | None = None
+        #: The representation type in force: "a" (ASCII, RFC 959's default) or "b" (binary).
+        self.transfer_type = "a"
+        self._shutting_down = False
 
     @property
     def transferring(self) -> bool:
         return self._transfer is not None
+
+    @property
+    def mode(self) -> str:
+        """How the upstream is chosen: "reverse", "forward" or "transparent"."""
+        if self.config.transparent:
+            return "transparent"
+        return "forward" if self.config.forward else "reverse"
+
+    def shutdown(self, *, immediate: bool = False) -> list[Effect]:
+        """The gateway is stopping. An idle session gets 421 and closes now (RFC 959 section
+        4.2); a running transfer may finish, after which the session gets 421 instead of
+        serving another command. With `immediate` (the grace period is over, or a second
+        signal), the transfer ends with 426, so the client knows its file is incomplete."""
+        if self.closed:
+            return []
+        self._shutting_down = True
+        transfer = self._transfer
+        if transfer is None:
+            return self._close(Reply.of(421, SHUTDOWN_TEXT))
+        if not immediate:
+            return []
+        transfer.aborted = True
+        return self._complete(
+            transfer, Reply.of(426, "Transfer aborted: the gateway is shutting down.")
+        )
 
     @property
     def awaiting_reply(self) -> int | None:
@@ -298,7 +336,7 @@ class Session:
             # RFC 959 section 4.2: 421 means the server is closing the control connection.
             return self._close(answer)
         if not self._expect or (horizon is not None and self._expect[0][0] >= horizon):
-            return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
+            return self._unsolicited_reply(answer)
         handler = self._expect[0][1]
         self._replies += 1
         if answer.final:
@@ -318,6 +356,29 @@ class Session:
                 ]
             return [log, *self._close(Reply.of(421, f"Upstream server error: {e.message}"))]
 
+    def _unsolicited_reply(self, answer: Reply) -> list[Effect]:
+        """A reply no command asked for: dropped. The first is logged, the rest counted (the
+        count is logged when the session ends), and a flood ends the session with 421."""
+        self._unsolicited += 1
+        if self._unsolicited > MAX_UNSOLICITED_REPLIES:
+            text = "Upstream server error: too many unsolicited replies."
+            return self._close(Reply.of(421, text))
+        if self._unsolicited > 1:
+            return []
+        return [
+            Log(
+                "warn",
+                "Unsolicited upstream reply {reply}",
+                {"reply": str(answer.code), "event": "unsolicited_reply"},
+            )
+        ]
+
+    def _unsolicited_summary(self) -> list[Effect]:
+        if self._unsolicited <= 1:
+            return []
+        fields = {"count": self._unsolicited, "event": "unsolicited_replies"}
+        return [Log("warn", "Upstream sent {count} unsolicited replies in all", fields)]
+
     def upstream_failed(self, error: ProtocolError) -> list[Effect]:
         """The upstream sent something that is not FTP (e.g. an endless reply)."""
         return [
@@ -336,7 +397,7 @@ class Session:
         if self.closed:
             return []
         self.closed = True
-        return [CloseData(), CloseUpstream()]
+        return [*self._unsolicited_summary(), CloseData(), CloseUpstream()]
 
     def _advertised_host(self, local: str) -> str:
         """The address a 227 reply names: the masquerade address, except for clients inside
@@ -498,13 +559,25 @@ class Session:
     def _relay(self, command: Command) -> list[Effect]:
         """Send the command upstream and give the client every reply to it."""
         self._busy = True
+        if command.verb == "TYPE":
+            return self._send(command, lambda answer: self._type_reply(command.arg, answer))
         login = command.verb in ("USER", "PASS", "ACCT")
         return self._send(command, self._login_reply if login else self._relay_reply)
 
+    def _type_reply(self, arg: str, answer: Reply) -> list[Effect]:
+        if answer.code == 200:
+            # RFC 959 section 3.1.1: A (ASCII) or E are text; I and L 8 move bytes as they are.
+            self.transfer_type = "a" if arg[:1].upper() in ("A", "E") else "b"
+        return self._relay_reply(answer)
+
     def _relay_reply(self, answer: Reply) -> list[Effect]:
-        if answer.code == 230:
+        effects: list[Effect] = []
+        if answer.code == 230 and not self.logged_in:
             self.logged_in = True
-        return [ToClient(answer), *(self._finish() if answer.final else [])]
+            effects.append(
+                Log("info", "User {user} logged in", {"user": self.user, "event": "logged_in"})
+            )
+        return [*effects, ToClient(answer), *(self._finish() if answer.final else [])]
 
     def _login_reply(self, answer: Reply) -> list[Effect]:
         """A reply to USER, PASS or ACCT; 530 (RFC 959 section 4.2: not logged in) is the
@@ -677,6 +750,17 @@ class Session:
         }[what]
         return [
             Log("info", "Session {what} timeout", {"what": what}),
+            *self._close(Reply.of(421, text)),
+        ]
+
+    def peer_not_reading(self, side: Side, seconds: float) -> list[Effect]:
+        """`side` left a full buffer of what the gateway sent it unread for `seconds`: 421 and
+        close (RFC 959 section 4.2), so a peer that never reads cannot hold the session."""
+        who = "client" if side is Side.CLIENT else "upstream"
+        fields = {"side": who, "seconds": seconds, "event": "control_not_read"}
+        text = f"The {who} did not read the control connection for {seconds:g} seconds; closing."
+        return [
+            Log("warn", "The {side} left its control connection unread for {seconds} s", fields),
             *self._close(Reply.of(421, text)),
         ]
 
@@ -1115,6 +1199,9 @@ class Session:
                 "upstream": str(self.upstream_peer),
                 "code": answer.code,
                 "text": answer.lines[0],
+                "direction": "download" if transfer.source is Side.UPSTREAM else "upload",
+                "user": self.user,
+                "type": self.transfer_type,
                 "event": "transfer_finished",
             },
         )
@@ -1131,8 +1218,16 @@ class Session:
         # check `aborted`); the ABOR's own reply is swallowed here.
         record = Log(
             "info",
-            "Transfer {verb} aborted by client",
-            {"verb": transfer.command.verb, "event": "transfer_aborted"},
+            "Transfer {verb} {path} aborted by client",
+            {
+                "verb": transfer.command.verb,
+                "path": transfer.command.arg,
+                "upstream": str(self.upstream_peer),
+                "direction": "download" if transfer.source is Side.UPSTREAM else "upload",
+                "user": self.user,
+                "type": self.transfer_type,
+                "event": "transfer_aborted",
+            },
         )
         effects: list[Effect] = [CloseData(), record]
         effects += self._send(Command("ABOR", ""), lambda r: [])
@@ -1145,13 +1240,18 @@ class Session:
     # ------------------------------------------------------------------------------ helpers
 
     def _send(self, command: Command, handler: Handler) -> list[Effect]:
+        if command.verb == "USER":
+            self.user = command.arg
         self.sent += 1
         self._expect.append((self.sent, handler))
         return [ToUpstream(command)]
 
     def _finish(self) -> list[Effect]:
-        """The client command in progress has its final reply: serve the queued ones."""
+        """The client command in progress has its final reply: serve the queued ones, or,
+        while the gateway shuts down, say so and close."""
         self._busy = False
+        if self._shutting_down:
+            return self._close(Reply.of(421, SHUTDOWN_TEXT))
         if self._draining:
             return []
         self._draining = True
@@ -1168,7 +1268,7 @@ class Session:
             return []
         self.closed = True
         effects: list[Effect] = [ToClient(last)] if last is not None else []
-        return [*effects, CloseData(), CloseClient(), CloseUpstream()]
+        return [*self._unsolicited_summary(), *effects, CloseData(), CloseClient(), CloseUpstream()]
 
 
 _COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {

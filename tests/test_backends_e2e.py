@@ -4,11 +4,9 @@ clients, health checks, failover and recovery, seen through replies, logs and /m
 from __future__ import annotations
 
 import ftplib
-import io
 import os
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path

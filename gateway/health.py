@@ -24,14 +24,22 @@ from gateway.balancer import Balancer, failure_reason
 from gateway.codec import DEFAULT_MAX_LINE, Reply, ReplyReader
 from gateway.config import Config
 from gateway.errors import RemoteProtocolError
+from gateway.proxyproto import local_header
 
 
 class GreetingProbe(Protocol):
-    """Reads a server's first final reply into `greeting`, then says QUIT and closes."""
+    """Reads a server's first final reply into `greeting`, then says QUIT and closes. With
+    `upstream_proxy_protocol` on, it first sends a PROXY header saying no client is relayed
+    (a server that expects the header would drop the check otherwise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, proxy_protocol: str = "off") -> None:
         self.greeting: Deferred[Reply] = Deferred()
         self._reader = ReplyReader(max_line=DEFAULT_MAX_LINE, max_lines=100, max_bytes=16384)
+        self._proxy_protocol = proxy_protocol
+
+    def connectionMade(self) -> None:
+        if self._proxy_protocol != "off":
+            self.transport.write(local_header(self._proxy_protocol))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         if self.greeting.called:
@@ -55,7 +63,7 @@ class GreetingProbe(Protocol):
 
 
 def _probe(backend: Backend, config: Config, tls: Any) -> GreetingProbe:
-    return GreetingProbe()
+    return GreetingProbe(config.upstream_proxy_protocol)
 
 
 class HealthChecks(Service):

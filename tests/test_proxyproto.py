@@ -21,7 +21,13 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from gateway.addresses import HostPort
 from gateway.config import ConfigError, build
 from gateway.control import ClientControl, GatewayFactory
-from gateway.proxyproto import ForwardedData, ProxyHeaderFactory, header, split_endpoint
+from gateway.proxyproto import (
+    ForwardedData,
+    ProxyHeaderFactory,
+    header,
+    local_header,
+    split_endpoint,
+)
 
 BALANCER = IPv4Address("TCP", "127.0.0.9", 40000)
 GATEWAY = IPv4Address("TCP", "127.0.0.11", 2121)
@@ -362,3 +368,12 @@ def test_forwarded_data_without_header_in_time_is_dropped() -> None:
     clock.advance(10.1)
     assert transport.disconnecting
     assert accept.asked == []
+
+
+def test_local_header_relays_no_client() -> None:
+    """Health checks say they relay no client: v1 "PROXY UNKNOWN" (section 2.1's own form),
+    v2 LOCAL, which a parser accepts without addresses, so the server keeps its own view."""
+    assert local_header("v1") == b"PROXY UNKNOWN\r\n"
+    info, rest = V2Parser().feed(local_header("v2") + b"QUIT\r\n")
+    assert info is not None and info.source is None and info.destination is None
+    assert rest == b"QUIT\r\n"

@@ -79,6 +79,12 @@ _BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
 #: twice sends one now and then); past this the upstream is flooding and the session ends.
 MAX_UNSOLICITED_REPLIES = 8
 
+#: Replies the upstream may owe at once. Commands go upstream one at a time, a transfer adding
+#: a few of its own (EPSV or PASV, PORT, REST) and ABOR one more; only ABOR sends without
+#: waiting, so a client aborting transfer after transfer while the upstream answers (or reads)
+#: nothing would have the gateway send, and remember, commands without bound.
+MAX_OWED_REPLIES = 32
+
 #: Commands answered before an upstream is chosen in forward mode.
 _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
 
@@ -1212,6 +1218,12 @@ class Session:
         upstream, answer 426 for the transfer and 226 for the ABOR, in that order."""
         transfer = self._transfer
         assert transfer is not None
+        if len(self._expect) >= MAX_OWED_REPLIES:
+            owed = len(self._expect)
+            fields = {"owed": owed, "event": "upstream_not_answering"}
+            text = f"The upstream server left {owed} commands unanswered; closing."
+            log = Log("warn", "The upstream left {owed} commands unanswered", fields)
+            return [log, *self._close(Reply.of(421, text))]
         transfer.aborted = True
         self._transfer = None
         # Every upstream reply still owed for this transfer is swallowed by its handler (they

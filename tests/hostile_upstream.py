@@ -31,6 +31,8 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   either connection.
 - SUCCESS_WITHOUT_DATA (RETR): accepts PORT/EPRT (and PASV/EPSV, whose listener it closes
   without accepting) and answers RETR with 226 at once: no 150, no data connection.
+- DEAF_AFTER_LOGIN (TYPE): answers the TYPE that ends `login_hostile`, then stops reading
+  its control connection and answers nothing more, holding the connection open.
 - TLS_DATA_STALL (RETR): an FTPS server (AUTH TLS with `tls_context`, PROT P) that accepts
   the data connection, sends 150 and never answers the TLS handshake on it; once the gateway
   closes the data connection it replies 426.
@@ -83,6 +85,7 @@ class Mode(StrEnum):
     STALL_AFTER_150 = "stall-after-150"
     SUCCESS_WITHOUT_DATA = "success-without-data"
     TLS_DATA_STALL = "tls-data-stall"
+    DEAF_AFTER_LOGIN = "deaf-after-login"
 
 
 def reset(sock: socket.socket) -> None:
@@ -230,6 +233,11 @@ class HostileUpstream:
                         if self.mode in (Mode.SILENT_AFTER_RETR, Mode.STALL_AFTER_150):
                             self._drain(lines)
                             return
+                    elif verb == "TYPE" and self.mode is Mode.DEAF_AFTER_LOGIN:
+                        conn.sendall(_SIMPLE["TYPE"])
+                        self._event("stopped reading")
+                        self._stopping.wait(ENDLESS_LIMIT[0])
+                        return
                     elif verb == "PWD" and self.mode is Mode.SILENT_PWD:
                         self._event("left PWD unanswered")
                         self._drain(lines)

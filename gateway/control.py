@@ -385,12 +385,12 @@ class ClientControl(Protocol):
                 self._data.close()
                 self._data = _DataChannels()
             case CloseClient():
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.flow.close(Side.CLIENT, self.transport)
             case CloseUpstream():
                 if self._upstream_connecting is not None:
                     self._upstream_connecting.cancel()
                 if self.upstream is not None and self.upstream.transport is not None:
-                    self.upstream.transport.loseConnection()
+                    self.flow.close(Side.UPSTREAM, self.upstream.transport)
             case Log(level, fmt, fields):
                 if fields.get("event") in ("transfer_finished", "transfer_aborted"):
                     fields = {**fields, **self._transfer_measures()}

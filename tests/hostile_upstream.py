@@ -19,6 +19,7 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
 - DOUBLE_REPLY (NOOP): two final replies to one command, in one write; the second is
   unsolicited (pyftpdlib does much the same to a command line over 2,048 bytes).
 - ENDLESS_1XX_GREETING (greeting): single-line "120" replies, forever.
+- ENDLESS_1XX_REPLY (PWD): single-line "150" replies, forever, and never a final reply.
 - UNSOLICITED_FLOOD (NOOP): answers, then sends "200" replies nobody asked for, forever.
 - BIG_STAT (STAT): a 213 reply of `BIG_STAT_BYTES`, within the gateway's reply bound, to every
   STAT: a large directory listed over the control connection.
@@ -86,6 +87,7 @@ class Mode(StrEnum):
     SUCCESS_WITHOUT_DATA = "success-without-data"
     TLS_DATA_STALL = "tls-data-stall"
     DEAF_AFTER_LOGIN = "deaf-after-login"
+    ENDLESS_1XX_REPLY = "endless-1xx-reply"
 
 
 def reset(sock: socket.socket) -> None:
@@ -335,6 +337,9 @@ class HostileUpstream:
             return
         self._event(f"endless reply NOT cut off after {sent} bytes")
 
+    def _endless_1xx(self, conn: socket.socket) -> None:
+        self._endless(conn, 150, multi_line=False)
+
     def _long_line(self, conn: socket.socket) -> None:
         conn.sendall(b"257 " + b"A" * LONG_LINE_BYTES + b"\r\n")
         self._event(f"sent a {LONG_LINE_BYTES}-byte reply line")
@@ -471,5 +476,6 @@ _SIMPLE = {
 _PWD_ATTACKS = {
     Mode.ENDLESS_REPLY: HostileUpstream._endless_pwd,
     Mode.LONG_LINE: HostileUpstream._long_line,
+    Mode.ENDLESS_1XX_REPLY: HostileUpstream._endless_1xx,
     Mode.GARBAGE_REPLY: HostileUpstream._garbage,
 }

@@ -32,6 +32,8 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   either connection.
 - SUCCESS_WITHOUT_DATA (RETR): accepts PORT/EPRT (and PASV/EPSV, whose listener it closes
   without accepting) and answers RETR with 226 at once: no 150, no data connection.
+- ANSWERS_WITHOUT_READING (TYPE): answers the TYPE that ends `login_hostile`, then stops
+  reading its control connection but sends "200" each time the test calls `allow_reply()`.
 - DEAF_AFTER_LOGIN (TYPE): answers the TYPE that ends `login_hostile`, then stops reading
   its control connection and answers nothing more, holding the connection open.
 - TLS_DATA_STALL (RETR): an FTPS server (AUTH TLS with `tls_context`, PROT P) that accepts
@@ -87,6 +89,7 @@ class Mode(StrEnum):
     SUCCESS_WITHOUT_DATA = "success-without-data"
     TLS_DATA_STALL = "tls-data-stall"
     DEAF_AFTER_LOGIN = "deaf-after-login"
+    ANSWERS_WITHOUT_READING = "answers-without-reading"
     ENDLESS_1XX_REPLY = "endless-1xx-reply"
 
 
@@ -132,6 +135,7 @@ class HostileUpstream:
         self._threads: list[threading.Thread] = []
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._replies_allowed = threading.Semaphore(0)
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -152,6 +156,10 @@ class HostileUpstream:
         self._listener.close()
         for thread in list(self._threads):
             thread.join(timeout=5)
+
+    def allow_reply(self) -> None:
+        """ANSWERS_WITHOUT_READING: send one more "200" reply."""
+        self._replies_allowed.release()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -235,6 +243,10 @@ class HostileUpstream:
                         if self.mode in (Mode.SILENT_AFTER_RETR, Mode.STALL_AFTER_150):
                             self._drain(lines)
                             return
+                    elif verb == "TYPE" and self.mode is Mode.ANSWERS_WITHOUT_READING:
+                        conn.sendall(_SIMPLE["TYPE"])
+                        self._answer_without_reading(conn)
+                        return
                     elif verb == "TYPE" and self.mode is Mode.DEAF_AFTER_LOGIN:
                         conn.sendall(_SIMPLE["TYPE"])
                         self._event("stopped reading")
@@ -336,6 +348,18 @@ class HostileUpstream:
             self._event(f"endless reply cut off after {sent} bytes: {e!r}")
             return
         self._event(f"endless reply NOT cut off after {sent} bytes")
+
+    def _answer_without_reading(self, conn: socket.socket) -> None:
+        self._event("stopped reading")
+        seconds, _ = ENDLESS_LIMIT
+        deadline = time.monotonic() + seconds
+        answered = 0
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline and not self._stopping.is_set():
+                if self._replies_allowed.acquire(timeout=0.2):
+                    conn.sendall(b"200 NOOP ok.\r\n")
+                    answered += 1
+        self._event(f"answered {answered} commands without reading them")
 
     def _endless_1xx(self, conn: socket.socket) -> None:
         self._endless(conn, 150, multi_line=False)

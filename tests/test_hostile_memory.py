@@ -286,6 +286,51 @@ def test_aborts_while_the_upstream_stops_reading_end_with_421(
     after_attack(base)
 
 
+def test_upstream_answering_without_reading_stops_the_client_being_read(
+    tmp_path: Path,
+    ftpd: RunningServer,  # noqa: F811
+) -> None:
+    """After login the upstream stops reading its control connection but still answers each
+    command (as the test allows it, once the gateway has sent that command). A client that
+    keeps sending 64 KiB NOOP lines would have the gateway write them towards the upstream
+    without bound; instead, once 64 KiB wait unsent, the gateway stops reading the client, and
+    after `timeouts.control_send` the session ends with 421."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG + "[limits]\nmax_line = 65536\n")
+    gw = start_gateway(tmp_path, "--config", str(config))
+    try:
+        base = before_attack(gw, ftpd)
+        peak = Peak(gw, base.rss_kib)
+        with HostileUpstream(Mode.ANSWERS_WITHOUT_READING) as up:
+            ftp = login_hostile(gw, up)
+            sock = ftp.sock
+            assert sock is not None
+            noop = b"NOOP " + b"x" * (65536 - 8) + b"\r\n"
+            depth = 4  # commands sent ahead, so the next is queued when a reply arrives
+            sock.sendall(noop * depth)
+            time.sleep(0.5)  # the gateway has sent the first one on
+            up.allow_reply()
+            sent, answered, last = depth, 0, ""
+            started = time.monotonic()
+            while time.monotonic() - started < ATTACK_SECONDS + CONTROL_SEND_TIMEOUT + 5:
+                last = ftp.getline()
+                peak.sample()
+                if not last.startswith("200"):
+                    break
+                answered += 1
+                up.allow_reply()  # the gateway sent the next command before this reply
+                if sent * len(noop) < ATTACK_BYTES:
+                    sock.sendall(noop)
+                    sent += 1
+            assert last.startswith("421"), f"{answered} of {sent} answered, then {last!r}"
+            peak.check()
+            ftp.close()
+        wait_for_log(gw, "The upstream left its control connection unread")
+        after_attack(base)
+    finally:
+        gw.stop()
+
+
 # --------------------------------------------------------------------- unsolicited replies
 
 

@@ -11,14 +11,20 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from gateway.addresses import HostPort, parse_host_port
 from gateway.policy import Rule
 
-UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
-CLIENT_TLS_MODES = ("off", "optional", "required")
-UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
+#: `data.upstream_mode`: how the gateway opens data connections to the upstream.
+UpstreamDataMode = Literal["passive", "pasv", "epsv", "active", "client"]
+#: `tls.client`: explicit FTPS (AUTH TLS) for clients.
+ClientTLSMode = Literal["off", "optional", "required"]
+#: `tls.upstream`: FTPS towards the upstream.
+UpstreamTLSMode = Literal["off", "auto", "required", "implicit", "match_client"]
+UPSTREAM_DATA_MODES: tuple[UpstreamDataMode, ...] = get_args(UpstreamDataMode)
+CLIENT_TLS_MODES: tuple[ClientTLSMode, ...] = get_args(ClientTLSMode)
+UPSTREAM_TLS_MODES: tuple[UpstreamTLSMode, ...] = get_args(UpstreamTLSMode)
 
 
 class ConfigError(ValueError):
@@ -33,7 +39,7 @@ class Config:
     upstream: tuple[str, int] | None = None
     transparent: bool = False
     upstream_rules: tuple[Rule, ...] = ()
-    upstream_data_mode: str = "passive"
+    upstream_data_mode: UpstreamDataMode = "passive"
     passive_ports: tuple[int, int] | None = None
     masquerade_address: str | None = None
     follow_pasv_address: bool = False
@@ -57,10 +63,10 @@ class Config:
     max_failed_logins: int = 5
     tls_certificate: str | None = None
     tls_private_key: str | None = None
-    client_tls: str = "optional"
+    client_tls: ClientTLSMode = "optional"
     tls_min_version: str = "1.2"
     require_data_session_reuse: bool = False
-    upstream_tls: str = "auto"
+    upstream_tls: UpstreamTLSMode = "auto"
     upstream_ca_file: str | None = None
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import strcred
@@ -19,6 +21,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
+    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
@@ -87,7 +90,6 @@ class UpstreamControl(Protocol):
         self.tls_options = tls_options
         self.handshake_done = False
         self.local: HostPort | None = None
-        self._switched = False
         self.reader = self._new_reader()
 
     def _new_reader(self) -> ReplyReader:
@@ -104,7 +106,6 @@ class UpstreamControl(Protocol):
 
     def start_tls(self, options: Any) -> None:
         self.tls_options = options
-        self._switched = True
         self.reader = self._new_reader()
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
@@ -129,13 +130,8 @@ class UpstreamControl(Protocol):
         except RemoteProtocolError as e:
             self.owner.run(self.owner.session.upstream_failed(e))
             return
-        horizon = self.owner.session.sent + 1
-        for answer in replies:
-            self.owner.run(self.owner.session.upstream_reply(answer, horizon))
-            if self._switched:
-                # Anything that followed the 234 in clear text is not from the TLS peer.
-                self._switched = False
-                return
+        # The session drops what followed a 234 in the same read (RFC 4217 section 4).
+        self.owner.run(self.owner.session.upstream_replies(replies))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
@@ -175,6 +171,8 @@ class ClientControl(Protocol):
         self._data = _DataChannels()
         self._pending_upstream: list[bytes] = []
         self._tls_switched = False
+        self._effects: deque[Effect] = deque()
+        self._running = False
 
     # ------------------------------------------------------------------ client connection
 
@@ -203,15 +201,12 @@ class ClientControl(Protocol):
         self.run(self.session.start())
 
     def _timer(self, what: str) -> None:
-        if what == "login" and self.session.logged_in:
-            return
-        if what == "idle" and self.session.transferring:
-            # A transfer keeps the session alive; the stall timeout guards the transfer.
+        # Whether the timeout counts is the session's decision (`Session.timed_out`).
+        self.run(self.session.timed_out(what))
+        if what == "idle" and not self.session.closed:
             self._idle_timer = self.factory.reactor.callLater(
                 self.factory.config.idle_timeout, self._timer, "idle"
             )
-            return
-        self.run(self.session.timed_out(what))
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle_timer.active():
@@ -236,50 +231,50 @@ class ClientControl(Protocol):
     # ---------------------------------------------------------------------- effects
 
     def run(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            self._do(effect)
+        """Carry out `effects` in order. Carrying one out may report back to the session at
+        once (a listener bound, a loop refused); the effects of that report are queued behind
+        the ones still to run, never run in the middle of them."""
+        self._effects.extend(effects)
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._effects:
+                self._do(self._effects.popleft())
+        finally:
+            self._running = False
 
     def _do(self, effect: Effect) -> None:
-        match effect:
-            case ToClient(answer):
-                self._write_client(answer)
-            case ToUpstream(command):
-                self.log.debug("To upstream: {command}", command=str(command))
-                if self.upstream is not None and self.upstream.transport is not None:
-                    self.upstream.transport.write(command.encode())
-                else:
-                    self._pending_upstream.append(command.encode())
-            case Authenticate(user, password):
-                self._authenticate(user, password)
-            case ResolveUpstream(host, port):
-                self._resolve(host, port)
-            case ConnectUpstream(host, port, implicit_tls, tls_name):
-                self._connect_upstream(host, port, tls_name if implicit_tls else None)
-            case StartClientTLS():
-                self.reader.discard()
-                self._tls_switched = True
-                self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
-            case StartUpstreamTLS(name):
-                assert self.upstream is not None
-                self.upstream.start_tls(self.factory.upstream_tls_options(name))
-            case ListenData(side, tls):
-                self._listen(side, tls)
-            case ConnectData(side, target, tls):
-                self._connect_data(side, target, tls)
-            case StartRelay(source):
-                self._start_relay(source)
-            case CloseData():
-                self._data.close()
-                self._data = _DataChannels()
-            case CloseClient():
-                self.transport.loseConnection()  # type: ignore[union-attr]
-            case CloseUpstream():
-                if self._upstream_connecting is not None:
-                    self._upstream_connecting.cancel()
-                if self.upstream is not None and self.upstream.transport is not None:
-                    self.upstream.transport.loseConnection()
-            case Log(level, fmt, fields):
-                getattr(self.log, level)(fmt, client=str(self.peer), **fields)
+        _CARRY_OUT[type(effect)](self, effect)
+
+    def _to_upstream(self, effect: ToUpstream) -> None:
+        self.log.debug("To upstream: {command}", command=str(effect.command))
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(effect.command.encode())
+        else:
+            self._pending_upstream.append(effect.command.encode())
+
+    def _start_client_tls(self, effect: StartClientTLS) -> None:
+        self.reader.discard()
+        self._tls_switched = True
+        self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
+
+    def _start_upstream_tls(self, effect: StartUpstreamTLS) -> None:
+        assert self.upstream is not None
+        self.upstream.start_tls(self.factory.upstream_tls_options(effect.name))
+
+    def _close_data(self, effect: CloseData) -> None:
+        self._data.close()
+        self._data = _DataChannels()
+
+    def _close_upstream(self, effect: CloseUpstream) -> None:
+        if self._upstream_connecting is not None:
+            self._upstream_connecting.cancel()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def _log(self, effect: Log) -> None:
+        getattr(self.log, effect.level)(effect.format, client=str(self.peer), **effect.fields)
 
     def _write_client(self, answer: Reply) -> None:
         self.log.debug("To client: {code}", code=answer.code)
@@ -415,7 +410,7 @@ class ClientControl(Protocol):
         )
         channels = self._data
         connection = DataConnection(self._data_tls(side, tls))
-        d = endpoint.connect(_Reuse(connection))
+        d = connectProtocol(endpoint, connection)
         channels.pending.append(d)
 
         def failed(failure: Failure) -> None:
@@ -476,16 +471,25 @@ class ClientControl(Protocol):
         d.addCallback(finished)
 
 
-class _Reuse(Factory):
-    """A factory that hands out one prepared protocol instance."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: IAddress) -> Protocol:
-        return self.protocol_instance
+#: How the shell carries out each effect of the session.
+_CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
+    ToClient: lambda control, e: control._write_client(e.reply),
+    ToUpstream: ClientControl._to_upstream,
+    Authenticate: lambda control, e: control._authenticate(e.user, e.password),
+    ResolveUpstream: lambda control, e: control._resolve(e.host, e.port),
+    ConnectUpstream: lambda control, e: control._connect_upstream(
+        e.host, e.port, e.tls_name if e.implicit_tls else None
+    ),
+    StartClientTLS: ClientControl._start_client_tls,
+    StartUpstreamTLS: ClientControl._start_upstream_tls,
+    ListenData: lambda control, e: control._listen(e.side, e.tls),
+    ConnectData: lambda control, e: control._connect_data(e.side, e.target, e.tls),
+    StartRelay: lambda control, e: control._start_relay(e.source),
+    CloseData: ClientControl._close_data,
+    CloseClient: lambda control, e: control.transport.loseConnection(),
+    CloseUpstream: ClientControl._close_upstream,
+    Log: ClientControl._log,
+}
 
 
 class _Refuse(Protocol):

@@ -1,11 +1,12 @@
 """The pure rules the session is built from, each alone: transfer outcome and upstream data mode
-(`gateway.transfer`), proxy login styles (`gateway.proxy_login`), FEAT (`gateway.features`)."""
+(`gateway.transfer`), proxy login styles (`gateway.login`), FEAT (`gateway.features`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway import features, proxy_login, transfer
+from gateway import features, transfer
+from gateway import login as proxy_login
 from gateway.addresses import UserTarget
 from gateway.codec import Command, Reply
 from gateway.effects import Side
@@ -24,18 +25,24 @@ def a_transfer(**state: object) -> transfer.Transfer:
     return t
 
 
+RELAYING = transfer.TransferPhase.RELAYING
+RELAYED = transfer.TransferPhase.RELAYED
+FAILED = transfer.TransferPhase.FAILED
+OPENING = Reply.of(150, "Opening data connection.")
+
+
 @pytest.mark.parametrize(
     ("state", "code"),
     [
         ({}, None),  # nothing from the upstream yet
-        ({"upstream_final": OK, "relay_started": True}, None),  # 226 overtook the bytes
-        ({"upstream_final": OK, "preliminary_sent": True}, None),  # client still connecting
+        ({"upstream_final": OK, "phase": RELAYING}, None),  # 226 overtook the bytes
+        ({"upstream_final": OK, "preliminary": OPENING}, None),  # client still connecting
         ({"upstream_final": REFUSED}, 550),  # refused before any data: relayed as is
-        ({"upstream_final": OK, "relay_started": True, "relay_result": (True, "done")}, 226),
-        ({"upstream_final": OK, "relay_started": True, "relay_result": (False, "reset")}, 426),
-        ({"upstream_final": OK, "relay_result": (False, "no connection")}, 425),
-        ({"relay_started": True, "relay_result": (False, "reset")}, None),  # upstream owes a reply
-        ({"upstream_final": REFUSED, "relay_started": True, "relay_result": (True, "")}, 550),
+        ({"upstream_final": OK, "phase": RELAYED, "relay_result": (True, "done")}, 226),
+        ({"upstream_final": OK, "phase": RELAYED, "relay_result": (False, "reset")}, 426),
+        ({"upstream_final": OK, "phase": FAILED, "relay_result": (False, "no connection")}, 425),
+        ({"phase": RELAYED, "relay_result": (False, "reset")}, None),  # upstream owes a reply
+        ({"upstream_final": REFUSED, "phase": RELAYED, "relay_result": (True, "")}, 550),
     ],
 )
 def test_final_reply_never_reports_an_incomplete_transfer_as_done(
@@ -46,9 +53,9 @@ def test_final_reply_never_reports_an_incomplete_transfer_as_done(
 
 
 def test_failed_relay_reply_says_why() -> None:
-    cut = a_transfer(upstream_final=OK, relay_started=True, relay_result=(False, "reset by peer"))
+    cut = a_transfer(upstream_final=OK, phase=RELAYED, relay_result=(False, "reset by peer"))
     assert transfer.final_reply(cut) == Reply.of(426, "Transfer failed: reset by peer.")
-    never = a_transfer(upstream_final=OK, relay_result=(False, "timed out"))
+    never = a_transfer(upstream_final=OK, phase=FAILED, relay_result=(False, "timed out"))
     assert transfer.final_reply(never) == Reply.of(425, "Cannot open data connection: timed out.")
 
 

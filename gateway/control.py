@@ -21,7 +21,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
@@ -410,7 +409,7 @@ class ClientControl(Protocol):
         )
         channels = self._data
         connection = DataConnection(self._data_tls(side, tls))
-        d = connectProtocol(endpoint, connection)
+        d = endpoint.connect(_one_shot(connection))
         channels.pending.append(d)
 
         def failed(failure: Failure) -> None:
@@ -490,6 +489,15 @@ _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
     CloseUpstream: ClientControl._close_upstream,
     Log: ClientControl._log,
 }
+
+
+def _one_shot(protocol: Protocol) -> Factory:
+    """A factory for one prepared protocol: what `endpoints.connectProtocol` builds, but
+    quiet, since that one logs "Starting factory" and "Stopping factory" for every data
+    connection."""
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    return factory
 
 
 class _Refuse(Protocol):

@@ -8,6 +8,7 @@ and when (`final_reply`). `TransferDriver` runs one transfer at a time:
     SETUP     ask the upstream for its data side (EPSV, PASV, or PORT/EPRT to a listener)
     SENT      the transfer command went upstream (after REST, if the client sent one)
     RELAYING  both data connections are up; bytes move from `source` to the other side
+              (in upstream active mode this can come before the command is sent)
     RELAYED   the relay ended (`relay_result` says how)
     FAILED    a data connection failed before the relay started
 
@@ -251,8 +252,11 @@ class TransferDriver:
 
     def _send_command(self, transfer: Transfer) -> list[Effect]:
         """The one place the transfer command goes upstream: after REST, if the client sent
-        one (RFC 959 section 4.1.3: REST is followed directly by the transfer command)."""
-        transfer.phase = TransferPhase.SENT
+        one (RFC 959 section 4.1.3: REST is followed directly by the transfer command).
+        In upstream active mode the relay may already run: the server connected on PORT
+        before answering it, and a passive client was there first."""
+        if transfer.phase is TransferPhase.SETUP:
+            transfer.phase = TransferPhase.SENT
         if transfer.restart is None:
             return self._send_transfer_command(transfer)
         rest = Command("REST", transfer.restart)

@@ -542,6 +542,26 @@ def test_upstream_active_mode_sends_the_command_once_when_the_server_connects_ea
     assert to_client(s.relay_finished(True, "1 byte")) == [(226, "Transfer complete.")]
 
 
+def test_upstream_active_mode_relay_that_starts_before_the_port_reply_still_ends_in_226() -> None:
+    """The client is already connected and pyftpdlib connects before answering PORT: the relay
+    starts before RETR goes out, and its outcome still decides the final reply."""
+    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s.client_line(line("PASV"))
+    s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
+    assert s.data_connected(Side.CLIENT) == []
+    s.client_line(line("RETR f"))
+    s.data_listening(Side.UPSTREAM, HostPort.of("198.51.100.1", 6000))
+    assert s.data_connected(Side.UPSTREAM) == [StartRelay(Side.UPSTREAM)]
+    assert to_upstream(s.upstream_reply(r(200, "PORT command successful"))) == ["RETR f"]
+    assert to_client(s.upstream_reply(r(150, "Opening data connection."))) == [
+        (150, "Opening data connection.")
+    ]
+    assert to_client(s.relay_finished(True, "1 byte")) == []
+    assert to_client(s.upstream_reply(r(226, "Transfer complete."))) == [
+        (226, "Transfer complete.")
+    ]
+
+
 def test_auto_tls_upstream_that_offers_auth_but_refuses_it_is_used_in_clear_text() -> None:
     """pure-ftpd without a certificate lists AUTH TLS in FEAT and answers AUTH TLS with 500."""
     s = Session(Config(upstream=("ftp.test", 21)), client_peer=CLIENT, client_local=LOCAL)

@@ -49,6 +49,7 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
+    reply_timeout: float = 120.0
     max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
@@ -423,6 +424,12 @@ SETTINGS: tuple[Setting, ...] = (
         "stall_timeout",
         _number(1, 86400),
         "Seconds a transfer may go without moving a byte.",
+    ),
+    Setting(
+        "timeouts.reply",
+        "reply_timeout",
+        _number(1, 86400),
+        "Seconds to wait for any upstream reply before ending the transfer (426) or session (421).",
     ),
     Setting(
         "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."

@@ -25,6 +25,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IReactorCore,
     IReactorTCP,
@@ -172,6 +173,8 @@ class ClientControl(Protocol):
         self._tls_switched = False
         self._effects: deque[Effect] = deque()
         self._running = False
+        self._reply_timer: IDelayedCall | None = None
+        self._reply_mark: int | None = None
 
     # ------------------------------------------------------------------ client connection
 
@@ -200,12 +203,36 @@ class ClientControl(Protocol):
         self.run(self.session.start())
 
     def _timer(self, what: str) -> None:
-        # Whether the timeout counts is the session's decision (`Session.timed_out`).
+        # The session decides whether the timer still counts (a transfer in progress is not
+        # idle: its own timeouts bound it); one that did not count starts over.
         self.run(self.session.timed_out(what))
         if what == "idle" and not self.session.closed:
             self._idle_timer = self.factory.reactor.callLater(
                 self.factory.config.idle_timeout, self._timer, "idle"
             )
+
+    def _watch_replies(self) -> None:
+        """Keep one `timeouts.reply` timer running while the session waits for the upstream,
+        restarted by every reply (the session's mark changes)."""
+        mark = self.session.awaiting_reply
+        timer = self._reply_timer
+        if mark is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._reply_timer = self._reply_mark = None
+            return
+        if timer is not None and timer.active() and mark == self._reply_mark:
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._reply_mark = mark
+        self._reply_timer = self.factory.reactor.callLater(
+            self.factory.config.reply_timeout, self._reply_timed_out, mark
+        )
+
+    def _reply_timed_out(self, mark: int) -> None:
+        self._reply_timer = None
+        self.run(self.session.timed_out("reply", mark))
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle_timer.active():
@@ -221,8 +248,8 @@ class ClientControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.log.info("Client {client} disconnected", client=str(self.peer), event="session_ended")
-        for timer in (self._login_timer, self._idle_timer):
-            if timer.active():
+        for timer in (self._login_timer, self._idle_timer, self._reply_timer):
+            if timer is not None and timer.active():
                 timer.cancel()
         self.factory.session_ended(self)
         self.run(self.session.client_lost())
@@ -242,6 +269,7 @@ class ClientControl(Protocol):
                 self._do(self._effects.popleft())
         finally:
             self._running = False
+        self._watch_replies()
 
     def _do(self, effect: Effect) -> None:
         _CARRY_OUT[type(effect)](self, effect)
@@ -389,8 +417,11 @@ class ClientControl(Protocol):
                 on_failure=lambda reason: self._data_failed(channels, side, reason),
             )
         except error.CannotListenError as e:
-            self.log.error("Cannot open a passive listener: {error}", error=str(e))
-            self.run(self.session.data_failed(side, "no passive port available"))
+            # A range with no free port, or an address that cannot be bound: the session
+            # answers the command with 425 and goes on.
+            reason = str(e.socketError)
+            self.log.error("Cannot open a passive listener: {error}", error=reason)
+            self.run(self.session.data_failed(side, reason))
             return
         channels.listeners[side] = listener
         listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
@@ -408,7 +439,11 @@ class ClientControl(Protocol):
             reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
         )
         channels = self._data
-        connection = DataConnection(self._data_tls(side, tls))
+        connection = DataConnection(
+            self._data_tls(side, tls),
+            clock=reactor,
+            handshake_timeout=config.data_connect_timeout,
+        )
         d = endpoint.connect(_one_shot(connection))
         channels.pending.append(d)
 

@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHandshakeListener,
     IListeningPort,
     IReactorTCP,
@@ -49,6 +50,10 @@ class RelayResult:
 
 class TLSReuseRequired(Exception):
     """A client data connection did not resume the control connection's TLS session."""
+
+
+class TLSHandshakeTimeout(Exception):
+    """A data connection's TLS handshake did not complete within `timeouts.data_connect`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +118,25 @@ class DataConnection(Protocol):
     handshake for TLS. Bytes that arrive before the relay starts (a TLS peer may send some with
     its last handshake flight) are kept and handed to the relay first. As a TLS 1.3 server the
     connection stays silent after the handshake until `send` says the gateway writes to it.
+
+    With a `clock`, a TLS handshake that has not completed `handshake_timeout` seconds after
+    the TCP connection was made fails `ready` and aborts the connection: a peer that connects
+    and never finishes its handshake must not hold the transfer open.
     """
 
-    def __init__(self, tls: DataTLS | None = None, *, accepted: bool = False) -> None:
+    def __init__(
+        self,
+        tls: DataTLS | None = None,
+        *,
+        accepted: bool = False,
+        clock: IReactorTime | None = None,
+        handshake_timeout: float = 30.0,
+    ) -> None:
         self.tls = tls
         self.accepted = accepted
+        self._clock = clock
+        self._handshake_timeout = handshake_timeout
+        self._handshake_timer: IDelayedCall | None = None
         self.receiver: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[DataConnection, Failure], None] | None = None
         self.ready: Deferred[DataConnection] = Deferred()
@@ -131,6 +150,10 @@ class DataConnection(Protocol):
             return
         # startTLS's `normal` is True when the TLS role follows the TCP role.
         normal = self.accepted == self.tls.server
+        if self._clock is not None:
+            self._handshake_timer = self._clock.callLater(
+                self._handshake_timeout, self._handshake_timed_out
+            )
         self.transport.startTLS(self.tls.options, normal)  # type: ignore[union-attr]
         if self.tls.server:
             # startTLS put a TLS layer between the socket and this protocol; its writes to
@@ -138,8 +161,24 @@ class DataConnection(Protocol):
             layer = self.transport.protocol  # type: ignore[union-attr]
             self._hold = layer.transport = _PostHandshakeHold(layer.transport)
 
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if not self.ready.called:
+            seconds = f"{self._handshake_timeout:g}"
+            reason = f"TLS handshake not complete within {seconds} seconds"
+            self.ready.errback(Failure(TLSHandshakeTimeout(reason)))
+        self.abort()
+
+    def _stop_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
     def handshakeCompleted(self) -> None:
         assert self.tls is not None
+        self._stop_handshake_timer()
+        if self.ready.called:
+            return  # too late: the handshake timed out and the connection is being aborted
         if self.tls.require_reuse and not _session_reused(self.transport):
             self.ready.errback(
                 Failure(TLSReuseRequired("the data connection did not resume the TLS session"))
@@ -177,6 +216,7 @@ class DataConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        self._stop_handshake_timer()
         if not self.ready.called:
             self.ready.errback(reason)
         elif self.on_lost is not None:
@@ -297,6 +337,8 @@ class PassiveListener:
         on_failure: Callable[[str], None],
     ) -> None:
         self._reactor = reactor
+        self._clock = clock
+        self._timeout = timeout
         self._peer = peer_host
         self._tls = tls
         self._on_failure = on_failure
@@ -336,7 +378,9 @@ class PassiveListener:
                 expected=self._peer,
             )
             return None
-        self.connection = DataConnection(self._tls, accepted=True)
+        self.connection = DataConnection(
+            self._tls, accepted=True, clock=self._clock, handshake_timeout=self._timeout
+        )
         self.close()
         self.accepted.callback(self.connection)
         return self.connection

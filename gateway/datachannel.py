@@ -105,6 +105,7 @@ class DataChannel:
         pending = self.pending
         if pending is None:
             return []
+        pending.advertised = True
         if pending.verb == "EPSV":
             return self._view.answer(Reply.of(229, format_epsv_reply(address.port)))
         masquerade = self._view.config.masquerade_address
@@ -116,10 +117,19 @@ class DataChannel:
         if self.pending is not None:
             self.pending.connected = True
 
-    def failed(self, reason: str) -> None:
-        """The data connection failed before any transfer; the next transfer gets 425."""
-        if self.pending is not None:
-            self.pending.failure = reason
+    def failed(self, reason: str) -> list[Effect]:
+        """The data side failed before any transfer. PASV/EPSV still waiting for its listener
+        (which could not be opened) gets its one final reply, 425 (RFC 959 section 4.2), and
+        the session goes on; otherwise the next transfer gets the 425."""
+        pending = self.pending
+        if pending is None:
+            return []
+        if pending.target is None and not pending.advertised:
+            self.pending = None
+            text = f"Cannot open passive data connection: {reason}."
+            return [CloseData(), *self._view.answer(Reply.of(425, text))]
+        pending.failure = reason
+        return []
 
     def _drop(self) -> list[Effect]:
         """A new PORT/PASV replaces the previous one, closing its listener or connection."""

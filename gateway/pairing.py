@@ -45,6 +45,8 @@ class Pairing:
         #: Commands sent so far. A reply read before a command went out cannot answer it, so
         #: each waiting command remembers its number (see `deliver`'s `horizon`).
         self.sent = 0
+        #: Replies delivered so far (1xx included): a mark that moves with every reply.
+        self.delivered = 0
         self._waiting: deque[_Waiting] = deque()
 
     def send(
@@ -72,6 +74,7 @@ class Pairing:
         if not self._waiting or (horizon is not None and self._waiting[0].number >= horizon):
             return None
         waiting = self._waiting[0]
+        self.delivered += 1
         if not answer.final:
             return waiting.on_preliminary(answer)
         self._waiting.popleft()
@@ -86,6 +89,11 @@ class Pairing:
     def clear(self) -> None:
         """The upstream connection is gone (or was never kept): nothing will be answered."""
         self._waiting.clear()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether some command (or the greeting) still waits for its final reply."""
+        return bool(self._waiting)
 
     @property
     def horizon(self) -> int:

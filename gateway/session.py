@@ -137,6 +137,19 @@ class Session:
         """Commands sent upstream so far."""
         return self._pairing.sent
 
+    @property
+    def awaiting_reply(self) -> int | None:
+        """While the session waits for the upstream to answer, a mark that changes with every
+        upstream reply; None when no wait needs `timeouts.reply`: nothing is asked, or a
+        transfer's data side is under way after its 1xx (bounded by `timeouts.data_connect` and
+        `timeouts.stall` until the relay's outcome is known, then by this timer again)."""
+        if self.closed or not self._pairing.waiting:
+            return None
+        transfer = self.transfers.current
+        if transfer is not None and transfer.data_under_way:
+            return None
+        return self._pairing.delivered
+
     # ----------------------------------------------------------------- inputs from the shell
 
     def start(self) -> list[Effect]:
@@ -277,18 +290,41 @@ class Session:
         """The proxy credentials were checked (`twisted.cred`, in the shell)."""
         return [] if self.closed else self.login.proxy_auth_result(ok, throttled=throttled)
 
-    def timed_out(self, what: str) -> list[Effect]:
-        """A session timer (`login` or `idle`) ran out: whether it counts is decided here. The
-        login timer stops counting once logged in; a transfer keeps the session alive (the
-        relay's stall timeout guards it). When it counts: RFC 959 section 4.2, 421 and close."""
+    def timed_out(self, what: str, mark: int | None = None) -> list[Effect]:
+        """A session timer ran out: `login`, `idle`, or `reply` (armed with the mark
+        `awaiting_reply` gave). Whether it still counts is decided here: a logged-in session
+        has no login timer, a transfer in progress keeps the session from being idle (the
+        transfer's own timeouts bound it), and a reply timer counts only if no reply came since
+        it was armed. A timer that counts ends the session with 421 (RFC 959 section 4.2),
+        except the reply timer of a transfer, which ends only the transfer, with 426."""
         if self.closed or (what == "login" and self.logged_in):
             return []
         if what == "idle" and self.transferring:
             return []
+        if what == "reply":
+            if mark is None or mark != self.awaiting_reply:
+                return []
+            return self._reply_timed_out()
         return [
             Log("info", "Session {what} timeout", {"what": what}),
             *self.close(Reply.of(421, _TIMEOUT_TEXTS[what])),
         ]
+
+    def _reply_timed_out(self) -> list[Effect]:
+        """The upstream left a command unanswered for `timeouts.reply` seconds."""
+        seconds = f"{self.config.reply_timeout:g}"
+        log = Log(
+            "warn",
+            "Upstream {peer} sent no reply within {seconds} seconds",
+            {"peer": str(self.upstream_peer), "seconds": seconds, "event": "reply_timeout"},
+        )
+        if self.phase is Phase.CLOSING:
+            return [log, *self.close(Reply.of(221, "Goodbye."))]
+        if self.transferring:
+            text = f"Transfer aborted: the upstream server sent no reply within {seconds} seconds."
+            return [log, *self.transfers.give_up(Reply.of(426, text))]
+        text = f"The upstream server sent no reply within {seconds} seconds; closing."
+        return [log, *self.close(Reply.of(421, text))]
 
     # ------------------------------------------------------------------- data connections
 
@@ -317,9 +353,7 @@ class Session:
             {"side": side.value, "reason": reason},
         )
         if self.transfers.current is None:
-            if side is Side.CLIENT:
-                self.data_channel.failed(reason)
-            return [log]
+            return [log, *(self.data_channel.failed(reason) if side is Side.CLIENT else [])]
         return [log, *self.transfers.data_failed(side, reason)]
 
     def relay_finished(self, ok: bool, detail: str) -> list[Effect]:
@@ -337,9 +371,8 @@ class Session:
     ) -> list[Effect]:
         return self._pairing.send(command, on_final, on_preliminary=on_preliminary, owner=owner)
 
-    def abandon(self, owner: object, command: Command) -> list[Effect]:
+    def drop(self, owner: object) -> None:
         self._pairing.drop(owner)
-        return self._pairing.send(command, ignore)
 
     def answer(self, reply: Reply, *then: Effect) -> list[Effect]:
         return self._answer(reply, *then)

@@ -40,6 +40,7 @@ from gateway.effects import (
     StartRelay,
     ToClient,
 )
+from gateway.pairing import ignore
 from gateway.view import SessionView
 
 #: Commands that move data, and which side the bytes come from.
@@ -68,6 +69,7 @@ class ClientData:
     target: HostPort | None = None  # active modes: where to connect
     connected: bool = False  # passive modes: the client already connected
     failure: str | None = None
+    advertised: bool = False  # passive modes: the 227/229 reply went out
 
 
 class TransferPhase(enum.Enum):
@@ -92,6 +94,8 @@ class Transfer:
     phase: TransferPhase = TransferPhase.SETUP
     #: Data connections ready for the relay (after their TLS handshake, if protected).
     connected: set[Side] = field(default_factory=set)
+    #: The upstream's data connection exists (TCP up; TLS, if any, may still be negotiating).
+    upstream_opened: bool = False
     #: The upstream's 1xx, once passed on to the client.
     preliminary: Reply | None = None
     upstream_final: Reply | None = None
@@ -103,6 +107,14 @@ class Transfer:
         upstream active mode it waits for the PORT reply instead: some servers (pyftpdlib)
         connect as soon as they accept PORT, before answering it."""
         return self.phase is TransferPhase.SETUP and self.mode != "active"
+
+    @property
+    def data_under_way(self) -> bool:
+        """The data side is moving or opening after the upstream's 1xx: bounded by
+        `timeouts.data_connect` and `timeouts.stall` until the relay's outcome is known."""
+        return self.phase is TransferPhase.RELAYING or (
+            self.relay_result is None and self.preliminary is not None
+        )
 
 
 def upstream_mode(
@@ -132,25 +144,44 @@ def setup_failure(transfer: Transfer) -> Reply:
     return Reply.of(425, f"Cannot open data connection: {detail}.")
 
 
+def no_data_connection(transfer: Transfer) -> Reply:
+    """451: the upstream reported success for a transfer it never opened a data connection
+    for (RFC 959 section 4.2: 451, local error in processing)."""
+    verb = transfer.command.verb
+    return Reply.of(
+        451,
+        f"{verb} failed: the upstream server reported success without ever opening "
+        "a data connection; nothing was transferred.",
+    )
+
+
 def final_reply(transfer: Transfer) -> Reply | None:
     """The one final reply the client may see now, or None while the transfer must wait.
 
     The upstream's final reply passes only once the relay has delivered every byte; a relay
     that failed turns it into 425 (never connected) or 426 (cut off), so a transfer that did
-    not complete never reaches the client as 226.
+    not complete never reaches the client as 226. A positive reply for a transfer whose
+    upstream data connection never existed (no 1xx, no connection opened or accepted) is a
+    transfer that never happened: 451. A server that answers an empty transfer with 226 and
+    no 1xx after its data connection opened and closed is honest; that case waits for the
+    relay like any other.
     """
     final = transfer.upstream_final
     result = transfer.relay_result
     if final is None:
         return None  # the upstream has not answered yet; it will, once its data side ends
     if result is None:
-        if final.positive and (
-            transfer.phase is TransferPhase.RELAYING or transfer.preliminary is not None
+        if not final.positive:
+            return final
+        if (
+            transfer.phase is TransferPhase.RELAYING
+            or transfer.preliminary is not None
+            or transfer.upstream_opened
         ):
             # The upstream's 226 can overtake the bytes still being relayed, or the client's
             # data connection may still be opening: hold it until the relay's outcome.
             return None
-        return final
+        return no_data_connection(transfer)
     ok, detail = result
     if ok:
         return final
@@ -279,17 +310,27 @@ class TransferDriver:
     def _on_preliminary(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         if transfer.preliminary is not None:
             return []
+        effects: list[Effect] = [ToClient(answer), *self._connect_client(transfer)]
         transfer.preliminary = answer
-        effects: list[Effect] = [ToClient(answer)]
-        target = transfer.client.target
-        if target is not None:
-            # RFC 959 section 3.2: in active mode the server connects after its 150.
-            effects.append(ConnectData(Side.CLIENT, target, tls=transfer.client.tls))
         return effects
+
+    @staticmethod
+    def _connect_client(transfer: Transfer) -> list[Effect]:
+        """Active mode: connect to the client's PORT/EPRT address, once, when the upstream's
+        data side is coming (RFC 959 section 3.2: the server connects after its 1xx)."""
+        target = transfer.client.target
+        if target is None or transfer.preliminary is not None:
+            return []
+        return [ConnectData(Side.CLIENT, target, tls=transfer.client.tls)]
 
     def _on_final(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         transfer.upstream_final = answer
-        return self._decide(transfer)
+        effects: list[Effect] = []
+        if answer.positive and transfer.upstream_opened:
+            # Some servers skip the 1xx of an empty transfer; their data connection exists,
+            # so the client's is opened too and the relay decides (`final_reply`).
+            effects += self._connect_client(transfer)
+        return effects + self._decide(transfer)
 
     # ------------------------------------------------------------------ data connections
 
@@ -300,7 +341,10 @@ class TransferDriver:
         data connection only once it has the command (RFC 4217 section 7), so waiting for the
         handshake first would deadlock."""
         transfer = self.current
-        if transfer is None or side is not Side.UPSTREAM or not transfer.command_due:
+        if transfer is None or side is not Side.UPSTREAM:
+            return []
+        transfer.upstream_opened = True
+        if not transfer.command_due:
             return []
         return self._send_command(transfer)
 
@@ -311,8 +355,10 @@ class TransferDriver:
             return []
         effects: list[Effect] = []
         transfer.connected.add(side)
-        if side is Side.UPSTREAM and transfer.command_due:
-            effects += self._send_command(transfer)
+        if side is Side.UPSTREAM:
+            transfer.upstream_opened = True
+            if transfer.command_due:
+                effects += self._send_command(transfer)
         if transfer.connected == {Side.CLIENT, Side.UPSTREAM} and transfer.phase in (
             TransferPhase.SETUP,
             TransferPhase.SENT,
@@ -353,6 +399,16 @@ class TransferDriver:
         """End the transfer in progress with `answer` (the upstream's data reply was bad)."""
         return [] if self.current is None else self._end(self.current, answer)
 
+    def give_up(self, answer: Reply) -> list[Effect]:
+        """The upstream stopped answering: end the transfer with `answer`. Whatever the
+        upstream still sends for it reaches nobody, so replies stay paired if it wakes up; if
+        it stays silent, the next command's wait runs into the reply timer again."""
+        transfer = self.current
+        if transfer is None:
+            return []
+        self._view.drop(transfer)
+        return self._end(transfer, answer)
+
     def _end(self, transfer: Transfer, answer: Reply) -> list[Effect]:
         """Give the client the transfer's one final reply; the transfer is over."""
         if self.current is not transfer:
@@ -387,9 +443,13 @@ class TransferDriver:
         return [
             CloseData(),
             record,
-            *self._view.abandon(transfer, Command("ABOR", "")),
+            *self._drop_and_abort(transfer),
             *self._view.answer(
                 Reply.of(426, "Connection closed; transfer aborted."),
                 ToClient(Reply.of(226, "ABOR command successful.")),
             ),
         ]
+
+    def _drop_and_abort(self, transfer: Transfer) -> list[Effect]:
+        self._view.drop(transfer)
+        return self._view.send(Command("ABOR", ""), ignore)

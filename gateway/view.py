@@ -69,9 +69,9 @@ class SessionView(Protocol):
         """Send `command` upstream; its replies go to the handlers (`gateway.pairing`)."""
         ...
 
-    def abandon(self, owner: object, command: Command) -> list[Effect]:
-        """Send `command` (ABOR) upstream for work that is abandoned: the replies still owed
-        to `owner`'s commands, and the reply to `command`, reach nobody."""
+    def drop(self, owner: object) -> None:
+        """The work `owner` stands for is abandoned: replies still owed to the commands sent
+        for it reach nobody (`Pairing.drop`)."""
         ...
 
     def answer(self, reply: Reply, *then: Effect) -> list[Effect]:

@@ -18,6 +18,16 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   replies 426.
 - DOUBLE_REPLY (NOOP): two final replies to one command, in one write; the second is
   unsolicited (pyftpdlib does much the same to a command line over 2,048 bytes).
+- SILENT_PWD (PWD): never answers, and answers nothing after it.
+- SILENT_AFTER_RETR (RETR): sends 150 and the whole file, closes the data connection cleanly,
+  and never sends the final reply (nor any reply after it).
+- STALL_AFTER_150 (RETR): accepts the data connection, sends 150, then nothing at all on
+  either connection.
+- SUCCESS_WITHOUT_DATA (RETR): accepts PORT/EPRT (and PASV/EPSV, whose listener it closes
+  without accepting) and answers RETR with 226 at once: no 150, no data connection.
+- TLS_DATA_STALL (RETR): an FTPS server (AUTH TLS with `tls_context`, PROT P) that accepts
+  the data connection, sends 150 and never answers the TLS handshake on it; once the gateway
+  closes the data connection it replies 426.
 
 "Forever" is bounded by `ENDLESS_LIMIT` (time and bytes) so a gateway that never gives up
 fails its test instead of hanging it. `events` records what happened, for assertions.
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -52,6 +63,11 @@ class Mode(StrEnum):
     RESET_MID_RETR = "reset-mid-retr"
     EARLY_CLOSE_426 = "early-close-426"
     DOUBLE_REPLY = "double-reply"
+    SILENT_PWD = "silent-pwd"
+    SILENT_AFTER_RETR = "silent-after-retr"
+    STALL_AFTER_150 = "stall-after-150"
+    SUCCESS_WITHOUT_DATA = "success-without-data"
+    TLS_DATA_STALL = "tls-data-stall"
 
 
 def reset(sock: socket.socket) -> None:
@@ -73,9 +89,13 @@ class HostileUpstream:
         *,
         payload: bytes = b"",
         pasv_address: tuple[str, int] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         if Mode(mode) is Mode.THIRD_HOST_PASV and pasv_address is None:
             raise ValueError("THIRD_HOST_PASV needs the pasv_address to name")
+        if Mode(mode) is Mode.TLS_DATA_STALL and tls_context is None:
+            raise ValueError("TLS_DATA_STALL needs a tls_context")
+        self.tls_context = tls_context
         self.mode = Mode(mode)
         self.payload = payload
         self.pasv_address = pasv_address
@@ -145,6 +165,12 @@ class HostileUpstream:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(TIMEOUT)
+        if self.mode is Mode.TLS_DATA_STALL:
+            try:
+                self._serve_tls_stall(conn)
+            except OSError as e:
+                self._event(f"control connection error: {e!r}")
+            return
         data_listener: socket.socket | None = None
         try:
             with conn, conn.makefile("rb") as lines:
@@ -170,9 +196,24 @@ class HostileUpstream:
                         if data_listener is not None:
                             data_listener.close()
                         data_listener = self._passive(conn, verb)
+                    elif verb == "RETR" and self.mode is Mode.SUCCESS_WITHOUT_DATA:
+                        if data_listener is not None:
+                            data_listener.close()  # resets a connection waiting in its queue
+                            data_listener = None
+                        conn.sendall(b"226 Transfer complete.\r\n")
+                        self._event("answered RETR 226 without a data connection")
+                    elif verb in ("PORT", "EPRT") and self.mode is Mode.SUCCESS_WITHOUT_DATA:
+                        conn.sendall(f"200 {verb} command successful.\r\n".encode())
                     elif verb == "RETR":
                         self._retr(conn, data_listener)
                         data_listener = None
+                        if self.mode in (Mode.SILENT_AFTER_RETR, Mode.STALL_AFTER_150):
+                            self._drain(lines)
+                            return
+                    elif verb == "PWD" and self.mode is Mode.SILENT_PWD:
+                        self._event("left PWD unanswered")
+                        self._drain(lines)
+                        return
                     elif verb == "NOOP" and self.mode is Mode.DOUBLE_REPLY:
                         conn.sendall(b"200 NOOP ok.\r\n200 Unsolicited second reply.\r\n")
                         self._event("answered NOOP twice")
@@ -187,6 +228,45 @@ class HostileUpstream:
         finally:
             if data_listener is not None:
                 data_listener.close()
+
+    def _serve_tls_stall(self, conn: socket.socket) -> None:
+        """TLS_DATA_STALL: just enough FTPS (RFC 4217) to reach a protected RETR."""
+        assert self.tls_context is not None
+        control: socket.socket = conn
+        lines = control.makefile("rb")
+        listener: socket.socket | None = None
+        control.sendall(b"220 hostile upstream ready\r\n")
+        while raw := lines.readline(8192):
+            verb = raw.decode("latin-1").strip().partition(" ")[0].upper()
+            self._event(f"command {verb}")
+            if verb == "AUTH":
+                control.sendall(b"234 AUTH TLS ok.\r\n")
+                control = self._track(self.tls_context.wrap_socket(control, server_side=True))
+                lines = control.makefile("rb")
+            elif verb in ("PBSZ", "PROT"):
+                control.sendall(b"200 OK.\r\n")
+            elif verb == "EPSV":
+                listener = self._track(socket.create_server((HOST, 0)))
+                listener.settimeout(TIMEOUT)
+                port = listener.getsockname()[1]
+                control.sendall(f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+            elif verb == "RETR" and listener is not None:
+                data, _ = listener.accept()
+                listener.close()
+                self._track(data)
+                control.sendall(b"150 Opening BINARY mode data connection.\r\n")
+                self._event("sent 150, not answering the data TLS handshake")
+                with contextlib.suppress(OSError):
+                    while data.recv(65536):
+                        pass  # the gateway's ClientHello, unanswered
+                data.close()
+                self._event("the gateway closed the data connection")
+                control.sendall(b"426 Data connection closed; transfer aborted.\r\n")
+            elif verb == "QUIT":
+                control.sendall(b"221 bye\r\n")
+                return
+            else:
+                control.sendall(_SIMPLE.get(verb, b"502 Command not implemented.\r\n"))
 
     def _drain(self, lines: BinaryIO) -> None:
         """Read until the gateway hangs up, so the close is the gateway's decision."""
@@ -260,6 +340,15 @@ class HostileUpstream:
         self.data_peers.append(peer[0])
         self._event(f"data connection from {peer[0]}")
         conn.sendall(b"150 Opening BINARY mode data connection.\r\n")
+        if self.mode is Mode.STALL_AFTER_150:
+            self._event("sent 150, then nothing")
+            return  # the data connection stays open (tracked) until stop()
+        if self.mode is Mode.SILENT_AFTER_RETR:
+            data.sendall(self.payload)
+            data.shutdown(socket.SHUT_WR)
+            data.close()
+            self._event("sent the whole file, then no final reply")
+            return
         if self.mode is Mode.RESET_MID_RETR:
             part = self.payload[: len(self.payload) // 4]
             data.sendall(part)

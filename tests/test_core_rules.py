@@ -43,6 +43,20 @@ OPENING = Reply.of(150, "Opening data connection.")
         ({"upstream_final": OK, "phase": FAILED, "relay_result": (False, "no connection")}, 425),
         ({"phase": RELAYED, "relay_result": (False, "reset")}, None),  # upstream owes a reply
         ({"upstream_final": REFUSED, "phase": RELAYED, "relay_result": (True, "")}, 550),
+        # 226 with no 1xx and no data connection at all: a transfer that never happened.
+        ({"upstream_final": OK}, 451),
+        # 226 with no 1xx, but the upstream's data connection exists (an empty transfer on
+        # servers that skip the 1xx): the relay decides.
+        ({"upstream_final": OK, "upstream_opened": True}, None),
+        (
+            {
+                "upstream_final": OK,
+                "upstream_opened": True,
+                "phase": RELAYED,
+                "relay_result": (True, "0 b"),
+            },
+            226,
+        ),
     ],
 )
 def test_final_reply_never_reports_an_incomplete_transfer_as_done(
@@ -50,6 +64,13 @@ def test_final_reply_never_reports_an_incomplete_transfer_as_done(
 ) -> None:
     answer = transfer.final_reply(a_transfer(**state))
     assert (answer.code if answer else None) == code
+
+
+def test_success_without_a_data_connection_says_nothing_was_transferred() -> None:
+    answer = transfer.final_reply(a_transfer(upstream_final=OK))
+    assert answer is not None and answer.code == 451
+    assert "without ever opening a data connection" in answer.text
+    assert "nothing was transferred" in answer.text
 
 
 def test_failed_relay_reply_says_why() -> None:

@@ -616,3 +616,129 @@ def test_transparent_mode_refuses_unredirected_and_denied_connections(
     assert code == 421 and words in text
     assert CloseClient() in effects
     assert not any(isinstance(e, ConnectUpstream) for e in effects)
+
+
+# ------------------------------------------------------- one final reply for every command
+
+
+@pytest.mark.parametrize("verb", ["PASV", "EPSV"])
+def test_passive_listener_that_cannot_open_answers_425_and_the_session_goes_on(verb: str) -> None:
+    s = reverse()
+    assert s.client_line(line(verb)) == [ListenData(Side.CLIENT)]
+    assert s.client_line(line("NOOP")) == []  # pipelined behind the passive command
+    effects = s.data_failed(Side.CLIENT, "no free port in the passive range")
+    (answer,) = to_client(effects)
+    assert answer == (
+        425,
+        "Cannot open passive data connection: no free port in the passive range.",
+    )
+    assert to_upstream(effects) == ["NOOP"]  # the queue moves on
+    assert to_client(s.upstream_reply(r(200, "NOOP ok"))) == [(200, "NOOP ok")]
+    # Nothing is left behind: a transfer needs a new PORT/PASV first.
+    assert to_client(s.client_line(line("RETR f"))) == [
+        (425, "Use PORT, EPRT, PASV or EPSV first.")
+    ]
+
+
+def test_reply_timer_closes_a_session_whose_upstream_never_answers_with_421() -> None:
+    s = reverse()
+    assert s.awaiting_reply is None  # nothing asked: no timer
+    s.client_line(line("PWD"))
+    mark = s.awaiting_reply
+    assert mark is not None
+    effects = s.timed_out("reply", mark)
+    (answer,) = to_client(effects)
+    assert answer[0] == 421 and "no reply within 120 seconds" in answer[1]
+    assert CloseClient() in effects and CloseUpstream() in effects
+
+
+def test_reply_timer_armed_before_the_latest_reply_does_not_count() -> None:
+    s = reverse()
+    s.client_line(line("PWD"))
+    stale = s.awaiting_reply
+    s.client_line(line("NOOP"))
+    s.upstream_reply(r(257, '"/"'))  # PWD answered; NOOP now waits
+    assert s.awaiting_reply is not None and s.awaiting_reply != stale
+    assert s.timed_out("reply", stale) == []
+    assert not s.closed
+    assert to_client(s.upstream_reply(r(200, "NOOP ok"))) == [(200, "NOOP ok")]
+    assert s.awaiting_reply is None
+    assert s.timed_out("reply", stale) == []
+
+
+def test_silent_upstream_after_a_transfer_gives_426_and_the_session_goes_on() -> None:
+    s = reverse()
+    assert _active_download(s) == [StartRelay(Side.UPSTREAM)]
+    assert s.awaiting_reply is None  # the relay is moving bytes: timeouts.stall bounds it
+    assert to_client(s.relay_finished(True, "1000 bytes")) == []
+    mark = s.awaiting_reply
+    assert mark is not None  # the upstream owes the transfer's final reply
+    effects = s.timed_out("reply", mark)
+    (answer,) = to_client(effects)
+    assert answer[0] == 426 and "no reply within 120 seconds" in answer[1]
+    assert CloseData() in effects and CloseClient() not in effects
+    assert to_upstream(s.client_line(line("NOOP"))) == ["NOOP"]
+    # The upstream wakes up: its late 226 belongs to the abandoned transfer, not to NOOP.
+    assert to_client(s.upstream_reply(r(226, "Transfer complete"))) == []
+    assert to_client(s.upstream_reply(r(200, "NOOP ok"))) == [(200, "NOOP ok")]
+
+
+def test_upstream_that_stays_silent_after_a_timed_out_transfer_closes_the_session() -> None:
+    s = reverse()
+    _active_download(s)
+    s.relay_finished(False, "no data moved for 300 seconds after 0 bytes")
+    s.timed_out("reply", s.awaiting_reply)
+    s.client_line(line("NOOP"))
+    effects = s.timed_out("reply", s.awaiting_reply)
+    assert to_client(effects)[0][0] == 421
+    assert CloseClient() in effects
+
+
+def test_reply_timer_at_quit_says_goodbye() -> None:
+    s = reverse()
+    s.client_line(line("QUIT"))
+    effects = s.timed_out("reply", s.awaiting_reply)
+    assert to_client(effects) == [(221, "Goodbye.")]
+    assert CloseClient() in effects
+
+
+def test_idle_and_login_timers_count_only_when_the_session_decides_so() -> None:
+    s = reverse()
+    _active_download(s)
+    assert s.timed_out("idle") == []  # a transfer is not idleness; its own timers bound it
+    s.client_line(line("USER alice"))
+    s.relay_finished(True, "1 byte")
+    s.upstream_reply(r(226, "Transfer complete"))
+    s.upstream_reply(r(230, "welcome"))
+    assert s.timed_out("login") == []  # logged in: the login timer no longer counts
+    assert to_client(s.timed_out("idle"))[0][0] == 421
+
+
+def test_upstream_success_without_1xx_or_data_connection_is_451_not_226() -> None:
+    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s.client_line(line("PASV"))
+    s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
+    s.data_connected(Side.CLIENT)
+    s.client_line(line("RETR f"))
+    s.data_listening(Side.UPSTREAM, HostPort.of("198.51.100.1", 6000))
+    assert to_upstream(s.upstream_reply(r(200, "PORT command successful"))) == ["RETR f"]
+    effects = s.upstream_reply(r(226, "Transfer complete."))  # never connected, no 150
+    (answer,) = to_client(effects)
+    assert answer[0] == 451 and "without ever opening a data connection" in answer[1]
+    assert CloseData() in effects
+    assert any(isinstance(e, Log) and e.level == "warn" for e in effects)
+    assert to_upstream(s.client_line(line("NOOP"))) == ["NOOP"]  # the session goes on
+
+
+def test_empty_transfer_without_1xx_connects_an_active_client_and_waits_for_the_relay() -> None:
+    s = reverse()
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("LIST"))
+    s.upstream_reply(r(229, "(|||6446|)"))
+    assert to_upstream(s.data_opened(Side.UPSTREAM)) == ["LIST"]
+    s.data_connected(Side.UPSTREAM)
+    effects = s.upstream_reply(r(226, "Transfer complete."))  # no 150 (an empty listing)
+    assert to_client(effects) == []
+    assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
+    assert s.data_connected(Side.CLIENT) == [StartRelay(Side.UPSTREAM)]
+    assert to_client(s.relay_finished(True, "0 bytes")) == [(226, "Transfer complete.")]

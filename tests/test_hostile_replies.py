@@ -1,0 +1,318 @@
+"""Every command gets its one final reply, in time: a live gateway against peers that leave it
+without a data side (a taken passive range, a refused PORT address, a data-connection TLS
+handshake that never completes) or without an answer (an upstream that falls silent, stalls
+after 150, or claims success without a data connection).
+
+Each case runs the real gateway process with short timeouts, so a reply that would come only
+after a default timeout (or never) fails the test through the client's socket timeout; no test
+asserts how fast a reply came.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import random
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gateway_process import GatewayProcess, start_gateway
+from hostile_upstream import HostileUpstream, Mode
+from pki import Pki, make_pki
+from servers import RunningServer, start_server
+
+MIB = 1024 * 1024
+HEALTH = "health.bin"
+HEALTH_DATA = random.Random(4217).randbytes(MIB)
+PAYLOAD = random.Random(959).randbytes(256 * 1024)
+TIMEOUT = 20.0
+"""The client's socket timeout: far above the gateway's 2 s timeouts, far below its defaults
+(30 s data_connect, 120 s reply, 300 s stall), so a gateway that waits fails the test."""
+
+CONFIG = """\
+allow_upstream = ["127.0.0.0/8"]
+[timeouts]
+data_connect = 2
+stall = 2
+reply = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def ftpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    server = start_server("pyftpdlib", tmp_path_factory.mktemp("ftpd"))
+    (server.root / HEALTH).write_bytes(HEALTH_DATA)
+    yield server
+    server.stop()
+
+
+def run_gateway(tmp_path: Path, extra: str = "", *args: str) -> GatewayProcess:
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG + extra)
+    return start_gateway(tmp_path, "--config", str(config), *args)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    gw = run_gateway(tmp_path)
+    yield gw
+    gw.stop()
+
+
+def connect(gw: GatewayProcess) -> ftplib.FTP:
+    ftp = ftplib.FTP(timeout=TIMEOUT)
+    ftp.connect(gw.host, gw.port)
+    return ftp
+
+
+def login(gw: GatewayProcess, host: str, port: int, user: str, password: str) -> ftplib.FTP:
+    ftp = connect(gw)
+    ftp.login(f"{user}@{host}:{port}", password)
+    ftp.voidcmd("TYPE I")
+    return ftp
+
+
+def login_ftpd(gw: GatewayProcess, server: RunningServer) -> ftplib.FTP:
+    return login(gw, server.host, server.port, server.user, server.password)
+
+
+def login_hostile(gw: GatewayProcess, upstream: HostileUpstream) -> ftplib.FTP:
+    return login(gw, upstream.host, upstream.port, "anon", "secret")
+
+
+def answer(ftp: ftplib.FTP, command: str) -> str:
+    """The final reply to `command` (after any 1xx), whatever it is: no raising."""
+    ftp.putcmd(command)
+    reply = ftp.getmultiline()
+    while reply.startswith("1"):
+        reply = ftp.getmultiline()
+    return reply
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def assert_closed(ftp: ftplib.FTP) -> None:
+    with pytest.raises((EOFError, ConnectionResetError)):
+        ftp.getline()
+    ftp.close()
+
+
+def wait_for_log(gw: GatewayProcess, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (log := gw.log()):
+        assert time.monotonic() < deadline, f"{text!r} not in the gateway log:\n{log[-3000:]}"
+        time.sleep(0.05)
+    return log
+
+
+def assert_download_works(ftp: ftplib.FTP) -> None:
+    chunks: list[bytes] = []
+    assert ftp.retrbinary(f"RETR {HEALTH}", chunks.append).startswith("226")
+    assert b"".join(chunks) == HEALTH_DATA
+
+
+# ---------------------------------------------------------- the gateway cannot open its side
+
+
+@pytest.mark.parametrize("verb", ["PASV", "EPSV"])
+def test_taken_passive_range_gets_425_and_the_session_goes_on(
+    tmp_path: Path, ftpd: RunningServer, verb: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        taken = holder.getsockname()[1]
+        gw = run_gateway(tmp_path, f'[data]\npassive_ports = "{taken}-{taken}"\n')
+        try:
+            ftp = login_ftpd(gw, ftpd)
+            # Pipelined behind the passive command: each still gets its own reply, in order.
+            assert ftp.sock is not None
+            ftp.sock.sendall(f"{verb}\r\nNOOP\r\nPWD\r\n".encode())
+            first = ftp.getmultiline()
+            assert first.startswith("425") and "passive" in first, first
+            assert ftp.getmultiline().startswith("200")
+            assert ftp.getmultiline().startswith("257")
+            wait_for_log(gw, "Cannot open a passive listener")
+            assert answer(ftp, f"RETR {HEALTH}").startswith("425")  # no data target was left
+            assert ftp.quit().startswith("221")
+        finally:
+            gw.stop()
+
+
+def test_port_to_a_closed_port_gets_425_and_the_session_goes_on(
+    gateway: GatewayProcess, ftpd: RunningServer
+) -> None:
+    # A bound socket that does not listen: connections to its port are refused, and no other
+    # process can take the port while the test runs.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        ftp = login_ftpd(gateway, ftpd)
+        ftp.voidcmd(f"PORT 127,0,0,1,{port >> 8},{port & 0xFF}")
+        final = answer(ftp, f"RETR {HEALTH}")
+        assert final.startswith("425") and "refused" in final.lower(), final
+        assert ftp.voidcmd("NOOP").startswith("200")
+        assert_download_works(ftp)
+        assert ftp.quit().startswith("221")
+
+
+# ---------------------------------------------------------------- an upstream falls silent
+
+
+def test_upstream_that_never_answers_a_command_gets_421(
+    gateway: GatewayProcess, ftpd: RunningServer
+) -> None:
+    with HostileUpstream(Mode.SILENT_PWD) as up:
+        ftp = login_hostile(gateway, up)
+        final = answer(ftp, "PWD")
+        assert final.startswith("421") and "no reply within 2 seconds" in final, final
+        assert_closed(ftp)
+        wait_for_log(gateway, "sent no reply within 2 seconds")
+    # Other sessions are unaffected.
+    ftp = login_ftpd(gateway, ftpd)
+    assert_download_works(ftp)
+    ftp.quit()
+
+
+def retr_passive(ftp: ftplib.FTP, name: str) -> tuple[bytes, str]:
+    """RETR over PASV: the bytes received and the final reply, whatever it is."""
+    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    with socket.create_connection((host, port), timeout=TIMEOUT) as data:
+        ftp.putcmd(f"RETR {name}")
+        first = ftp.getmultiline()
+        if not first.startswith("1"):
+            return b"", first
+        received = read_until_closed(data)
+    return received, ftp.getmultiline()
+
+
+def test_upstream_without_a_final_reply_after_the_transfer_gets_426_then_421(
+    gateway: GatewayProcess,
+) -> None:
+    with HostileUpstream(Mode.SILENT_AFTER_RETR, payload=PAYLOAD) as up:
+        ftp = login_hostile(gateway, up)
+        data, final = retr_passive(ftp, "file")
+        assert data == PAYLOAD  # every byte arrived, but the upstream never confirmed
+        assert final.startswith("426") and "no reply within 2 seconds" in final, final
+        # The session went on; the upstream stays silent, so the next command ends it.
+        final = answer(ftp, "NOOP")
+        assert final.startswith("421") and "no reply" in final, final
+        assert_closed(ftp)
+
+
+def test_upstream_stalling_after_150_gets_426(gateway: GatewayProcess) -> None:
+    with HostileUpstream(Mode.STALL_AFTER_150, payload=PAYLOAD) as up:
+        ftp = login_hostile(gateway, up)
+        data, final = retr_passive(ftp, "file")
+        assert data == b""
+        assert final.startswith("426"), final
+        assert "sent 150, then nothing" in up.events
+        wait_for_log(gateway, "no data moved for 2 seconds")
+        wait_for_log(gateway, "sent no reply within 2 seconds")
+
+
+# ------------------------------------------------------------- success without a transfer
+
+
+def test_upstream_success_without_data_connection_is_not_226(tmp_path: Path) -> None:
+    """The upstream is active (it would connect to the gateway) and answers RETR with 226 at
+    once, having connected nowhere: nothing was transferred."""
+    gw = run_gateway(tmp_path, '[data]\nupstream_mode = "active"\n')
+    try:
+        with HostileUpstream(Mode.SUCCESS_WITHOUT_DATA, payload=PAYLOAD) as up:
+            ftp = login_hostile(gw, up)
+            host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+            with socket.create_connection((host, port), timeout=TIMEOUT) as data:
+                final = answer(ftp, "RETR file")
+                assert final.startswith("451"), final
+                assert "without ever opening a data connection" in final
+                assert read_until_closed(data) == b""
+            assert "answered RETR 226 without a data connection" in up.events
+            wait_for_log(gw, "without ever opening a data connection")
+            assert ftp.voidcmd("NOOP").startswith("200")  # the session goes on
+            ftp.quit()
+    finally:
+        gw.stop()
+
+
+def test_upstream_success_without_1xx_to_an_active_client_is_not_226(
+    gateway: GatewayProcess,
+) -> None:
+    """The gateway's passive connection to the upstream waits in a listen queue the upstream
+    then closes; its 226 (no 150) must not reach a client that got no byte."""
+    with HostileUpstream(Mode.SUCCESS_WITHOUT_DATA, payload=PAYLOAD) as up:
+        ftp = login_hostile(gateway, up)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(TIMEOUT)
+            port = listener.getsockname()[1]
+            ftp.voidcmd(f"PORT 127,0,0,1,{port >> 8},{port & 0xFF}")
+            final = answer(ftp, "RETR file")
+            assert final.startswith("4"), final
+        assert ftp.voidcmd("NOOP").startswith("200")
+        ftp.quit()
+
+
+# ------------------------------------------------- a data-connection TLS handshake stalls
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_client_data_tls_handshake_that_never_completes_gets_425(
+    tmp_path: Path, pki: Pki, ftpd: RunningServer
+) -> None:
+    tls = f'[tls]\ncertificate = "{pki.server_chain}"\nprivate_key = "{pki.server_key}"\n'
+    gw = run_gateway(tmp_path, tls, "--upstream", f"127.0.0.1:{ftpd.port}")
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        ftp = ftplib.FTP_TLS(context=context, timeout=TIMEOUT)
+        ftp.connect("localhost", gw.port)
+        ftp.login(ftpd.user, ftpd.password)
+        ftp.prot_p()
+        ftp.voidcmd("TYPE I")
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+        # Connect the data port and never start the handshake.
+        with socket.create_connection((host, port), timeout=TIMEOUT) as data:
+            final = answer(ftp, f"RETR {HEALTH}")
+            assert final.startswith("425"), final
+            assert "TLS handshake not complete within 2 seconds" in final
+            assert read_until_closed(data) == b""
+        assert ftp.voidcmd("NOOP").startswith("200")
+        chunks: list[bytes] = []  # a client that does complete its handshake is served
+        assert ftp.retrbinary(f"RETR {HEALTH}", chunks.append).startswith("226")
+        assert b"".join(chunks) == HEALTH_DATA
+        ftp.quit()
+    finally:
+        gw.stop()
+
+
+def test_upstream_data_tls_handshake_that_never_completes_gets_425(
+    tmp_path: Path, pki: Pki
+) -> None:
+    tls = f'[tls]\nupstream = "required"\nupstream_ca_file = "{pki.ca_cert}"\n'
+    gw = run_gateway(tmp_path, tls)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_chain, pki.server_key)
+    try:
+        with HostileUpstream(Mode.TLS_DATA_STALL, tls_context=context) as up:
+            ftp = login_hostile(gw, up)
+            data, final = retr_passive(ftp, "file")
+            assert data == b""
+            assert final.startswith("425"), final
+            assert "TLS handshake not complete within 2 seconds" in final
+            assert "the gateway closed the data connection" in up.events
+            assert ftp.voidcmd("NOOP").startswith("200")  # the session goes on
+            ftp.quit()
+    finally:
+        gw.stop()

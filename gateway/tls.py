@@ -17,7 +17,6 @@ from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet._sslverify import ClientTLSOptions, _verifyCB
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
@@ -95,7 +94,7 @@ class UpstreamTLS:
         self.hostname = hostname
         self.verify_errors: list[int] = []
         self._context = context
-        self._verify: ClientTLSOptions | None = verify
+        self._verify: Any = verify  # twisted's ClientTLSOptions, or None when pinned
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         if self._verify is None:
@@ -108,7 +107,7 @@ class UpstreamTLS:
         connection = self._verify.clientConnectionForTLS(tlsProtocol)
         # Twisted's callback checks the chain and the name; wrap it to remember why a chain
         # was refused, so the client hears "expired" rather than "verify failed".
-        check = _verifyCB(tlsProtocol, self._verify._hostnameIsDnsName, self._verify._hostnameASCII)
+        check = _twisted_verify_callback(self._verify, tlsProtocol)
 
         def record(
             conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: bool
@@ -133,6 +132,18 @@ class UpstreamTLS:
                 f"the upstream's certificate could not be verified (error {self.verify_errors[0]})"
             )
         return f"TLS handshake failed: {text}"
+
+
+def _twisted_verify_callback(options: Any, tls_protocol: Any) -> Any:
+    """The certificate check Twisted installs for `optionsForClientTLS` (chain, then name).
+
+    The only use of private Twisted API (`twisted.internet._sslverify`): Twisted offers no
+    public hook to learn *why* verification failed, so the gateway installs Twisted's own
+    callback wrapped in one that records the OpenSSL error, rather than re-implementing the
+    name check."""
+    from twisted.internet._sslverify import _verifyCB
+
+    return _verifyCB(tls_protocol, options._hostnameIsDnsName, options._hostnameASCII)
 
 
 def client_options(

@@ -16,12 +16,20 @@ what happens once it has greeted (and is secured) is a `Plan`, decided when the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from gateway.addresses import UserTarget, is_ip_literal, parse_host_port, parse_user_target
+from gateway.addresses import (
+    HostPort,
+    UserTarget,
+    is_ip_literal,
+    parse_host_port,
+    parse_user_target,
+)
 from gateway.codec import Command, Reply
 from gateway.effects import Authenticate, CloseUpstream, Effect, Log, ResolveUpstream, ToClient
+from gateway.policy import UpstreamPolicy
 from gateway.view import Phase, SessionView
 
 ProxyLoginStyle = Literal["user", "proxy-user@host", "joined", "joined-acct"]
@@ -178,6 +186,20 @@ class Login:
             return self._view.answer(Reply.of(501, f"{command.verb} needs a host[:port]: {e}."))
         return self._connect_to(UserTarget("", host, port), Announce(220))
 
+    def handler(self, command: Command) -> Callable[[Command], list[Effect]] | None:
+        """The login's handler for `command`, if the login takes it now."""
+        if command.verb == "USER":
+            return self.user
+        if self._view.upstream_peer is not None:
+            return None
+        if command.verb == "PASS":
+            return self.password
+        if command.verb == "ACCT":
+            return self.account
+        if command.verb in ("OPEN", "SITE") and self.proxy_ok and command.arg:
+            return self.open
+        return None
+
     def _authenticate(self, user: str, password: str) -> list[Effect]:
         return [Authenticate(user, password)]
 
@@ -277,6 +299,22 @@ class Login:
         self._view.forget_upstream()
         self._view.enter(Phase.LOGIN)
         return self._view.answer(Reply.of(530, text))
+
+
+def check_destination(
+    destination: HostPort | None, policy: UpstreamPolicy
+) -> tuple[list[Effect], Reply] | None:
+    """Transparent mode: the log lines and the 421 that refuse a connection that was not
+    redirected, or whose original destination the upstream policy denies (the gateway must not
+    become an open relay to addresses its owner did not allow); None to go on."""
+    if destination is None:
+        text = "This gateway serves redirected connections only; connect to an FTP server."
+        return [], Reply.of(421, text)
+    decision = policy.check(destination.host, destination.port)
+    if decision.allowed:
+        return None
+    text = f"Upstream {destination} is denied by policy: {decision.reason}."
+    return [upstream_denied(str(destination), decision.reason)], Reply.of(421, text)
 
 
 def upstream_denied(host: str, reason: str) -> Log:

@@ -38,20 +38,19 @@ from gateway.effects import (
     CloseClient,
     CloseData,
     CloseUpstream,
-    ConnectUpstream,
     Effect,
     Log,
     Side,
     StartClientTLS,
-    StartUpstreamTLS,
     ToClient,
 )
 from gateway.errors import ProtocolError
-from gateway.ftps import ClientFTPS, UpstreamFTPS
-from gateway.login import Login, upstream_denied
+from gateway.ftps import ClientFTPS
+from gateway.login import Login, check_destination
 from gateway.pairing import Handler, Pairing, ignore
 from gateway.policy import CommandPolicy, UpstreamPolicy
 from gateway.transfer import SOURCES, TransferDriver
+from gateway.upstream import Upstream
 from gateway.view import ACCEPTS_COMMANDS, Phase
 
 #: Commands answered before an upstream is chosen in forward mode.
@@ -88,8 +87,6 @@ class Session:
         self.commands = CommandPolicy(config.denied_commands, config.read_only)
         self.client_peer = client_peer
         self.client_local = client_local
-        self.upstream_peer: HostPort | None = None
-        self.upstream_local: HostPort | None = None
         self.phase = Phase.LOGIN
         #: An upstream 230 was passed to the client (the login timer stops counting).
         self.logged_in = False
@@ -97,14 +94,8 @@ class Session:
         self._serving = False  # `_serve_queue` is running (it must not re-enter itself)
         self._queue: deque[Command | BadLine] = deque()
         self._pairing = Pairing()
-        #: Reverse mode: the upstream's greeting, shown once the upstream side is secured.
-        self._greeting: Reply | None = None
-        #: The phase to return to after an upstream TLS negotiation a client's AUTH started.
-        self._resume: Phase | None = None
-        #: REST's offset, held until the transfer command it belongs to.
-        self._restart: str | None = None
         self.client_ftps = ClientFTPS(config, implicit=implicit_tls)
-        self.upstream_ftps = UpstreamFTPS(self, name=self._tls_name, secured=self._secured)
+        self.upstream = Upstream(self, self._pairing, tls_name=self._tls_name)
         self.login = Login(self, proxy_auth=bool(config.proxy_auth))
         self.data_channel = DataChannel(self, client_peer, client_local)
         self.transfers = TransferDriver(self)
@@ -130,57 +121,32 @@ class Session:
     @property
     def upstream_tls(self) -> bool:
         """The upstream control connection is protected."""
-        return self.upstream_ftps.active
+        return self.upstream.ftps.active
 
     @property
-    def sent(self) -> int:
-        """Commands sent upstream so far."""
-        return self._pairing.sent
+    def upstream_peer(self) -> HostPort | None:
+        return self.upstream.peer
 
     @property
     def awaiting_reply(self) -> int | None:
-        """While the session waits for the upstream to answer, a mark that changes with every
-        upstream reply; None when no wait needs `timeouts.reply`: nothing is asked, or a
-        transfer's data side is under way after its 1xx (bounded by `timeouts.data_connect` and
-        `timeouts.stall` until the relay's outcome is known, then by this timer again)."""
-        if self.closed or not self._pairing.waiting:
-            return None
-        transfer = self.transfers.current
-        if transfer is not None and transfer.data_under_way:
-            return None
-        return self._pairing.delivered
+        """The mark the shell arms `timeouts.reply` with (`Upstream.awaiting_reply`)."""
+        return self.upstream.awaiting_reply
 
     # ----------------------------------------------------------------- inputs from the shell
 
     def start(self) -> list[Effect]:
         """The client connected."""
         if self.config.transparent:
-            refusal = self._check_destination()
+            refusal = check_destination(self.destination, self.policy)
             if refusal is not None:
-                return refusal
+                log, reply = refusal
+                return [*log, *self.close(reply)]
         if self.fixed_upstream is None:
             self.phase = Phase.PROXY_LOGIN if self.config.proxy_auth else Phase.LOGIN
             text = self.config.greeting + " Log in as USER name@host[:port]."
             return [ToClient(Reply.of(220, text))]
         self.phase = Phase.GREETING  # the upstream's greeting answers the connection itself
         return self.connect(*self.fixed_upstream)
-
-    def _check_destination(self) -> list[Effect] | None:
-        """Transparent mode: refuse a connection that was not redirected, or whose original
-        destination the upstream policy denies (the gateway must not become an open relay to
-        addresses its owner did not allow)."""
-        destination = self.destination
-        if destination is None:
-            text = "This gateway serves redirected connections only; connect to an FTP server."
-            return self.close(Reply.of(421, text))
-        decision = self.policy.check(destination.host, destination.port)
-        if decision.allowed:
-            return None
-        text = f"Upstream {destination} is denied by policy: {decision.reason}."
-        return [
-            upstream_denied(str(destination), decision.reason),
-            *self.close(Reply.of(421, text)),
-        ]
 
     def client_line(self, event: Command | BadLine) -> list[Effect]:
         """A line arrived on the client control connection."""
@@ -202,83 +168,33 @@ class Session:
 
     def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         """The upstream control connection is open; its greeting comes next."""
-        self.upstream_local, self.upstream_peer = local, peer
-        self._pairing.expect(self._on_greeting, on_preliminary=self._on_early_greeting)
-        return [Log("info", "Connected to upstream {peer}", {"peer": str(peer)})]
+        return self.upstream.connected(local, peer)
 
     def upstream_connect_failed(self, reason: str) -> list[Effect]:
-        if self.closed:
-            return []
-        log = Log(
-            "warn",
-            "Cannot connect to the upstream: {reason}",
-            {"reason": reason, "event": "upstream_connect_failed"},
-        )
-        if self.forward:
-            return [log, *self.login.connect_failed(reason)]
-        return [log, *self.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
+        return [] if self.closed else self.upstream.connect_failed(reason)
 
     def upstream_tls_ready(self) -> list[Effect]:
         """The upstream control connection's TLS handshake succeeded and was verified."""
-        return [] if self.closed else self.upstream_ftps.handshake_done()
+        return [] if self.closed else self.upstream.ftps.handshake_done()
 
     def upstream_tls_failed(self, reason: str) -> list[Effect]:
         """The upstream's certificate was refused or its handshake failed: never fall back."""
-        log = Log(
-            "warn",
-            "TLS to upstream {peer} failed: {reason}",
-            {"peer": str(self.upstream_peer), "reason": reason},
-        )
-        text = f"Cannot secure the connection to the upstream: {reason}."
-        return [log, *self.close(Reply.of(421, text))]
+        return self.upstream.tls_failed(reason)
 
     def upstream_replies(self, replies: Sequence[Reply]) -> list[Effect]:
-        """Replies framed from one read of the upstream control connection. None of them can
-        answer a command sent after the read (the horizon), and once one of them started TLS,
-        the rest came in clear text from before the handshake: RFC 4217 section 4 says they
-        are not from the TLS peer, so they are dropped."""
-        horizon = self._pairing.horizon
-        effects: list[Effect] = []
-        for answer in replies:
-            step = self.upstream_reply(answer, horizon)
-            effects += step
-            if any(isinstance(effect, StartUpstreamTLS) for effect in step):
-                break
-        return effects
+        """Replies framed from one read of the upstream control connection."""
+        return [] if self.closed else self.upstream.replies(replies)
 
     def upstream_reply(self, answer: Reply, horizon: int | None = None) -> list[Effect]:
-        """A complete reply arrived on the upstream control connection (see `Pairing`)."""
-        if self.closed:
-            return []
-        if answer.code == 421 and self.phase is not Phase.CLOSING:
-            # RFC 959 section 4.2: 421 means the server is closing the control connection.
-            return self.close(answer)
-        try:
-            effects = self._pairing.deliver(answer, horizon)
-        except ProtocolError as e:
-            # A reply the gateway must understand (227, 229) was malformed.
-            log = Log("warn", "Bad upstream reply: {error}", {"error": e.message})
-            if self.transferring:
-                text = f"Cannot open data connection: {e.message}"
-                return [log, *self.transfers.fail(Reply.of(425, text))]
-            return [log, *self.close(Reply.of(421, f"Upstream server error: {e.message}"))]
-        if effects is None:
-            return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
-        return effects
+        """A complete reply arrived on the upstream control connection (see `Upstream`)."""
+        return [] if self.closed else self.upstream.reply(answer, horizon)
 
     def upstream_failed(self, error: ProtocolError) -> list[Effect]:
         """The upstream sent something that is not FTP (e.g. an endless reply)."""
-        return [
-            Log("warn", "Upstream protocol error: {error}", {"error": str(error)}),
-            *self.close(Reply.of(421, f"Upstream server error: {error}")),
-        ]
+        return self.upstream.failed(error)
 
     def upstream_lost(self) -> list[Effect]:
-        if self.closed:
-            return []
-        if self.phase is Phase.CLOSING:
-            return self.close(None)
-        return self.close(Reply.of(421, "Upstream server closed the connection."))
+        return [] if self.closed else self.upstream.lost()
 
     def client_lost(self) -> list[Effect]:
         if self.closed:
@@ -304,27 +220,11 @@ class Session:
         if what == "reply":
             if mark is None or mark != self.awaiting_reply:
                 return []
-            return self._reply_timed_out()
+            return self.upstream.reply_timed_out()
         return [
             Log("info", "Session {what} timeout", {"what": what}),
             *self.close(Reply.of(421, _TIMEOUT_TEXTS[what])),
         ]
-
-    def _reply_timed_out(self) -> list[Effect]:
-        """The upstream left a command unanswered for `timeouts.reply` seconds."""
-        seconds = f"{self.config.reply_timeout:g}"
-        log = Log(
-            "warn",
-            "Upstream {peer} sent no reply within {seconds} seconds",
-            {"peer": str(self.upstream_peer), "seconds": seconds, "event": "reply_timeout"},
-        )
-        if self.phase is Phase.CLOSING:
-            return [log, *self.close(Reply.of(221, "Goodbye."))]
-        if self.transferring:
-            text = f"Transfer aborted: the upstream server sent no reply within {seconds} seconds."
-            return [log, *self.transfers.give_up(Reply.of(426, text))]
-        text = f"The upstream server sent no reply within {seconds} seconds; closing."
-        return [log, *self.close(Reply.of(421, text))]
 
     # ------------------------------------------------------------------- data connections
 
@@ -389,13 +289,13 @@ class Session:
         self.phase = phase
 
     def connect(self, host: str, port: int) -> list[Effect]:
-        if self.config.upstream_tls != "implicit":
-            return [ConnectUpstream(host, port)]
-        return [ConnectUpstream(host, port, implicit_tls=True, tls_name=self._tls_name())]
+        return self.upstream.connect(host, port)
 
     def forget_upstream(self) -> None:
-        self._pairing.clear()
-        self.upstream_peer = self.upstream_local = None
+        self.upstream.forget()
+
+    def serve_queue(self) -> list[Effect]:
+        return self._serve_queue()
 
     def pass_through(self, command: Command) -> list[Effect]:
         return self.send(command, self.pass_back, on_preliminary=lambda r: [ToClient(r)])
@@ -445,10 +345,9 @@ class Session:
             return self._answer(refusal)
         if verb in _ALWAYS:
             return _ALWAYS[verb](self, command)
-        if self.forward:
-            login_verb = self._login_verb(command)
-            if login_verb is not None:
-                return login_verb(command)
+        login_verb = self.login.handler(command) if self.forward else None
+        if login_verb is not None:
+            return login_verb(command)
         refused = self._refused_by_policy(verb)
         if refused is not None:
             return refused
@@ -460,20 +359,6 @@ class Session:
                 return self._answer(Reply.of(200 if verb == "NOOP" else 502, text))
             return self._answer(Reply.of(530, "Please log in with USER name@host[:port] first."))
         return _VERBS.get(verb, Session._pass_through)(self, command)
-
-    def _login_verb(self, command: Command) -> Callable[[Command], list[Effect]] | None:
-        """Forward mode: the login's handler for `command`, if the login takes it now."""
-        if command.verb == "USER":
-            return self.login.user
-        if self.upstream_peer is not None:
-            return None
-        if command.verb == "PASS":
-            return self.login.password
-        if command.verb == "ACCT":
-            return self.login.account
-        if command.verb in ("OPEN", "SITE") and self.login.proxy_ok and command.arg:
-            return self.login.open
-        return None
 
     def _refused_by_policy(self, verb: str) -> list[Effect] | None:
         refusal = self.commands.check(verb)
@@ -511,16 +396,7 @@ class Session:
         reply = self.client_ftps.auth(command)
         if reply.code != 234:
             return self._answer(reply)
-        then: list[Effect] = [StartClientTLS()]
-        if (
-            self.config.upstream_tls == "match_client"
-            and self.upstream_peer is not None
-            and not self.upstream_ftps.active
-        ):
-            # The upstream follows the client into TLS; commands wait until it has.
-            self._resume, self.phase = self.phase, Phase.UPSTREAM_TLS
-            then += self.upstream_ftps.negotiate(client_tls=True)
-        return self._answer(reply, *then)
+        return self._answer(reply, StartClientTLS(), *self.upstream.follow_client())
 
     def _pbsz(self, command: Command) -> list[Effect]:
         return self._answer(self.client_ftps.pbsz(command))
@@ -541,62 +417,17 @@ class Session:
         return self._answer(Reply.of(502, "Command not implemented; use EPRT or EPSV."))
 
     def _rest(self, command: Command) -> list[Effect]:
-        # Held until the transfer command, so nothing (EPSV, PASV) comes between the two on the
-        # upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer command.
-        if not command.arg.strip().isdigit():
-            return self._answer(Reply.of(501, "REST needs a byte offset."))
-        self._restart = command.arg.strip()
-        return self._answer(Reply.of(350, f"Restarting at {self._restart}. Send STOR or RETR."))
+        return self._answer(self.transfers.rest(command))
 
     def _transfer(self, command: Command) -> list[Effect]:
-        client = self.data_channel.pending
-        if client is None:
-            return self._answer(Reply.of(425, "Use PORT, EPRT, PASV or EPSV first."))
-        if self.config.client_tls == "required" and not client.tls:
-            # RFC 4217 section 9: 521 when policy refuses the data protection level.
-            text = "Data connections must be protected: send PROT P first."
-            return self._answer(Reply.of(521, text))
-        self.data_channel.take()
-        if client.failure is not None:
-            text = f"Cannot open data connection: {client.failure}."
-            return [CloseData(), *self._answer(Reply.of(425, text))]
-        restart, self._restart = self._restart, None
+        refusal = self.transfers.refusal(self.data_channel.pending)
+        if refusal is not None:
+            return self._answer(refusal)
+        client = self.data_channel.take()
+        assert client is not None
         self.phase = Phase.TRANSFER
-        self.transfers.upstream_protected = self.upstream_ftps.protected
-        return self.transfers.begin(command, client, restart)
-
-    # --------------------------------------------------------------- the upstream side
-
-    def _on_early_greeting(self, answer: Reply) -> list[Effect]:
-        # Reverse mode shows a 120 "ready in n minutes" as it comes.
-        return [] if self.forward else [ToClient(answer)]
-
-    def _on_greeting(self, answer: Reply) -> list[Effect]:
-        if self.forward:
-            if not answer.positive:
-                return self.login.greeted(answer)
-        elif not answer.positive:
-            return self.close(answer)
-        else:
-            # Reverse mode: the client sees the upstream's greeting as its own, once the
-            # upstream side is secured, so the client's USER and PASS never go out in clear
-            # text when policy wants TLS upstream.
-            self._greeting = answer
-        self.phase = Phase.UPSTREAM_TLS
-        return self.upstream_ftps.negotiate(client_tls=self.client_ftps.active)
-
-    def _secured(self) -> list[Effect]:
-        """The upstream control connection is as secure as policy wants: go on."""
-        resume, self._resume = self._resume, None
-        if resume is not None:
-            self.phase = resume  # a client's AUTH TLS started the negotiation
-            return self._serve_queue()
-        if self.forward:
-            return self.login.upstream_ready()
-        self.phase = Phase.LOGIN
-        greeting = self._greeting
-        assert greeting is not None
-        return [ToClient(greeting), *self._serve_queue()]
+        self.transfers.upstream_protected = self.upstream.ftps.protected
+        return self.transfers.begin(command, client)
 
     def _tls_name(self) -> str:
         """The name the upstream's certificate must carry."""

@@ -200,11 +200,35 @@ class TransferDriver:
         self._epsv_refused = False
         #: PROT P is in force upstream, so upstream data connections are protected.
         self.upstream_protected = False
+        #: REST's offset, held until the transfer command it belongs to.
+        self._restart: str | None = None
 
     # ----------------------------------------------------------------------- the start
 
-    def begin(self, command: Command, client: ClientData, restart: str | None) -> list[Effect]:
+    def rest(self, command: Command) -> Reply:
+        """REST is held until the transfer command, so nothing (EPSV, PASV) comes between the
+        two on the upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer
+        command."""
+        if not command.arg.strip().isdigit():
+            return Reply.of(501, "REST needs a byte offset.")
+        self._restart = command.arg.strip()
+        return Reply.of(350, f"Restarting at {self._restart}. Send STOR or RETR.")
+
+    def refusal(self, client: ClientData | None) -> Reply | None:
+        """Why a transfer cannot start with the client's data channel `client`, or None."""
+        if client is None:
+            return Reply.of(425, "Use PORT, EPRT, PASV or EPSV first.")
+        if self._view.config.client_tls == "required" and not client.tls:
+            # RFC 4217 section 9: 521 when policy refuses the data protection level.
+            return Reply.of(521, "Data connections must be protected: send PROT P first.")
+        return None
+
+    def begin(self, command: Command, client: ClientData) -> list[Effect]:
         """Start `command` (RETR, STOR, LIST, ...) with the client's data channel `client`."""
+        if client.failure is not None:
+            text = f"Cannot open data connection: {client.failure}."
+            return [CloseData(), *self._view.answer(Reply.of(425, text))]
+        restart, self._restart = self._restart, None
         upstream = self._view.upstream_peer
         assert upstream is not None
         mode = upstream_mode(

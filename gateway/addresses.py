@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.errors import ClientProtocolError, RemoteProtocolError
+from gateway.numbers import ascii_number, is_ascii_number
 
 # RFC 959 section 4.1.2: <host-port> ::= <host-number>,<port-number>, six decimal bytes.
 # [0-9] and not \d, which also matches digits of other scripts that int() accepts.
@@ -26,7 +27,6 @@ _PASV_REPLY = re.compile(r"(?<![0-9,+-])" + _SIX + r"(?![0-9,])")
 # RFC 2428 section 3: the 229 text carries "(<d><d><d><tcp-port><d>)", d in ASCII 33-126.
 # Digits are left out of d: with a digit delimiter the port has no unambiguous end.
 _EPSV_REPLY = re.compile(r"\(([!-/:-~])\1\1([0-9]{1,5})\1\)")
-_DIGITS = re.compile(r"[0-9]{1,5}")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MAX_HOST_NAME = 253  # RFC 1035 section 2.3.4: 255 octets on the wire, 253 as text
 
@@ -47,10 +47,8 @@ def _normal_ip(text: str) -> str:
 
 def _port(text: str) -> int | None:
     """A TCP port written in ASCII decimal, or None."""
-    if not _DIGITS.fullmatch(text):
-        return None
-    port = int(text)
-    return port if 1 <= port <= 65535 else None
+    port = ascii_number(text, max_digits=5)
+    return port if port is not None and 1 <= port <= 65535 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +152,7 @@ def parse_eprt_argument(arg: str) -> HostPort:
     if len(parts) != 3:
         raise ClientProtocolError(_EPRT_SYNTAX, 501)
     af, host, port_text = parts
-    if not _DIGITS.fullmatch(af):
+    if ascii_number(af, max_digits=5) is None:
         raise ClientProtocolError(_EPRT_SYNTAX, 501)
     if af not in ("1", "2"):
         # RFC 2428 section 2: 522 names the families the server supports.
@@ -205,7 +203,7 @@ def parse_epsv_argument(arg: str) -> int | str | None:
         return "ALL"
     if arg in ("1", "2"):
         return int(arg)
-    if _DIGITS.fullmatch(arg):
+    if ascii_number(arg, max_digits=5) is not None:
         raise ClientProtocolError(_UNSUPPORTED_AF, 522)
     raise ClientProtocolError("Syntax error in EPSV argument; expected 1, 2 or ALL.", 501)
 
@@ -234,7 +232,7 @@ def _host(text: str) -> str:
         or not all(0 < len(label) <= 63 for label in labels)
     ):
         raise ValueError(f"{text!r} is not a host name or IP address")
-    if labels[-1].isdigit():
+    if is_ascii_number(labels[-1]):
         # RFC 1123 section 2.1: a host name's last label is never all digits. What looks like
         # one is a malformed IPv4 address ("127.1", "2130706433"), which a resolver might
         # still read as an address; refuse it rather than guess.

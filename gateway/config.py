@@ -10,10 +10,12 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from gateway.addresses import HostPort, parse_host_port
+from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
 
 #: `data.upstream_mode`: how the gateway opens data connections to the upstream.
@@ -42,6 +44,7 @@ class Config:
     upstream_data_mode: UpstreamDataMode = "passive"
     passive_ports: tuple[int, int] | None = None
     masquerade_address: str | None = None
+    masquerade_except: tuple[IPv4Network | IPv6Network, ...] = ()
     follow_pasv_address: bool = False
     allow_foreign_data_address: bool = False
     source_address: str | None = None
@@ -150,14 +153,11 @@ def _port_range(name: str, value: object) -> tuple[int, int] | None:
     text = _optional_string(name, value)
     if text is None:
         return None
-    low, sep, high = text.partition("-")
-    if (
-        sep
-        and low.strip().isdigit()
-        and high.strip().isdigit()
-        and 1024 <= int(low) <= int(high) <= 65535
-    ):
-        return int(low), int(high)
+    low_text, sep, high_text = text.partition("-")
+    low = ascii_number(low_text.strip(), max_digits=5)
+    high = ascii_number(high_text.strip(), max_digits=5)
+    if sep and low is not None and high is not None and 1024 <= low <= high <= 65535:
+        return low, high
     raise ConfigError(
         f"{name}: expected 'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535, got {text!r}"
     )
@@ -182,6 +182,16 @@ def _ip_or_name(name: str, value: object) -> str | None:
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is neither an IP address nor a host name") from None
     return text
+
+
+def _networks(name: str, value: object) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for text in _strings(name, value):
+        try:
+            networks.append(ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not an IP network like 10.0.0.0/8") from None
+    return tuple(networks)
 
 
 def _bool(name: str, value: object) -> bool:
@@ -216,8 +226,8 @@ def _number(low: float, high: float) -> Callable[[str, object], float]:
 
 def _integer(low: int, high: int) -> Callable[[str, object], int]:
     def parse(name: str, value: object) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
+        if isinstance(value, str) and is_ascii_number(value.strip()):
+            value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(
                 f"{name}: expected a whole number from {low} to {high}, got {value!r}"
@@ -392,6 +402,12 @@ SETTINGS: tuple[Setting, ...] = (
         "masquerade_address",
         _ip_or_name,
         "IPv4 address advertised in 227 replies instead of the local one (gateway behind NAT).",
+    ),
+    Setting(
+        "data.masquerade_except",
+        "masquerade_except",
+        _networks,
+        "CIDR networks whose clients get the local address in 227, not masquerade_address.",
     ),
     Setting(
         "data.follow_pasv_address",
@@ -570,6 +586,13 @@ def build(*layers: Mapping[str, Any]) -> Config:
     config = Config(**values)
     if config.transparent and config.upstream is not None:
         raise ConfigError("transparent: the upstream comes from each connection; drop upstream")
+    if config.transparent and config.passive_ports is None:
+        # Clients connect for passive data to the server's address, on a port the gateway
+        # chose: only a port range that the edge also redirects to the gateway reaches it.
+        raise ConfigError(
+            "transparent: needs data.passive_ports, a range the edge redirects to the gateway "
+            "as it does the control port"
+        )
     if config.proxy_auth and not config.forward:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
     if config.client_tls == "required" and config.tls_certificate is None:

@@ -11,6 +11,8 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
+from ipaddress import ip_address
 from typing import Any
 
 from twisted.cred import strcred
@@ -61,12 +63,12 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
-from gateway.policy import LoginThrottle, UpstreamPolicy, check_client
+from gateway.listeners import interface_addresses, listener_addresses
+from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
     client_options,
-    fingerprint,
     server_options,
 )
 
@@ -110,17 +112,8 @@ class UpstreamControl(Protocol):
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
+        # The certificate was verified during the handshake (`tls.UpstreamTLS`).
         self.handshake_done = True
-        pinned = self.owner.factory.config.upstream_fingerprint
-        if pinned is not None:
-            seen = fingerprint(self.transport.getPeerCertificate())  # type: ignore[union-attr]
-            if seen != pinned:
-                self.owner.run(
-                    self.owner.session.upstream_tls_failed(
-                        f"the upstream's certificate fingerprint {seen} is not the pinned one"
-                    )
-                )
-                return
         if not self.owner.session.closed:
             self.owner.run(self.owner.session.upstream_tls_ready())
 
@@ -135,7 +128,7 @@ class UpstreamControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
-            reason_text = self.tls_options.describe(reason)
+            reason_text = self.tls_options.describe(reason, _tls_handle(self.transport))
             self.owner.run(self.owner.session.upstream_tls_failed(reason_text))
         self.owner.upstream_gone(self)
 
@@ -173,6 +166,7 @@ class ClientControl(Protocol):
         self._tls_switched = False
         self._effects: deque[Effect] = deque()
         self._running = False
+        self._refused = False
         self._reply_timer: IDelayedCall | None = None
         self._reply_mark: int | None = None
 
@@ -184,6 +178,12 @@ class ClientControl(Protocol):
         local = _hostport(self.transport.getHost())  # type: ignore[union-attr]
         self.log = Logger(namespace="gateway.session", source=self)
         self.peer = peer
+        destination = _original_destination(self.transport) if config.transparent else None
+        if self.factory.is_loop(peer, destination or local):
+            self._refuse_loop()
+            return
+        if local not in self.factory.listening:
+            self.factory.add_listener(local)
         self.reader = CommandReader(max_line=config.max_line)
         self.session = Session(
             config,
@@ -191,16 +191,28 @@ class ClientControl(Protocol):
             client_local=local,
             policy=self.factory.policy,
             implicit_tls=ISSLTransport.providedBy(self.transport),
-            destination=_original_destination(self.transport) if config.transparent else None,
+            destination=destination,
         )
         self.log.info("Client {client} connected", client=str(peer), event="session_started")
-        self.factory.listening.add(local)
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
         self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
         self.run(self.session.start())
+
+    def _refuse_loop(self) -> None:
+        text = "Connection loop: the gateway was asked to connect to itself."
+        _log.warn(
+            "Refused client {client}: {reason}",
+            client=str(self.peer),
+            reason=text,
+            event="session_refused",
+            reason_key="loop",
+        )
+        self._refused = True
+        self.transport.write(Reply.of(421, text).encode())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _timer(self, what: str) -> None:
         # The session decides whether the timer still counts (a transfer in progress is not
@@ -235,6 +247,8 @@ class ClientControl(Protocol):
         self.run(self.session.timed_out("reply", mark))
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._idle_timer.active():
             self._idle_timer.reset(self.factory.config.idle_timeout)
         for event in self.reader.feed(data):
@@ -247,6 +261,9 @@ class ClientControl(Protocol):
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._refused:
+            self.factory.session_ended(self)
+            return
         self.log.info("Client {client} disconnected", client=str(self.peer), event="session_ended")
         for timer in (self._login_timer, self._idle_timer, self._reply_timer):
             if timer is not None and timer.active():
@@ -346,15 +363,26 @@ class ClientControl(Protocol):
         if implicit_tls is not None:
             tls = self.factory.upstream_tls_options(implicit_tls)
             endpoint = wrapClientTLS(tls, endpoint)
+        started = self.factory.reactor.seconds()
         d = endpoint.connect(_UpstreamFactory(self, tls))
         self._upstream_connecting = d
+
+        def connected(_: object) -> None:
+            self._upstream_connecting = None
+            self.log.debug(
+                "Upstream {host}:{port} connected",
+                host=host,
+                port=port,
+                seconds=self.factory.reactor.seconds() - started,
+                event="upstream_connected",
+            )
 
         def failed(failure: Failure) -> None:
             self._upstream_connecting = None
             if not failure.check(error.ConnectingCancelledError):
                 self.run(self.session.upstream_connect_failed(_reason(failure)))
 
-        d.addCallbacks(lambda _: setattr(self, "_upstream_connecting", None), failed)
+        d.addCallbacks(connected, failed)
 
     def upstream_made(self, upstream: UpstreamControl) -> None:
         if self.session.closed:
@@ -363,7 +391,7 @@ class ClientControl(Protocol):
         self.upstream = upstream
         transport = upstream.transport
         upstream.local = _hostport(transport.getHost())  # type: ignore[union-attr]
-        self.factory.outbound.add(upstream.local)
+        self.factory.outbound[upstream.local] = _hostport(transport.getPeer())  # type: ignore[union-attr]
         self.run(
             self.session.upstream_connected(
                 upstream.local,
@@ -376,7 +404,7 @@ class ClientControl(Protocol):
 
     def upstream_gone(self, upstream: UpstreamControl) -> None:
         if upstream.local is not None:
-            self.factory.outbound.discard(upstream.local)
+            self.factory.outbound.pop(upstream.local, None)
         if upstream is self.upstream:
             self.upstream = None
             self.run(self.session.upstream_lost())
@@ -397,7 +425,8 @@ class ClientControl(Protocol):
             )
         assert self.upstream is not None and self.upstream.tls_options is not None
         control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
-        return DataTLS(ResumingClientCreator(self.upstream.tls_options, control), server=False)
+        creator = ResumingClientCreator(self.upstream.tls_options, control)
+        return DataTLS(creator, server=False, describe=creator.describe)
 
     def _listen(self, side: Side, tls: bool) -> None:
         config = self.factory.config
@@ -428,6 +457,16 @@ class ClientControl(Protocol):
         self.run(self.session.data_listening(side, listener.address))
 
     def _connect_data(self, side: Side, target: HostPort, tls: bool) -> None:
+        if self.factory.is_self(target.host, target.port):
+            # Whichever peer named it: the gateway never opens a data connection to itself.
+            self.log.warn(
+                "Refused a data connection to {target}: this gateway itself",
+                target=str(target),
+                event="refused",
+                refused="data_target",
+            )
+            self.run(self.session.data_failed(side, "the data address is this gateway itself"))
+            return
         config = self.factory.config
         control = self._control_transport(side)
         # Data connections leave from the same local address as their control connection, so
@@ -489,14 +528,18 @@ class ClientControl(Protocol):
         stall = self.factory.config.stall_timeout
         d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
         channels.relay = d
+        direction = "download" if source is Side.UPSTREAM else "upload"
+        started = reactor.seconds()
+        self.log.debug("Transfer {direction} started", direction=direction, event="relay_started")
 
         def finished(result: RelayResult) -> None:
             self.log.info(
                 "Transfer {direction} {outcome}: {detail}",
-                direction="download" if source is Side.UPSTREAM else "upload",
+                direction=direction,
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
+                seconds=reactor.seconds() - started,
                 event="relay_finished",
             )
             if channels is self._data:
@@ -602,6 +645,14 @@ def _no_delay(transport: Any) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _tls_handle(transport: Any) -> Any:
+    """The OpenSSL connection under a TLS transport, while it is being torn down."""
+    try:
+        return transport.getHandle()
+    except AttributeError:
+        return None
+
+
 def _reason(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
@@ -616,10 +667,11 @@ class GatewayFactory(Factory):
         self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
         self.sessions: dict[str, int] = {}
         self.active = 0
-        #: Local addresses of the gateway's own upstream control connections: a client
-        #: connecting from one of them is the gateway proxying to itself.
-        self.outbound: set[HostPort] = set()
-        #: Addresses clients reached the gateway on: an upstream there is the gateway itself.
+        #: The gateway's own upstream control connections, local end to peer: a client
+        #: connecting from one of those local ends to that peer is the gateway itself.
+        self.outbound: dict[HostPort, HostPort] = {}
+        #: Every address the gateway listens on (`add_listener`): never an upstream or a data
+        #: target.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
         self.reconfigure(config)
@@ -634,7 +686,9 @@ class GatewayFactory(Factory):
                 config.tls_certificate, config.tls_private_key, config.tls_min_version
             )
         self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
-        self.policy = UpstreamPolicy(rules=config.upstream_rules)
+        self.policy = UpstreamPolicy(
+            rules=config.upstream_rules, own_addresses=frozenset(self.listening)
+        )
         self.login_throttle.limit = config.max_failed_logins
         self.server_tls = server_tls
         self.config = config
@@ -657,10 +711,20 @@ class GatewayFactory(Factory):
         protocol = super().buildProtocol(addr)
         return protocol
 
+    def add_listener(self, address: HostPort) -> None:
+        """Learn a bound listener's address (at start-up, before any client uses it); for a
+        wildcard one, every local interface address on its port."""
+        self.listening |= listener_addresses(address, interface_addresses())
+        self.policy = replace(self.policy, own_addresses=frozenset(self.listening))
+
+    def is_loop(self, peer: HostPort, destination: HostPort) -> bool:
+        """Whether a client connected from `peer` to `destination` is one of the gateway's own
+        upstream connections: both ends must match, so a client whose port happens to equal
+        one of the gateway's outbound ports is not mistaken for one."""
+        return self.outbound.get(peer) == destination
+
     def _admission(self, peer: HostPort) -> tuple[str, str] | None:
         """Why a new client may not start a session (a short key and a sentence), or None."""
-        if peer in self.outbound:
-            return "loop", "Connection loop: the gateway was asked to connect to itself."
         decision = check_client(self.config.client_rules, peer.host)
         if not decision.allowed:
             return "client_policy", "Access denied by the gateway's client policy."
@@ -674,11 +738,7 @@ class GatewayFactory(Factory):
         """Whether connecting to host:port would reach this gateway's own listener."""
         if not is_ip_literal(host):
             return False
-        target = HostPort.of(host, port)
-        if target in self.listening:
-            return True
-        loopback = target.host.startswith("127.") or target.host in ("::1", "0.0.0.0", "::")
-        return loopback and any(address.port == port for address in self.listening)
+        return is_own_address(frozenset(self.listening), ip_address(host), port)
 
     def session_ended(self, protocol: ClientControl) -> None:
         self.active -= 1
@@ -717,7 +777,7 @@ class GatewayFactory(Factory):
         return client_options(
             name,
             ca_file=config.upstream_ca_file,
-            pinned=config.upstream_fingerprint is not None,
+            pin=config.upstream_fingerprint,
             min_version=config.tls_min_version,
         )
 

@@ -7,6 +7,8 @@ choice replaces the previous one, closing its listener or connection.
 
 from __future__ import annotations
 
+from ipaddress import IPv6Address, ip_address
+
 from gateway.addresses import (
     HostPort,
     format_epsv_reply,
@@ -57,6 +59,7 @@ class DataChannel:
             self._client_peer.host,
             target,
             allow_foreign=self._view.config.allow_foreign_data_address,
+            own=self._view.policy.own_addresses,
         )
         if not decision.allowed:
             log = Log(
@@ -108,9 +111,21 @@ class DataChannel:
         pending.advertised = True
         if pending.verb == "EPSV":
             return self._view.answer(Reply.of(229, format_epsv_reply(address.port)))
-        masquerade = self._view.config.masquerade_address
-        advertised = HostPort.of(masquerade or address.host, address.port)
+        advertised = HostPort.of(self._advertised_host(address.host), address.port)
         return self._view.answer(Reply.of(227, format_pasv_reply(advertised)))
+
+    def _advertised_host(self, local: str) -> str:
+        """The address a 227 reply names: the masquerade address, except for clients inside
+        the networks that reach the gateway directly (`data.masquerade_except`)."""
+        masquerade = self._view.config.masquerade_address
+        if masquerade is None:
+            return local
+        client = ip_address(self._client_peer.host)
+        if isinstance(client, IPv6Address) and client.ipv4_mapped is not None:
+            client = client.ipv4_mapped
+        if any(client in network for network in self._view.config.masquerade_except):
+            return local
+        return masquerade
 
     def connected(self) -> None:
         """The client connected before its transfer command (curl does)."""

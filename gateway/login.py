@@ -113,8 +113,9 @@ class LoginView(SessionView, Protocol):
         """Send `command` upstream and give the client every reply to it."""
         ...
 
-    def pass_back(self, answer: Reply) -> list[Effect]:
-        """Give the client the upstream's final `answer` to a command passed through."""
+    def pass_back(self, answer: Reply, *, login: bool = False) -> list[Effect]:
+        """Give the client the upstream's final `answer` to a command passed through;
+        `login`: to USER, PASS or ACCT."""
         ...
 
 
@@ -287,7 +288,7 @@ class Login:
         def on_user(answer: Reply) -> list[Effect]:
             if answer.code == 331 and password is not None:
                 return self._view.pass_through(Command("PASS", password))
-            return self._view.pass_back(answer)
+            return self._view.pass_back(answer, login=True)
 
         return self._view.send(
             Command("USER", plan.user), on_user, on_preliminary=lambda r: [ToClient(r)]
@@ -309,7 +310,17 @@ def check_destination(
     become an open relay to addresses its owner did not allow); None to go on."""
     if destination is None:
         text = "This gateway serves redirected connections only; connect to an FTP server."
-        return [], Reply.of(421, text)
+        log = Log(
+            "warn",
+            "Refused {client}: {reason}",
+            {
+                "reason": "transparent mode, but the connection was not redirected "
+                "(made to the gateway's own address)",
+                "event": "session_refused",
+                "reason_key": "not_redirected",
+            },
+        )
+        return [log], Reply.of(421, text)
     decision = policy.check(destination.host, destination.port)
     if decision.allowed:
         return None

@@ -9,16 +9,46 @@ serves `/metrics` (prometheus-client's text format) on that Twisted endpoint.
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.twisted import MetricsResource
-from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.copyright import version as twisted_version
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
+
+from gateway import __version__
+from gateway.startup import Listener
+
+#: Label values known in advance, so each series exists (at zero) before its first event:
+#: a dashboard or an alert on rate() sees 0, not "no data".
+_REFUSAL_REASONS = (
+    "loop",
+    "client_policy",
+    "max_sessions",
+    "max_sessions_per_ip",
+    "not_redirected",
+)
+_TRANSFER_VERBS = ("RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD")
+_TRANSFER_OUTCOMES = ("complete", "failed", "aborted")
+_DIRECTIONS = ("download", "upload")
+_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle")
+_RELOAD_RESULTS = ("ok", "failed")
+#: Seconds: loopback and LAN connects are sub-millisecond, a distant server 100 ms or more.
+_CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Seconds: transfers run from a small file's milliseconds to hours.
+_TRANSFER_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 
 
 @implementer(ILogObserver)
@@ -26,8 +56,23 @@ class MetricsObserver:
     """Counts log events that carry an `event` field; ignores all others."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        Info(
+            "ftp_gateway_build", "ftp-gateway's version and what it runs on.", registry=registry
+        ).info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "twisted": twisted_version,
+            }
+        )
+        ProcessCollector(registry=registry)
         self.sessions = Gauge(
             "ftp_gateway_sessions", "Client sessions open now.", registry=registry
+        )
+        self.transfers_in_flight = Gauge(
+            "ftp_gateway_transfers_in_flight",
+            "Data transfers relaying bytes now.",
+            registry=registry,
         )
         self.sessions_started = Counter(
             "ftp_gateway_sessions_started", "Client sessions accepted.", registry=registry
@@ -50,9 +95,27 @@ class MetricsObserver:
             ["direction"],
             registry=registry,
         )
+        self.transfer_seconds = Histogram(
+            "ftp_gateway_transfer_duration_seconds",
+            "Time from both data connections open to the relay's end, by direction.",
+            ["direction"],
+            buckets=_TRANSFER_BUCKETS,
+            registry=registry,
+        )
+        self.connect_seconds = Histogram(
+            "ftp_gateway_upstream_connect_seconds",
+            "Time to open an upstream control connection (TCP, and TLS for implicit FTPS).",
+            buckets=_CONNECT_BUCKETS,
+            registry=registry,
+        )
         self.logins_failed = Counter(
             "ftp_gateway_proxy_logins_failed",
             "Proxy authentication failures.",
+            registry=registry,
+        )
+        self.upstream_logins_failed = Counter(
+            "ftp_gateway_upstream_logins_failed",
+            "Logins the upstream refused (530 to USER, PASS or ACCT).",
             registry=registry,
         )
         self.upstream_failures = Counter(
@@ -72,6 +135,18 @@ class MetricsObserver:
             ["result"],
             registry=registry,
         )
+        for reason in _REFUSAL_REASONS:
+            self.sessions_refused.labels(reason=reason)
+        for verb in _TRANSFER_VERBS:
+            for outcome in _TRANSFER_OUTCOMES:
+                self.transfers.labels(command=verb, outcome=outcome)
+        for direction in _DIRECTIONS:
+            self.transfer_bytes.labels(direction=direction)
+            self.transfer_seconds.labels(direction=direction)
+        for kind in _REFUSED_KINDS:
+            self.refused.labels(kind=kind)
+        for result in _RELOAD_RESULTS:
+            self.reloads.labels(result=result)
 
     def __call__(self, event: LogEvent) -> None:
         kind = event.get("event")
@@ -90,11 +165,20 @@ class MetricsObserver:
             self.transfers.labels(command=event.get("verb", "?"), outcome=outcome).inc()
         elif kind == "transfer_aborted":
             self.transfers.labels(command=event.get("verb", "?"), outcome="aborted").inc()
+        elif kind == "relay_started":
+            self.transfers_in_flight.inc()
         elif kind == "relay_finished":
+            self.transfers_in_flight.dec()
             direction = event.get("direction", "?")
             self.transfer_bytes.labels(direction=direction).inc(int(event.get("bytes", 0)))
+            if "seconds" in event:
+                self.transfer_seconds.labels(direction=direction).observe(float(event["seconds"]))
+        elif kind == "upstream_connected":
+            self.connect_seconds.observe(float(event.get("seconds", 0.0)))
         elif kind == "proxy_login_failed":
             self.logins_failed.inc()
+        elif kind == "upstream_login_failed":
+            self.upstream_logins_failed.inc()
         elif kind == "upstream_connect_failed":
             self.upstream_failures.inc()
         elif kind == "refused":
@@ -115,7 +199,9 @@ class MetricsService(MultiService):
             root.putChild(b"metrics", MetricsResource(registry=self.registry))
             site = Site(root)
             site.noisy = False
-            strports.service(endpoint, site, reactor=reactor).setServiceParent(self)
+            Listener(
+                "metrics.listen", endpoint, site, reactor, "Prometheus metrics at /metrics"
+            ).setServiceParent(self)
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.observer)

@@ -9,37 +9,99 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gateway.addresses import HostPort
+from gateway.numbers import ascii_number
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Ranges an egress proxy must not reach unless an explicit rule allows them: the gateway's
-#: own machine, private networks, link-local (cloud metadata lives at 169.254.169.254),
-#: multicast, and addresses that are not routable at all.
-DEFAULT_DENIED: tuple[tuple[str, IPNetwork], ...] = tuple(
+#: Entries of the IANA special-purpose address registries (RFC 6890) that are not globally
+#: reachable but that the `ipaddress` tables of Python 3.11 and 3.12 still call global or only
+#: reserved; newer Pythons know most of them, and a duplicate costs nothing. Everything else
+#: comes from `ipaddress`'s own registry-backed properties (see `special_purpose`).
+REGISTRY_ADDITIONS: tuple[tuple[str, IPNetwork], ...] = tuple(
     (label, ipaddress.ip_network(net))
     for label, net in (
-        ("loopback", "127.0.0.0/8"),
-        ("loopback", "::1/128"),
-        ("unspecified", "0.0.0.0/8"),
-        ("unspecified", "::/128"),
-        ("private", "10.0.0.0/8"),
-        ("private", "172.16.0.0/12"),
-        ("private", "192.168.0.0/16"),
-        ("private", "100.64.0.0/10"),
-        ("private", "fc00::/7"),
-        ("link-local", "169.254.0.0/16"),
-        ("link-local", "fe80::/10"),
-        ("multicast", "224.0.0.0/4"),
-        ("multicast", "ff00::/8"),
-        ("reserved", "240.0.0.0/4"),
-        ("benchmarking", "198.18.0.0/15"),
+        ("IETF protocol assignment", "192.0.0.0/24"),  # RFC 6890 section 2.2.2
+        ("6to4 relay anycast", "192.88.99.0/24"),  # RFC 7526: deprecated
+        ("local-use NAT64", "64:ff9b:1::/48"),  # RFC 8215
+        ("discard-only", "100::/64"),  # RFC 6666
+        ("documentation", "3fff::/20"),  # RFC 9637
+        ("segment routing", "5f00::/16"),  # RFC 9602
     )
 )
+
+#: The NAT64 well-known prefix (RFC 6052 section 2.1) is globally reachable in the registry:
+#: whether an address in it may be reached is decided by the IPv4 address inside.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+#: `ipaddress` properties in the order their names go into a refusal.
+_PROPERTIES = (
+    ("unspecified", "is_unspecified"),
+    ("loopback", "is_loopback"),
+    ("link-local", "is_link_local"),
+    ("multicast", "is_multicast"),
+    ("site-local", "is_site_local"),
+    ("reserved", "is_reserved"),
+    ("private", "is_private"),
+)
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries, each with the name of its form.
+
+    A connection to one of them can end at the IPv4 address inside (a NAT64 translator, a
+    6to4 or Teredo relay, a dual-stack socket), so each is judged like a direct connection.
+    """
+    value = int(addr)
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    if addr.ipv4_mapped is not None:
+        found.append(("IPv4-mapped", addr.ipv4_mapped))  # RFC 4291 section 2.5.5.2
+    elif addr in _IPV4_COMPATIBLE and value > 1:
+        found.append(("IPv4-compatible", ipaddress.IPv4Address(value & 0xFFFFFFFF)))  # 2.5.5.1
+    if addr in NAT64_PREFIX:
+        found.append(("NAT64", ipaddress.IPv4Address(value & 0xFFFFFFFF)))  # RFC 6052 2.2
+    if addr in _NAT64_LOCAL:
+        # RFC 6052 section 2.2, a /48 prefix: bits 48-63 and 72-87 hold the IPv4 address.
+        high, low = (value >> 64) & 0xFFFF, (value >> 40) & 0xFFFF
+        found.append(("NAT64", ipaddress.IPv4Address(high << 16 | low)))
+    if addr.sixtofour is not None:
+        found.append(("6to4", addr.sixtofour))  # RFC 3056 section 2
+    if addr.teredo is not None:
+        server, client = addr.teredo  # RFC 4380 section 4; the client part de-obfuscated
+        found += [("Teredo server", server), ("Teredo client", client)]
+    return found
+
+
+def special_purpose(addr: IPAddress) -> str | None:
+    """Why `addr` is not a public address an egress proxy may reach by default, or None.
+
+    Derived from `ipaddress`'s registry-backed properties (`is_private`, `is_reserved`,
+    `is_global`, ...) and `REGISTRY_ADDITIONS`; an IPv6 address that carries an IPv4
+    address is refused when the IPv4 address would be.
+    """
+    if isinstance(addr, ipaddress.IPv6Address):
+        for form, inner in embedded_ipv4(addr):
+            why = special_purpose(inner)
+            if why is not None:
+                return f"{form} address of a {why} address ({inner})"
+        if addr in NAT64_PREFIX:
+            return None
+    for label, network in REGISTRY_ADDITIONS:
+        if addr.version == network.version and addr in network:
+            return label
+    for label, name in _PROPERTIES:
+        if getattr(addr, name, False):
+            return label
+    if not addr.is_global:
+        return "special-purpose"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +110,12 @@ class Decision:
 
     allowed: bool
     reason: str
+
+
+def host_key(name: str) -> str:
+    """A host name as rules compare it: DNS names are case-insensitive (RFC 4343) and
+    "example.com." is the same name as "example.com" (RFC 1034 section 3.1)."""
+    return name.lower().removesuffix(".")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +151,7 @@ class Rule:
                 network = ipaddress.ip_network(cidr.strip(), strict=False)
             except ValueError:
                 raise ValueError(f"{cidr!r} is not an IP network in CIDR notation") from None
-        return cls(action, network, host.lower() if host else None, _port_ranges(ports))
+        return cls(action, network, host_key(host) if host else None, _port_ranges(ports))
 
     def matches(self, addr: IPAddress, name: str | None, port: int) -> bool:
         if self.network is not None and (
@@ -91,7 +159,7 @@ class Rule:
         ):
             return False
         if self.pattern is not None and (
-            name is None or not fnmatch.fnmatchcase(name.lower(), self.pattern)
+            name is None or not fnmatch.fnmatchcase(host_key(name), self.pattern)
         ):
             return False
         return self.ports is None or any(low <= port <= high for low, high in self.ports)
@@ -110,14 +178,43 @@ def _port_ranges(text: str | None) -> tuple[tuple[int, int], ...] | None:
         return None
     ranges = []
     for item in str(text).split(","):
-        low, _, high = item.strip().partition("-")
-        high = high or low
-        if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+        low_text, _, high_text = item.strip().partition("-")
+        low = ascii_number(low_text, max_digits=5)
+        high = ascii_number(high_text or low_text, max_digits=5)
+        if low is None or high is None or not 1 <= low <= high <= 65535:
             raise ValueError(
                 f"{text!r} is not a list of ports or port ranges like '21,990,2000-2100'"
             )
-        ranges.append((int(low), int(high)))
+        ranges.append((low, high))
     return tuple(ranges)
+
+
+def _endpoint(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def is_own_address(own: frozenset[HostPort], addr: IPAddress, port: int) -> bool:
+    """Whether a connection to `addr`:`port` would reach one of the gateway's listeners.
+
+    `own` holds every listening address, and for a listener bound to 0.0.0.0 or :: also that
+    wildcard and every local interface address on its port (filled in at start-up). A wildcard
+    listener is also reached through any loopback address (all of 127.0.0.0/8), an IPv6 one
+    through IPv4 too (dual-stack sockets), and connecting to 0.0.0.0 or :: reaches the local
+    host, as 127.0.0.1 or ::1 (Linux).
+    """
+    if not own:
+        return False
+    candidates = [addr]
+    if addr.is_unspecified:
+        candidates.append(ipaddress.ip_address("127.0.0.1" if addr.version == 4 else "::1"))
+    for candidate in candidates:
+        if HostPort.of(str(candidate), port) in own:
+            return True
+        if candidate.is_loopback or candidate.is_unspecified:
+            wildcards = ["::"] if candidate.version == 6 else ["0.0.0.0", "::"]
+            if any(HostPort(w, port) in own for w in wildcards):
+                return True
+    return False
 
 
 def _address(host: str) -> IPAddress:
@@ -131,14 +228,16 @@ def _address(host: str) -> IPAddress:
 class UpstreamPolicy:
     """Which upstream addresses forward mode may connect to.
 
-    Rules are checked in order and the first whose network holds the address decides. When no
-    rule matches, the ranges in `DEFAULT_DENIED` and the gateway's own addresses are refused and
-    everything else (the public Internet) is allowed. The check runs on the resolved address the
-    gateway then connects to, so a name cannot be re-resolved to somewhere else in between.
+    The gateway's own listening addresses (`own_addresses`, see `is_own_address`) are refused
+    first, whatever the rules say. Then rules are checked in order and the first that matches
+    decides. When no rule matches, every address that is not globally reachable
+    (`special_purpose`) is refused and everything else (the public Internet) is allowed. The
+    check runs on the resolved address the gateway then connects to, so a name cannot be
+    re-resolved to somewhere else in between.
     """
 
     rules: tuple[Rule, ...] = ()
-    own_addresses: frozenset[str] = field(default_factory=frozenset)
+    own_addresses: frozenset[HostPort] = field(default_factory=frozenset)
 
     def check(self, host: str, port: int = 21, name: str | None = None) -> Decision:
         """Judge connecting to `host` (an IP address) on `port`; `name` is what the client
@@ -147,15 +246,16 @@ class UpstreamPolicy:
             addr = _address(host)
         except ValueError:
             return Decision(False, f"{host} is not an IP address")
+        if is_own_address(self.own_addresses, addr, port):
+            # Before the rules: no rule may turn the gateway into a loop through itself.
+            return Decision(False, f"{_endpoint(addr, port)} is this gateway (a connection loop)")
         for rule in self.rules:
             if rule.matches(addr, name, port):
                 verdict = "allowed" if rule.action == "allow" else "denied"
                 return Decision(rule.action == "allow", f"{addr} is {verdict} by rule {rule}")
-        if str(addr) in self.own_addresses:
-            return Decision(False, f"{addr} is the gateway itself")
-        for label, network in DEFAULT_DENIED:
-            if addr.version == network.version and addr in network:
-                return Decision(False, f"{addr} is a {label} address")
+        why = special_purpose(addr)
+        if why is not None:
+            return Decision(False, f"{addr} is not a public address: {why}")
         return Decision(True, f"{addr} is a public address")
 
     def choose(
@@ -185,10 +285,44 @@ def check_client(rules: tuple[Rule, ...], host: str) -> Decision:
     return Decision(True, f"client {addr} is allowed")
 
 
-#: Commands that change files on the upstream, refused by the read-only preset.
+#: Commands that change files on the upstream whatever their argument, refused by
+#: `commands.read_only`: RFC 959 section 4.1.3 (STOR, STOU, APPE, DELE, RNFR, RNTO, MKD, RMD),
+#: RFC 775 (XMKD, XRMD), draft-somers-ftp-mfxx (MFMT, MFF, MFCT set a file's times and facts),
+#: draft-peterson-streamlined-ftp-command-extensions (RMDA removes a whole tree), and SITE:
+#: its subcommands are each server's own (CHMOD, UTIME, SYMLINK, CPFR/CPTO, ...), no list of
+#: the writing ones can be complete, so a read-only gateway refuses SITE altogether.
 WRITE_COMMANDS = frozenset(
-    {"STOR", "STOU", "APPE", "DELE", "RNFR", "RNTO", "MKD", "XMKD", "RMD", "XRMD", "SITE"}
+    {
+        "STOR",
+        "STOU",
+        "APPE",
+        "DELE",
+        "RNFR",
+        "RNTO",
+        "MKD",
+        "XMKD",
+        "RMD",
+        "XRMD",
+        "RMDA",
+        "MFMT",
+        "MFF",
+        "MFCT",
+        "SITE",
+    }
 )
+
+#: Commands that read with one argument form and write with another, refused by
+#: `commands.read_only` only in the writing form: MDTM reads a file's time (RFC 3659 section
+#: 3), but vsftpd, Pure-FTPd and others also take "MDTM YYYYMMDDHHMMSS path" and set it.
+WRITE_FORMS: dict[str, re.Pattern[str]] = {
+    # A first word that is a time (digits of any script: the server may read them as ASCII),
+    # optionally with fraction and zone, then a path.
+    "MDTM": re.compile(r"\s*\d{14}(?:\.\d*)?(?:[+-]\d*)?\s+\S"),
+}
+
+#: RFC 959 section 4.1.3: ALLO <SP> <decimal-integer> [<SP> R <SP> <decimal-integer>], in
+#: ASCII digits (a size the upstream reads in another script is not the size the client sent).
+_ALLO = re.compile(r" *[0-9]{1,20}(?: +R +[0-9]{1,20})? *")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,12 +332,17 @@ class CommandPolicy:
     denied: frozenset[str] = frozenset()
     read_only: bool = False
 
-    def check(self, verb: str) -> tuple[int, str] | None:
-        """The refusal (code, sentence) for `verb`, or None when it may pass."""
-        if self.read_only and verb in WRITE_COMMANDS:
-            return 550, f"{verb} is not allowed: this gateway is read-only."
+    def check(self, verb: str, arg: str = "") -> tuple[int, str] | None:
+        """The refusal (code, sentence) for `verb` with `arg`, or None when it may pass."""
+        if self.read_only and (
+            verb in WRITE_COMMANDS or (verb in WRITE_FORMS and WRITE_FORMS[verb].match(arg))
+        ):
+            what = f"{verb} with a time" if verb in WRITE_FORMS else verb
+            return 550, f"{what} is not allowed: this gateway is read-only."
         if verb in self.denied:
             return 502, f"{verb} is disabled by the gateway's policy."
+        if verb == "ALLO" and not _ALLO.fullmatch(arg):
+            return 501, "ALLO needs a size in ASCII digits: ALLO size [R record-size]."
         return None
 
 
@@ -228,13 +367,23 @@ class LoginThrottle:
 
 
 def check_data_target(
-    client_host: str, target: HostPort, *, allow_foreign: bool = False
+    client_host: str,
+    target: HostPort,
+    *,
+    allow_foreign: bool = False,
+    own: frozenset[HostPort] = frozenset(),
 ) -> tuple[int, Decision]:
     """Judge a client's PORT/EPRT target (RFC 2577 section 3, the FTP bounce attack).
 
     The target must be the client's own control-connection address and a port of 1024 or
-    above. Returns the reply code to refuse with (0 when allowed) and the decision.
+    above, and not one of the gateway's own listeners (`own`): a client on the gateway's host
+    could otherwise have it send a downloaded file into its own control port as commands.
+    Returns the reply code to refuse with (0 when allowed) and the decision.
     """
+    if is_own_address(own, _address(target.host), target.port):
+        return 504, Decision(
+            False, f"data address {target} is this gateway's own listener; refusing a loop"
+        )
     if target.port < 1024:
         return 504, Decision(
             False, f"data port {target.port} is below 1024; refusing a possible bounce attack"

@@ -298,9 +298,27 @@ class Session:
         return self._serve_queue()
 
     def pass_through(self, command: Command) -> list[Effect]:
-        return self.send(command, self.pass_back, on_preliminary=lambda r: [ToClient(r)])
+        login = command.verb in ("USER", "PASS", "ACCT")
+        return self.send(
+            command,
+            lambda r: self.pass_back(r, login=login),
+            on_preliminary=lambda r: [ToClient(r)],
+        )
 
-    def pass_back(self, answer: Reply) -> list[Effect]:
+    def pass_back(self, answer: Reply, *, login: bool = False) -> list[Effect]:
+        if login and answer.code == 530:
+            # RFC 959 section 4.2: not logged in; the upstream refused the login, worth a
+            # line and a count of its own.
+            log = Log(
+                "warn",
+                "Upstream {upstream} refused the login: {text}",
+                {
+                    "upstream": str(self.upstream_peer),
+                    "text": answer.lines[0],
+                    "event": "upstream_login_failed",
+                },
+            )
+            return [log, *self.pass_back(answer)]
         if answer.code == 230:
             self.logged_in = True
             if self.phase is Phase.LOGIN:
@@ -348,7 +366,7 @@ class Session:
         login_verb = self.login.handler(command) if self.forward else None
         if login_verb is not None:
             return login_verb(command)
-        refused = self._refused_by_policy(verb)
+        refused = self._refused_by_policy(command)
         if refused is not None:
             return refused
         if self.upstream_peer is None:
@@ -360,8 +378,9 @@ class Session:
             return self._answer(Reply.of(530, "Please log in with USER name@host[:port] first."))
         return _VERBS.get(verb, Session._pass_through)(self, command)
 
-    def _refused_by_policy(self, verb: str) -> list[Effect] | None:
-        refusal = self.commands.check(verb)
+    def _refused_by_policy(self, command: Command) -> list[Effect] | None:
+        verb = command.verb
+        refusal = self.commands.check(verb, command.arg)
         if refusal is None:
             return None
         code, text = refusal
@@ -387,7 +406,7 @@ class Session:
         tls = self.config.client_tls_available
         if self.upstream_peer is None:
             return self._answer(features.for_client(None, tls))
-        refused = self._refused_by_policy("FEAT")
+        refused = self._refused_by_policy(command)
         if refused is not None:
             return refused
         return self.send(command, lambda r: self._answer(features.for_client(r, tls)))

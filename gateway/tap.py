@@ -9,16 +9,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.cred import strcred
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
-from gateway.config import Config, ConfigError, build, load_file
+from gateway import __version__, startup
+from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
+from gateway.listeners import report_bound
+from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
-from gateway.tls import TLSConfigError, server_options
+from gateway.tls import TLSConfigError
 
 _log = Logger(namespace="gateway.config")
 
@@ -28,7 +29,9 @@ class Options(usage.Options):
     longdesc = (
         "An FTP proxy gateway. With --upstream it is a reverse proxy for one server; without, "
         "clients choose the server with USER name@host[:port] (forward mode). Options override "
-        "the configuration file; see etc/ftp-gateway.toml for every setting."
+        "the configuration file; see etc/ftp-gateway.toml for every setting. twistd's own "
+        "--logfile=, --pidfile=, --syslog, --uid=, --gid=, --umask=, --prefix= and --reactor= "
+        "may be mixed in (write them with '=')."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
@@ -49,7 +52,14 @@ class Options(usage.Options):
             "transparent",
             None,
             "Transparent mode: serve connections that a NAT redirect (nftables/iptables REDIRECT "
-            "or DNAT) sent here, each to the server the client connected to.",
+            "or DNAT) sent here, each to the server the client connected to. Needs "
+            "--passive-ports, redirected by the edge like the control port.",
+        ],
+        [
+            "check-config",
+            None,
+            "Check the configuration as start-up does (settings, certificates, cred checkers, "
+            "endpoints), print one line per problem and exit: 0 if none, 2 otherwise.",
         ],
     ]
 
@@ -58,6 +68,16 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow-upstream"] = []
         self["deny-upstream"] = []
+
+    def getSynopsis(self) -> str:
+        if self.parent is None:
+            return "Usage: ftp-gateway [options]"
+        return super().getSynopsis()
+
+    def opt_version(self) -> None:
+        """Print ftp-gateway's version and exit."""
+        print(f"ftp-gateway {__version__}")
+        raise SystemExit(0)
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint to accept clients on (repeatable).
@@ -88,33 +108,43 @@ class Options(usage.Options):
         return {key: value for key, value in pairs.items() if value not in (None, [])}
 
     def postOptions(self) -> None:
-        try:
-            self.config: Config = self.load()
-        except (ConfigError, TLSConfigError) as e:
-            # One line naming the setting, not a usage dump or a traceback.
-            print(f"ftp-gateway: configuration error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if self["demo"] and self.config.upstream is not None:
+        config, problems = self.check()
+        for problem in problems:
+            # One line per problem naming the setting, not a usage dump or a traceback.
+            print(f"ftp-gateway: configuration error: {problem}", file=sys.stderr)
+        if problems:
+            raise SystemExit(2)
+        assert config is not None
+        if self["demo"] and config.upstream is not None:
             print("ftp-gateway: --demo starts its own upstream; drop --upstream", file=sys.stderr)
             raise SystemExit(2)
+        if self["check-config"]:
+            print(f"ftp-gateway: configuration OK ({self['config'] or 'no configuration file'})")
+            raise SystemExit(0)
+        self.config: Config = config
+
+    def check(self) -> tuple[Config | None, list[str]]:
+        """Read the configuration file (again), apply the command line over it and check
+        what can only be checked by trying: cred checkers, the certificate, the endpoints,
+        the masquerade name. Returns the config and one line per problem."""
+        from twisted.internet import reactor
+
+        config, problems = startup.check(
+            self["config"], self.overrides(), reactor, dry_run=bool(self["check-config"])
+        )
+        if config is None or problems:
+            return config, problems
+        try:
+            return resolve_masquerade(config), []
+        except ConfigError as e:
+            return None, [str(e)]
 
     def load(self) -> Config:
-        """Read the configuration file (again) and apply the command line over it, checking
-        what can only be checked by trying: cred checkers, the certificate, the masquerade
-        name. Raises ConfigError or TLSConfigError with a one-line reason."""
-        layers = [load_file(self["config"])] if self["config"] else []
-        config = build(*layers, self.overrides())
-        for description in config.proxy_auth:
-            try:
-                strcred.makeChecker(description)
-            except Exception as e:
-                kind = description.partition(":")[0]
-                raise ConfigError(
-                    f"proxy_auth: cannot use the {kind!r} twisted.cred checker: {e}"
-                ) from None
-        if config.tls_certificate is not None:
-            server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
-        return resolve_masquerade(config)
+        """The checked configuration; raises ConfigError naming the first problem."""
+        config, problems = self.check()
+        if problems or config is None:
+            raise ConfigError(problems[0])
+        return config
 
 
 def resolve_masquerade(config: Config) -> Config:
@@ -144,6 +174,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     config = options.config
+    # Ahead of every log file: peer text is escaped in each event before any observer that
+    # writes it runs (twistd adds its log observers after this, when logging begins).
+    globalLogPublisher.addObserver(escape_event)
     top = MultiService()
     demo_upstream = None
     if options["demo"]:
@@ -156,8 +189,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # First, so its observer counts the events of everything started after it.
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
     factory = GatewayFactory(config, reactor)
+    line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+        listener = startup.Listener("listen", endpoint, factory, reactor, line)
+        report_bound(listener, factory.add_listener)
+        listener.setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()

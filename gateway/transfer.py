@@ -40,6 +40,7 @@ from gateway.effects import (
     StartRelay,
     ToClient,
 )
+from gateway.numbers import is_ascii_number
 from gateway.pairing import ignore
 from gateway.view import SessionView
 
@@ -190,6 +191,34 @@ def final_reply(transfer: Transfer) -> Reply | None:
     return Reply.of(426, f"Transfer failed: {detail}.")
 
 
+@dataclass(frozen=True, slots=True)
+class ReceiverClose:
+    """How the receiving end of a protected download closed its data connection without TLS
+    close_notify, as the gateway's socket saw it at that moment."""
+
+    orderly: bool
+    """The peer ended TCP with FIN; a reset or an error is not orderly."""
+    close_notify_sent: bool
+    """The gateway had sent its own close_notify, so nothing was left to send after it."""
+    unacknowledged: int | None
+    """Bytes the gateway had written that the peer had not acknowledged (None: unknown)."""
+
+
+def download_delivered(close: ReceiverClose) -> bool:
+    """Whether a download whose receiving client skipped close_notify still reached it whole.
+
+    RFC 5246 section 7.2.1 (and RFC 8446 section 6.1) let a party close without waiting for
+    the peer's close_notify; what truncation protection needs is that the *sender* signals
+    the end, and here the sender is the gateway. Real clients (wget, whose GnuTLS bye is
+    disabled, and netkit ftp-ssl) read the gateway's close_notify and close TCP without
+    answering it. When the peer acknowledged every byte, including that close_notify, and
+    then closed with FIN, it has the whole file: a client that closes with unread data gets
+    its kernel to send a reset instead, which stays a failure. Uploads never use this rule:
+    there the client is the sender, and its missing close_notify may mean truncation.
+    """
+    return close.orderly and close.close_notify_sent and close.unacknowledged == 0
+
+
 class TransferDriver:
     """Runs the session's one transfer at a time (see the module docstring)."""
 
@@ -209,8 +238,8 @@ class TransferDriver:
         """REST is held until the transfer command, so nothing (EPSV, PASV) comes between the
         two on the upstream side: RFC 959 section 4.1.3 says REST is followed by the transfer
         command."""
-        if not command.arg.strip().isdigit():
-            return Reply.of(501, "REST needs a byte offset.")
+        if not is_ascii_number(command.arg.strip()):
+            return Reply.of(501, "REST needs a byte offset in ASCII digits.")
         self._restart = command.arg.strip()
         return Reply.of(350, f"Restarting at {self._restart}. Send STOR or RETR.")
 

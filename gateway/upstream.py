@@ -82,6 +82,12 @@ class Upstream:
         return [log, *self._host.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
 
     def tls_failed(self, reason: str) -> list[Effect]:
+        if self._host.config.upstream_tls == "auto" and "certificate" in reason:
+            # An administrator meets this first with a self-signed upstream: name the fix.
+            reason += (
+                "; to trust it set tls.upstream_ca_file or tls.upstream_fingerprint, "
+                'or set tls.upstream = "off" to use clear text'
+            )
         log = Log(
             "warn",
             "TLS to upstream {peer} failed: {reason}",

@@ -37,7 +37,16 @@ def test_shipped_file_states_every_setting_with_its_default() -> None:
         ({"listen": ["unix:/run/ftp.sock"]}, "listen: 'unix:/run/ftp.sock': FTP needs an IP"),
         ({"listen": ["haproxy:tcp:2121"]}, "listen: 'haproxy:tcp:2121': the PROXY protocol"),
         ({"transparent": True, "upstream": "ftp.example"}, "transparent: the upstream comes"),
-        ({"transparent": True, "proxy_auth": ["memory:a:b"]}, "proxy_auth: proxy authentication"),
+        (
+            {
+                "transparent": True,
+                "data.passive_ports": "30000-30999",
+                "proxy_auth": ["memory:a:b"],
+            },
+            "proxy_auth: proxy authentication",
+        ),
+        ({"transparent": True}, "transparent: needs data.passive_ports"),
+        ({"data.masquerade_except": ["10.0.0.0/33"]}, "data.masquerade_except: '10.0.0.0/33'"),
     ],
 )
 def test_invalid_values_name_the_setting(layer: dict[str, object], message: str) -> None:
@@ -81,7 +90,16 @@ def test_shipped_examples_load_and_the_egress_policy_is_safe() -> None:
     assert set(configs) == {"nat-edge", "egress-proxy"}
     assert configs["nat-edge"].passive_ports == (30000, 30999)
     policy = UpstreamPolicy(rules=configs["egress-proxy"].upstream_rules)
-    assert policy.check("203.0.113.5", 21, "ftp.example.net").allowed
-    assert not policy.check("203.0.113.5", 22, "ftp.example.net").allowed
+    assert policy.check("8.8.8.8", 21, "ftp.example.net").allowed
+    assert not policy.check("8.8.8.8", 22, "ftp.example.net").allowed
     assert not policy.check("10.0.0.1", 21, "files").allowed
-    assert not policy.check("203.0.113.5", 21, "ftp.internal.example").allowed
+    assert not policy.check("8.8.8.8", 21, "ftp.internal.example").allowed
+
+
+def test_masquerade_except_takes_networks() -> None:
+    config = build({"data.masquerade_except": ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]})
+    assert [str(n) for n in config.masquerade_except] == [
+        "10.0.0.0/8",
+        "fd00::/8",
+        "192.168.1.7/32",
+    ]

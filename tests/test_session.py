@@ -337,10 +337,8 @@ def forward(config: Config | None = None) -> Session:
 
 def test_forward_mode_connects_to_host_after_last_at_and_logs_in_with_the_rest() -> None:
     s = forward()
-    assert s.client_line(line("USER alice@corp@203.0.113.7:2121")) == [
-        ConnectUpstream("203.0.113.7", 2121)
-    ]
-    s.upstream_connected(UP_LOCAL, HostPort.of("203.0.113.7", 2121))
+    assert s.client_line(line("USER alice@corp@8.8.8.7:2121")) == [ConnectUpstream("8.8.8.7", 2121)]
+    s.upstream_connected(UP_LOCAL, HostPort.of("8.8.8.7", 2121))
     effects = s.upstream_reply(r(220, "hello"))
     assert to_client(effects) == []  # the upstream greeting is the gateway's to swallow
     assert to_upstream(effects) == ["FEAT"]
@@ -354,8 +352,8 @@ def test_forward_mode_resolves_names_and_connects_to_the_checked_address() -> No
     assert s.client_line(line("USER bob@ftp.example.net")) == [
         ResolveUpstream("ftp.example.net", 21)
     ]
-    effects = s.upstream_resolved(["10.0.0.5", "203.0.113.8"])
-    assert effects == [ConnectUpstream("203.0.113.8", 21)]
+    effects = s.upstream_resolved(["10.0.0.5", "8.8.8.8"])
+    assert effects == [ConnectUpstream("8.8.8.8", 21)]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "224.0.0.1"])
@@ -366,7 +364,7 @@ def test_forward_mode_refuses_denied_upstreams_with_530(host: str) -> None:
     assert code == 530 and "denied by policy" in text
     assert not any(isinstance(e, ConnectUpstream) for e in effects)
     # The session stays usable: a later allowed USER works.
-    assert s.client_line(line("USER x@203.0.113.1")) == [ConnectUpstream("203.0.113.1", 21)]
+    assert s.client_line(line("USER x@8.8.4.4")) == [ConnectUpstream("8.8.4.4", 21)]
 
 
 def test_forward_mode_allow_rule_opens_loopback() -> None:
@@ -383,7 +381,7 @@ def test_forward_mode_commands_before_login_are_refused() -> None:
 
 def test_forward_mode_unreachable_upstream_gets_530_and_session_survives() -> None:
     s = forward()
-    s.client_line(line("USER x@203.0.113.1"))
+    s.client_line(line("USER x@8.8.4.4"))
     ((code, text),) = to_client(s.upstream_connect_failed("Connection refused"))
     assert code == 530 and "Connection refused" in text
     assert to_client(s.client_line(line("NOOP")))[0][0] == 200
@@ -502,13 +500,41 @@ def test_auth_required_refuses_plain_user_at_host_without_contacting_upstream() 
 
 
 @pytest.mark.parametrize(
-    "verb", ["STOR x", "DELE x", "RNFR x", "MKD d", "SITE CHMOD 1 x", "APPE x"]
+    "verb",
+    [
+        "STOR x",
+        "DELE x",
+        "RNFR x",
+        "MKD d",
+        "SITE CHMOD 1 x",
+        "APPE x",
+        "MFMT 20200101000000 x",
+        "MFF modify=20200101000000; x",
+        "MFCT 20200101000000 x",
+        "SITE UTIME x 20200101000000 20200101000000 20200101000000 UTC",
+        "MDTM 20200101000000 x",
+    ],
 )
 def test_read_only_preset_refuses_writes(verb: str) -> None:
     s = reverse(build({"upstream": "ftp.test", "commands.read_only": True}))
     effects = s.client_line(line(verb))
     assert to_client(effects)[0][0] == 550 and to_upstream(effects) == []
     assert to_upstream(s.client_line(line("RETR x"))) == []  # no PORT yet: 425, not refused
+
+
+def test_read_only_preset_still_reads_times() -> None:
+    s = reverse(build({"upstream": "ftp.test", "commands.read_only": True}))
+    assert to_upstream(s.client_line(line("MDTM x"))) == ["MDTM x"]
+
+
+@pytest.mark.parametrize("arg", ["\u0661\u0660\u0660", "\uff11\uff10\uff10", "\u00b2", "-1", "1e3"])
+def test_rest_and_allo_take_ascii_digits_only(arg: str) -> None:
+    s = reverse()
+    for verb in ("REST", "ALLO"):
+        effects = s.client_line(line(f"{verb} {arg}"))
+        assert to_client(effects)[0][0] == 501 and to_upstream(effects) == [], verb
+    assert to_client(s.client_line(line("REST 100")))[0][0] == 350
+    assert to_upstream(s.client_line(line("ALLO 100"))) == ["ALLO 100"]
 
 
 def test_command_deny_list() -> None:
@@ -742,3 +768,55 @@ def test_empty_transfer_without_1xx_connects_an_active_client_and_waits_for_the_
     assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
     assert s.data_connected(Side.CLIENT) == [StartRelay(Side.UPSTREAM)]
     assert to_client(s.relay_finished(True, "0 bytes")) == [(226, "Transfer complete.")]
+
+
+@pytest.mark.parametrize(
+    ("client", "advertised"),
+    [
+        ("10.1.2.3", "Entering Passive Mode (192,0,2,1,117,49)."),  # inside: the local address
+        ("::ffff:10.1.2.3", "Entering Passive Mode (192,0,2,1,117,49)."),
+        ("198.51.100.7", "Entering Passive Mode (203,0,113,99,117,49)."),  # outside: masquerade
+    ],
+)
+def test_masquerade_except_networks_get_the_local_address(client: str, advertised: str) -> None:
+    config = build(
+        {
+            "upstream": "ftp.test:21",
+            "data.masquerade_address": "203.0.113.99",
+            "data.masquerade_except": ["10.0.0.0/8"],
+        }
+    )
+    s = Session(config, client_peer=HostPort.of(client, 40000), client_local=LOCAL)
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    s.upstream_reply(r(220, "upstream ready"))
+    s.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
+    s.client_line(line("PASV"))
+    effects = s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30001))
+    assert to_client(effects) == [(227, advertised)]
+
+
+def test_unredirected_transparent_connection_is_logged_at_warn_with_its_reason() -> None:
+    s = Session(Config(transparent=True), client_peer=CLIENT, client_local=LOCAL, destination=None)
+    [log] = [e for e in s.start() if isinstance(e, Log)]
+    assert log.level == "warn"
+    assert "not redirected" in log.fields["reason"]
+    assert log.fields["event"] == "session_refused"
+
+
+@pytest.mark.parametrize(("mode", "hint"), [("auto", True), ("required", False)])
+def test_untrusted_upstream_certificate_in_auto_mode_names_the_settings(
+    mode: str, hint: bool
+) -> None:
+    s = Session(
+        Config(upstream=("ftp.test", 21), upstream_tls=mode), client_peer=CLIENT, client_local=LOCAL
+    )
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    effects = s.upstream_tls_failed("the upstream's certificate is signed by an unknown CA")
+    [(code, text)] = to_client(effects)
+    assert code == 421
+    named = ("tls.upstream_ca_file", "tls.upstream_fingerprint", 'tls.upstream = "off"')
+    assert all(name in text for name in named) is hint
+    [log] = [e for e in effects if isinstance(e, Log)]
+    assert ("tls.upstream_ca_file" in log.fields["reason"]) is hint

@@ -152,6 +152,160 @@ class _DataChannels:
             connection.abort()
 
 
+class _DataSide:
+    """The data connections of one session: carries out `ListenData`, `ConnectData`,
+    `StartRelay` and `CloseData`, and reports what happened to the session. Connections of a
+    transfer that was closed meanwhile (stale channels) are aborted, never reported."""
+
+    def __init__(self, owner: ClientControl) -> None:
+        self._owner = owner
+        self.channels = _DataChannels()
+
+    def close(self) -> None:
+        self.channels.close()
+        self.channels = _DataChannels()
+
+    def _control_transport(self, side: Side) -> Any:
+        return self._owner.transport if side is Side.CLIENT else self._owner.upstream.transport  # type: ignore[union-attr]
+
+    def _tls(self, side: Side, tls: bool) -> DataTLS | None:
+        if not tls:
+            return None
+        if side is Side.CLIENT:
+            return DataTLS(
+                self._owner.factory.server_tls,
+                server=True,
+                require_reuse=self._owner.factory.config.require_data_session_reuse,
+            )
+        assert self._owner.upstream is not None and self._owner.upstream.tls_options is not None
+        control = self._owner.upstream.transport.getHandle()  # type: ignore[union-attr]
+        creator = ResumingClientCreator(self._owner.upstream.tls_options, control)
+        return DataTLS(creator, server=False, describe=creator.describe)
+
+    def listen(self, side: Side, tls: bool) -> None:
+        config = self._owner.factory.config
+        control = self._control_transport(side)
+        local = _hostport(control.getHost())
+        peer = _hostport(control.getPeer())
+        channels = self.channels
+        try:
+            listener = PassiveListener(
+                self._owner.factory.reactor,
+                self._owner.factory.reactor,
+                bind_host=local.host,
+                peer_host=peer.host,
+                timeout=config.data_connect_timeout,
+                port_range=config.passive_ports,
+                tls=self._tls(side, tls),
+                on_failure=lambda reason: self._failed(channels, side, reason),
+            )
+        except error.CannotListenError as e:
+            # A range with no free port, or an address that cannot be bound: the session
+            # answers the command with 425 and goes on.
+            reason = str(e.socketError)
+            self._owner.log.error("Cannot open a passive listener: {error}", error=reason)
+            self._owner.run(self._owner.session.data_failed(side, reason))
+            return
+        channels.listeners[side] = listener
+        listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
+        self._owner.run(self._owner.session.data_listening(side, listener.address))
+
+    def connect(self, side: Side, target: HostPort, tls: bool) -> None:
+        if self._owner.factory.is_self(target.host, target.port):
+            # Whichever peer named it: the gateway never opens a data connection to itself.
+            self._owner.log.warn(
+                "Refused a data connection to {target}: this gateway itself",
+                target=str(target),
+                event="refused",
+                refused="data_target",
+            )
+            self._owner.run(
+                self._owner.session.data_failed(side, "the data address is this gateway itself")
+            )
+            return
+        config = self._owner.factory.config
+        control = self._control_transport(side)
+        # Data connections leave from the same local address as their control connection, so
+        # the peer sees one IP for the whole session (servers check this; RFC 2577 section 5).
+        bind = (_hostport(control.getHost()).host, 0)
+        reactor = self._owner.factory.reactor
+        endpoint_type = TCP4ClientEndpoint if target.family == 4 else TCP6ClientEndpoint
+        endpoint = endpoint_type(
+            reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
+        )
+        channels = self.channels
+        connection = DataConnection(
+            self._tls(side, tls),
+            clock=reactor,
+            handshake_timeout=config.data_connect_timeout,
+        )
+        d = endpoint.connect(_one_shot(connection))
+        channels.pending.append(d)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(error.ConnectingCancelledError):
+                self._failed(channels, side, _reason(failure))
+
+        d.addCallbacks(lambda conn: self._watch(channels, side, conn), failed)
+
+    def _watch(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        """A data connection exists; it counts once `ready` fires (after any TLS)."""
+        if channels is not self.channels:  # a stale connection from a closed transfer
+            connection.abort()
+            return
+        channels.connections[side] = connection
+        self._owner.run(self._owner.session.data_opened(side))
+        connection.ready.addCallbacks(
+            lambda conn: self._made(channels, side, conn),
+            lambda failure: self._failed(channels, side, _reason(failure)),
+        )
+
+    def _made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        if channels is not self.channels:
+            connection.abort()
+            return
+        connection.on_lost = lambda conn, reason: self._early_loss(channels, side, reason)
+        self._owner.run(self._owner.session.data_connected(side))
+
+    def _early_loss(self, channels: _DataChannels, side: Side, reason: Failure) -> None:
+        # Lost before the relay took it over: a paused connection only notices a close once
+        # the relay resumes it, so this is mostly a reset seen while writing.
+        if channels is self.channels and channels.relay is None:
+            self._failed(channels, side, _reason(reason))
+
+    def _failed(self, channels: _DataChannels, side: Side, reason: str) -> None:
+        if channels is self.channels:
+            self._owner.run(self._owner.session.data_failed(side, reason))
+
+    def start_relay(self, source: Side) -> None:
+        channels = self.channels
+        sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
+        reactor = self._owner.factory.reactor
+        stall = self._owner.factory.config.stall_timeout
+        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
+        channels.relay = d
+        direction = "download" if source is Side.UPSTREAM else "upload"
+        started = reactor.seconds()
+        self._owner.log.debug(
+            "Transfer {direction} started", direction=direction, event="relay_started"
+        )
+
+        def finished(result: RelayResult) -> None:
+            self._owner.log.info(
+                "Transfer {direction} {outcome}: {detail}",
+                direction=direction,
+                outcome="complete" if result.ok else "failed",
+                detail=result.detail,
+                bytes=result.bytes,
+                seconds=reactor.seconds() - started,
+                event="relay_finished",
+            )
+            if channels is self.channels:
+                self._owner.run(self._owner.session.relay_finished(result.ok, result.detail))
+
+        d.addCallback(finished)
+
+
 class ClientControl(Protocol):
     """One client session: the client control connection plus everything it owns."""
 
@@ -161,7 +315,7 @@ class ClientControl(Protocol):
         self.session: Session
         self.upstream: UpstreamControl | None = None
         self._upstream_connecting: Deferred[Any] | None = None
-        self._data = _DataChannels()
+        self._data = _DataSide(self)
         self._pending_upstream: list[bytes] = []
         self._tls_switched = False
         self._effects: deque[Effect] = deque()
@@ -309,7 +463,6 @@ class ClientControl(Protocol):
 
     def _close_data(self, effect: CloseData) -> None:
         self._data.close()
-        self._data = _DataChannels()
 
     def _close_upstream(self, effect: CloseUpstream) -> None:
         if self._upstream_connecting is not None:
@@ -409,144 +562,6 @@ class ClientControl(Protocol):
             self.upstream = None
             self.run(self.session.upstream_lost())
 
-    # ------------------------------------------------------------------------ data side
-
-    def _control_transport(self, side: Side) -> Any:
-        return self.transport if side is Side.CLIENT else self.upstream.transport  # type: ignore[union-attr]
-
-    def _data_tls(self, side: Side, tls: bool) -> DataTLS | None:
-        if not tls:
-            return None
-        if side is Side.CLIENT:
-            return DataTLS(
-                self.factory.server_tls,
-                server=True,
-                require_reuse=self.factory.config.require_data_session_reuse,
-            )
-        assert self.upstream is not None and self.upstream.tls_options is not None
-        control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
-        creator = ResumingClientCreator(self.upstream.tls_options, control)
-        return DataTLS(creator, server=False, describe=creator.describe)
-
-    def _listen(self, side: Side, tls: bool) -> None:
-        config = self.factory.config
-        control = self._control_transport(side)
-        local = _hostport(control.getHost())
-        peer = _hostport(control.getPeer())
-        channels = self._data
-        try:
-            listener = PassiveListener(
-                self.factory.reactor,
-                self.factory.reactor,
-                bind_host=local.host,
-                peer_host=peer.host,
-                timeout=config.data_connect_timeout,
-                port_range=config.passive_ports,
-                tls=self._data_tls(side, tls),
-                on_failure=lambda reason: self._data_failed(channels, side, reason),
-            )
-        except error.CannotListenError as e:
-            # A range with no free port, or an address that cannot be bound: the session
-            # answers the command with 425 and goes on.
-            reason = str(e.socketError)
-            self.log.error("Cannot open a passive listener: {error}", error=reason)
-            self.run(self.session.data_failed(side, reason))
-            return
-        channels.listeners[side] = listener
-        listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
-        self.run(self.session.data_listening(side, listener.address))
-
-    def _connect_data(self, side: Side, target: HostPort, tls: bool) -> None:
-        if self.factory.is_self(target.host, target.port):
-            # Whichever peer named it: the gateway never opens a data connection to itself.
-            self.log.warn(
-                "Refused a data connection to {target}: this gateway itself",
-                target=str(target),
-                event="refused",
-                refused="data_target",
-            )
-            self.run(self.session.data_failed(side, "the data address is this gateway itself"))
-            return
-        config = self.factory.config
-        control = self._control_transport(side)
-        # Data connections leave from the same local address as their control connection, so
-        # the peer sees one IP for the whole session (servers check this; RFC 2577 section 5).
-        bind = (_hostport(control.getHost()).host, 0)
-        reactor = self.factory.reactor
-        endpoint_type = TCP4ClientEndpoint if target.family == 4 else TCP6ClientEndpoint
-        endpoint = endpoint_type(
-            reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
-        )
-        channels = self._data
-        connection = DataConnection(
-            self._data_tls(side, tls),
-            clock=reactor,
-            handshake_timeout=config.data_connect_timeout,
-        )
-        d = endpoint.connect(_one_shot(connection))
-        channels.pending.append(d)
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(error.ConnectingCancelledError):
-                self._data_failed(channels, side, _reason(failure))
-
-        d.addCallbacks(lambda conn: self._watch(channels, side, conn), failed)
-
-    def _watch(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
-        """A data connection exists; it counts once `ready` fires (after any TLS)."""
-        if channels is not self._data:  # a stale connection from a closed transfer
-            connection.abort()
-            return
-        channels.connections[side] = connection
-        self.run(self.session.data_opened(side))
-        connection.ready.addCallbacks(
-            lambda conn: self._data_made(channels, side, conn),
-            lambda failure: self._data_failed(channels, side, _reason(failure)),
-        )
-
-    def _data_made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
-        if channels is not self._data:
-            connection.abort()
-            return
-        connection.on_lost = lambda conn, reason: self._early_loss(channels, side, reason)
-        self.run(self.session.data_connected(side))
-
-    def _early_loss(self, channels: _DataChannels, side: Side, reason: Failure) -> None:
-        # Lost before the relay took it over: a paused connection only notices a close once
-        # the relay resumes it, so this is mostly a reset seen while writing.
-        if channels is self._data and channels.relay is None:
-            self._data_failed(channels, side, _reason(reason))
-
-    def _data_failed(self, channels: _DataChannels, side: Side, reason: str) -> None:
-        if channels is self._data:
-            self.run(self.session.data_failed(side, reason))
-
-    def _start_relay(self, source: Side) -> None:
-        channels = self._data
-        sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
-        reactor = self.factory.reactor
-        stall = self.factory.config.stall_timeout
-        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
-        channels.relay = d
-        direction = "download" if source is Side.UPSTREAM else "upload"
-        started = reactor.seconds()
-        self.log.debug("Transfer {direction} started", direction=direction, event="relay_started")
-
-        def finished(result: RelayResult) -> None:
-            self.log.info(
-                "Transfer {direction} {outcome}: {detail}",
-                direction=direction,
-                outcome="complete" if result.ok else "failed",
-                detail=result.detail,
-                bytes=result.bytes,
-                seconds=reactor.seconds() - started,
-                event="relay_finished",
-            )
-            if channels is self._data:
-                self.run(self.session.relay_finished(result.ok, result.detail))
-
-        d.addCallback(finished)
-
 
 #: How the shell carries out each effect of the session.
 _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
@@ -559,9 +574,9 @@ _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
     ),
     StartClientTLS: ClientControl._start_client_tls,
     StartUpstreamTLS: ClientControl._start_upstream_tls,
-    ListenData: lambda control, e: control._listen(e.side, e.tls),
-    ConnectData: lambda control, e: control._connect_data(e.side, e.target, e.tls),
-    StartRelay: lambda control, e: control._start_relay(e.source),
+    ListenData: lambda control, e: control._data.listen(e.side, e.tls),
+    ConnectData: lambda control, e: control._data.connect(e.side, e.target, e.tls),
+    StartRelay: lambda control, e: control._data.start_relay(e.source),
     CloseData: ClientControl._close_data,
     CloseClient: lambda control, e: control.transport.loseConnection(),
     CloseUpstream: ClientControl._close_upstream,

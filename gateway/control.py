@@ -15,7 +15,6 @@ from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
 
-from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet import error
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -41,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort, is_ip_literal
+from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
 from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
@@ -323,6 +323,9 @@ class ClientControl(Protocol):
         self._refused = False
         self._reply_timer: IDelayedCall | None = None
         self._reply_mark: int | None = None
+        #: Who the proxy login authenticated as: the checker's avatar ID (a ProxyIdentity,
+        #: with directory groups, from the htpasswd: and ldap: checkers), for routing.
+        self.proxy_identity: Any = None
 
     # ------------------------------------------------------------------ client connection
 
@@ -495,12 +498,24 @@ class ClientControl(Protocol):
             self.run(self.session.proxy_auth_result(False, throttled=True))
             return
 
-        def done(ok: bool) -> None:
-            if not ok:
+        def done(avatar: Any) -> None:
+            if avatar is None:
                 throttle.failed(self.peer.host, self.factory.reactor.seconds())
-            self.run(self.session.proxy_auth_result(ok))
+            self.proxy_identity = avatar
+            self.run(self.session.proxy_auth_result(avatar is not None))
 
-        self.factory.check_proxy_login(user, password).addCallback(done)
+        def unavailable(failure: Failure) -> None:
+            failure.trap(UserStoreUnavailable)
+            self.log.error(
+                "Proxy login for {user} could not be checked: {reason}",
+                client=str(self.peer),
+                user=user,
+                reason=str(failure.value),
+                event="user_store_unavailable",
+            )
+            self.run(self.session.proxy_auth_result(False, unavailable=True))
+
+        self.factory.check_proxy_login(user, password).addCallbacks(done, unavailable)
 
     def _connect_upstream(self, host: str, port: int, implicit_tls: str | None) -> None:
         """Open the upstream control connection; with `implicit_tls` (the name to verify),
@@ -700,7 +715,9 @@ class GatewayFactory(Factory):
             server_tls = server_options(
                 config.tls_certificate, config.tls_private_key, config.tls_min_version
             )
-        self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
+        self.checkers = [
+            make_checker(description, config, self.reactor) for description in config.proxy_auth
+        ]
         self.policy = UpstreamPolicy(
             rules=config.upstream_rules, own_addresses=frozenset(self.listening)
         )
@@ -763,25 +780,31 @@ class GatewayFactory(Factory):
         else:
             self.sessions.pop(protocol.peer.host, None)
 
-    def check_proxy_login(self, user: str, password: str) -> Deferred[bool]:
-        """True when any configured twisted.cred checker accepts the credentials."""
-        # Checkers disagree on text or bytes (file: reads bytes, memory: keeps str): offer both.
-        offers = [
-            UsernamePassword(user.encode(), password.encode()),
-            UsernamePassword(user, password),  # type: ignore[arg-type]
-        ]
+    def check_proxy_login(self, user: str, password: str) -> Deferred[Any]:
+        """The avatar ID of the first configured twisted.cred checker that accepts the
+        credentials, or None. Fails with UserStoreUnavailable when none accepted and a user
+        store could not answer (the client should try later, not count it as a failure)."""
+        # Checkers disagree on text or bytes (file: reads bytes, memory: keeps str): offer both,
+        # except to user-store checkers, which take text and must see one attempt per login
+        # (one slow hash; one bind, which a directory may count towards a lockout).
+        text = UsernamePassword(user, password)  # type: ignore[arg-type]
+        both = [UsernamePassword(user.encode(), password.encode()), text]
 
-        async def check() -> bool:
+        async def check() -> Any:
+            unavailable: UserStoreUnavailable | None = None
             for checker in self.checkers:
                 if IUsernamePassword not in checker.credentialInterfaces:
                     continue
-                for credentials in offers:
+                for credentials in [text] if isinstance(checker, TextChecker) else both:
                     try:
-                        await maybeDeferred(checker.requestAvatarId, credentials)
+                        return await maybeDeferred(checker.requestAvatarId, credentials)
+                    except UserStoreUnavailable as e:
+                        unavailable = e
                     except Exception:
                         continue
-                    return True
-            return False
+            if unavailable is not None:
+                raise unavailable
+            return None
 
         return Deferred.fromCoroutine(check())
 

@@ -206,7 +206,9 @@ class Login:
 
     # ------------------------------------------------------------- answers from the shell
 
-    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
+    def proxy_auth_result(
+        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+    ) -> list[Effect]:
         """The proxy credentials were checked (`twisted.cred`, in the shell)."""
         login = self._pending
         if login is None:
@@ -220,6 +222,9 @@ class Login:
             )
             text = "Too many failed logins from your address; try later."
             return [log, *self._view.close(Reply.of(421, text))]
+        if unavailable:
+            text = "Proxy login cannot be checked now (user store unavailable); try later."
+            return self._view.close(Reply.of(421, text))
         if not ok:
             self._pending = None
             log = Log(

@@ -202,9 +202,14 @@ class Session:
         self.phase = Phase.CLOSED
         return [CloseData(), CloseUpstream()]
 
-    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
-        return [] if self.closed else self.login.proxy_auth_result(ok, throttled=throttled)
+    def proxy_auth_result(
+        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+    ) -> list[Effect]:
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `unavailable`:
+        a user store (a directory) could not answer, which is no fault of the client."""
+        if self.closed:
+            return []
+        return self.login.proxy_auth_result(ok, throttled=throttled, unavailable=unavailable)
 
     def timed_out(self, what: str, mark: int | None = None) -> list[Effect]:
         """A session timer ran out: `login`, `idle`, or `reply` (armed with the mark

@@ -52,6 +52,7 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
+    control_send_timeout: float = 60.0
     reply_timeout: float = 120.0
     max_line: int = 2048
     max_pending_commands: int = 32
@@ -452,6 +453,13 @@ SETTINGS: tuple[Setting, ...] = (
         "stall_timeout",
         _number(1, 86400),
         "Seconds a transfer may go without moving a byte.",
+    ),
+    Setting(
+        "timeouts.control_send",
+        "control_send_timeout",
+        _number(1, 86400),
+        "Seconds a control connection's peer may leave a full buffer of the gateway's "
+        "replies or commands unread before the session ends with 421.",
     ),
     Setting(
         "timeouts.reply",

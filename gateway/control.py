@@ -63,6 +63,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
+from gateway.flow import ControlFlow
 from gateway.listeners import interface_addresses, listener_addresses
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
 from gateway.session import Session
@@ -306,6 +307,7 @@ class _DataSide:
         d.addCallback(finished)
 
 
+@implementer(IHandshakeListener)
 class ClientControl(Protocol):
     """One client session: the client control connection plus everything it owns."""
 
@@ -354,6 +356,10 @@ class ClientControl(Protocol):
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
+        self.flow = ControlFlow(clock, config.control_send_timeout, self._not_reading)
+        if self.session.client_tls:
+            self.flow.tls_started(Side.CLIENT)  # implicit TLS: the handshake comes first
+        self.flow.attach(Side.CLIENT, self.transport)
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
         self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
         self.run(self.session.start())
@@ -403,6 +409,18 @@ class ClientControl(Protocol):
         self._reply_timer = None
         self.run(self.session.timed_out("reply", mark))
 
+    def handshakeCompleted(self) -> None:
+        self.flow.tls_done(Side.CLIENT)
+
+    def _not_reading(self, side: Side) -> None:
+        """`side` left its write buffer full too long: 421, then abort its connection, as a
+        clean close would wait for it to read what is buffered."""
+        upstream = self.upstream.transport if self.upstream is not None else None
+        stuck = self.transport if side is Side.CLIENT else upstream
+        self.run(self.session.peer_not_reading(side, self.factory.config.control_send_timeout))
+        if stuck is not None:
+            stuck.abortConnection()  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
@@ -425,6 +443,7 @@ class ClientControl(Protocol):
         for timer in (self._login_timer, self._idle_timer, self._reply_timer):
             if timer is not None and timer.active():
                 timer.cancel()
+        self.flow.stop()
         self.factory.session_ended(self)
         self.run(self.session.client_lost())
 
@@ -458,6 +477,7 @@ class ClientControl(Protocol):
     def _start_client_tls(self, effect: StartClientTLS) -> None:
         self.reader.discard()
         self._tls_switched = True
+        self.flow.tls_started(Side.CLIENT)
         self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
 
     def _start_upstream_tls(self, effect: StartUpstreamTLS) -> None:
@@ -560,6 +580,7 @@ class ClientControl(Protocol):
         transport = upstream.transport
         upstream.local = _hostport(transport.getHost())  # type: ignore[union-attr]
         self.factory.outbound[upstream.local] = _hostport(transport.getPeer())  # type: ignore[union-attr]
+        self.flow.attach(Side.UPSTREAM, transport)
         self.run(
             self.session.upstream_connected(
                 upstream.local,
@@ -574,6 +595,7 @@ class ClientControl(Protocol):
         if upstream.local is not None:
             self.factory.outbound.pop(upstream.local, None)
         if upstream is self.upstream:
+            self.flow.detach(Side.UPSTREAM)
             self.upstream = None
             self.run(self.session.upstream_lost())
 

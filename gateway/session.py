@@ -50,8 +50,10 @@ from gateway.login import Login, check_destination
 from gateway.pairing import Handler, Pairing, ignore
 from gateway.policy import CommandPolicy, UpstreamPolicy
 from gateway.transfer import SOURCES, TransferDriver
-from gateway.upstream import Upstream
+from gateway.upstream import MAX_UNSOLICITED_REPLIES, Upstream
 from gateway.view import ACCEPTS_COMMANDS, Phase
+
+__all__ = ["MAX_UNSOLICITED_REPLIES", "Session"]
 
 #: Commands answered before an upstream is chosen in forward mode.
 _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
@@ -200,7 +202,7 @@ class Session:
         if self.closed:
             return []
         self.phase = Phase.CLOSED
-        return [CloseData(), CloseUpstream()]
+        return [*self.upstream.unsolicited_summary(), CloseData(), CloseUpstream()]
 
     def proxy_auth_result(
         self, ok: bool, *, throttled: bool = False, unavailable: bool = False
@@ -229,6 +231,17 @@ class Session:
         return [
             Log("info", "Session {what} timeout", {"what": what}),
             *self.close(Reply.of(421, _TIMEOUT_TEXTS[what])),
+        ]
+
+    def peer_not_reading(self, side: Side, seconds: float) -> list[Effect]:
+        """`side` left a full buffer of what the gateway sent it unread for `seconds`: 421 and
+        close (RFC 959 section 4.2), so a peer that never reads cannot hold the session."""
+        who = "client" if side is Side.CLIENT else "upstream"
+        fields = {"side": who, "seconds": seconds, "event": "control_not_read"}
+        text = f"The {who} did not read the control connection for {seconds:g} seconds; closing."
+        return [
+            Log("warn", "The {side} left its control connection unread for {seconds} s", fields),
+            *self.close(Reply.of(421, text)),
         ]
 
     # ------------------------------------------------------------------- data connections
@@ -287,8 +300,9 @@ class Session:
         if self.closed:
             return []
         self.phase = Phase.CLOSED
+        summary = self.upstream.unsolicited_summary()
         effects: list[Effect] = [ToClient(last)] if last is not None else []
-        return [*effects, CloseData(), CloseClient(), CloseUpstream()]
+        return [*summary, *effects, CloseData(), CloseClient(), CloseUpstream()]
 
     def enter(self, phase: Phase) -> None:
         self.phase = phase

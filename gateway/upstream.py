@@ -22,6 +22,10 @@ from gateway.pairing import Pairing
 from gateway.transfer import TransferDriver
 from gateway.view import Phase, SessionView
 
+#: Unsolicited upstream replies a session tolerates (a server that answers an over-long line
+#: twice sends one now and then); past this the upstream is flooding and the session ends.
+MAX_UNSOLICITED_REPLIES = 8
+
 
 class UpstreamHost(SessionView, Protocol):
     """What `Upstream` needs of its session beyond `SessionView`."""
@@ -62,6 +66,7 @@ class Upstream:
         self._greeting: Reply | None = None
         #: The phase to return to after a negotiation a client's AUTH TLS started.
         self._resume: Phase | None = None
+        self._unsolicited = 0
 
     # ------------------------------------------------------------ the connection itself
 
@@ -194,8 +199,27 @@ class Upstream:
                 return [log, *self._host.transfers.fail(Reply.of(425, text))]
             return [log, *self._host.close(Reply.of(421, f"Upstream server error: {e.message}"))]
         if effects is None:
-            return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
+            return self._unsolicited_reply(answer)
         return effects
+
+    def _unsolicited_reply(self, answer: Reply) -> list[Effect]:
+        """A reply no command asked for: dropped. The first is logged, the rest counted (the
+        count is logged when the session ends), and a flood ends the session with 421."""
+        self._unsolicited += 1
+        if self._unsolicited > MAX_UNSOLICITED_REPLIES:
+            text = "Upstream server error: too many unsolicited replies."
+            return self._host.close(Reply.of(421, text))
+        if self._unsolicited > 1:
+            return []
+        fields = {"reply": str(answer.code), "event": "unsolicited_reply"}
+        return [Log("warn", "Unsolicited upstream reply {reply}", fields)]
+
+    def unsolicited_summary(self) -> list[Effect]:
+        """The session ends: how many unsolicited replies there were, if more than one."""
+        if self._unsolicited <= 1:
+            return []
+        fields = {"count": self._unsolicited, "event": "unsolicited_replies"}
+        return [Log("warn", "Upstream sent {count} unsolicited replies in all", fields)]
 
     @property
     def awaiting_reply(self) -> int | None:

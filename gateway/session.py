@@ -27,9 +27,9 @@ Three rules shape it:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from gateway import features
+from gateway import verbs
 from gateway.addresses import HostPort
 from gateway.codec import BadLine, Command, Reply
 from gateway.config import Config
@@ -41,7 +41,6 @@ from gateway.effects import (
     Effect,
     Log,
     Side,
-    StartClientTLS,
     ToClient,
 )
 from gateway.errors import ProtocolError
@@ -49,7 +48,7 @@ from gateway.ftps import ClientFTPS
 from gateway.login import Login, check_destination
 from gateway.pairing import Handler, Pairing, ignore
 from gateway.policy import CommandPolicy, UpstreamPolicy
-from gateway.transfer import SOURCES, TransferDriver
+from gateway.transfer import TransferDriver
 from gateway.upstream import MAX_UNSOLICITED_REPLIES, Upstream
 from gateway.view import ACCEPTS_COMMANDS, Phase
 
@@ -96,11 +95,11 @@ class Session:
         self._serving = False  # `_serve_queue` is running (it must not re-enter itself)
         self._queue: deque[Command | BadLine] = deque()
         self._pairing = Pairing()
-        self.client_ftps = ClientFTPS(config, implicit=implicit_tls)
-        self.upstream = Upstream(self, self._pairing, tls_name=self._tls_name)
-        self.login = Login(self, proxy_auth=bool(config.proxy_auth))
-        self.data_channel = DataChannel(self, client_peer, client_local)
-        self.transfers = TransferDriver(self)
+        self.client_ftps: ClientFTPS = ClientFTPS(config, implicit=implicit_tls)
+        self.upstream: Upstream = Upstream(self, self._pairing, tls_name=self._tls_name)
+        self.login: Login = Login(self, proxy_auth=bool(config.proxy_auth))
+        self.data_channel: DataChannel = DataChannel(self, client_peer, client_local)
+        self.transfers: TransferDriver = TransferDriver(self)
 
     @property
     def closed(self) -> bool:
@@ -380,12 +379,12 @@ class Session:
         refusal = self.client_ftps.refuses(verb) if verb != "QUIT" else None
         if refusal is not None:
             return self._answer(refusal)
-        if verb in _ALWAYS:
-            return _ALWAYS[verb](self, command)
+        if verb in verbs.ALWAYS:
+            return verbs.ALWAYS[verb](self, command)
         login_verb = self.login.handler(command) if self.forward else None
         if login_verb is not None:
             return login_verb(command)
-        refused = self._refused_by_policy(command)
+        refused = self.refused_by_policy(command)
         if refused is not None:
             return refused
         if self.upstream_peer is None:
@@ -395,9 +394,9 @@ class Session:
                 )
                 return self._answer(Reply.of(200 if verb == "NOOP" else 502, text))
             return self._answer(Reply.of(530, "Please log in with USER name@host[:port] first."))
-        return _VERBS.get(verb, Session._pass_through)(self, command)
+        return verbs.CONNECTED.get(verb, verbs.pass_through)(self, command)
 
-    def _refused_by_policy(self, command: Command) -> list[Effect] | None:
+    def refused_by_policy(self, command: Command) -> list[Effect] | None:
         verb = command.verb
         refusal = self.commands.check(verb, command.arg)
         if refusal is None:
@@ -410,63 +409,6 @@ class Session:
         )
         return [log, *self._answer(Reply.of(code, text))]
 
-    # ------------------------------------------------------ the verbs the front serves
-
-    def _pass_through(self, command: Command) -> list[Effect]:
-        return self.pass_through(command)
-
-    def _quit(self, command: Command) -> list[Effect]:
-        if self.upstream_peer is None:
-            return self.close(Reply.of(221, "Goodbye."))
-        self.phase = Phase.CLOSING
-        return self.send(Command("QUIT", ""), lambda r: self.close(Reply.of(221, "Goodbye.")))
-
-    def _feat(self, command: Command) -> list[Effect]:
-        tls = self.config.client_tls_available
-        if self.upstream_peer is None:
-            return self._answer(features.for_client(None, tls))
-        refused = self._refused_by_policy(command)
-        if refused is not None:
-            return refused
-        return self.send(command, lambda r: self._answer(features.for_client(r, tls)))
-
-    def _auth(self, command: Command) -> list[Effect]:
-        reply = self.client_ftps.auth(command)
-        if reply.code != 234:
-            return self._answer(reply)
-        return self._answer(reply, StartClientTLS(), *self.upstream.follow_client())
-
-    def _pbsz(self, command: Command) -> list[Effect]:
-        return self._answer(self.client_ftps.pbsz(command))
-
-    def _prot(self, command: Command) -> list[Effect]:
-        return self._answer(self.client_ftps.prot(command))
-
-    def _ccc(self, command: Command) -> list[Effect]:
-        return self._answer(self.client_ftps.ccc(command))
-
-    def _port(self, command: Command) -> list[Effect]:
-        return self.data_channel.port(command, self.client_ftps.protected)
-
-    def _passive(self, command: Command) -> list[Effect]:
-        return self.data_channel.passive(command, self.client_ftps.protected)
-
-    def _refuse_long(self, command: Command) -> list[Effect]:
-        return self._answer(Reply.of(502, "Command not implemented; use EPRT or EPSV."))
-
-    def _rest(self, command: Command) -> list[Effect]:
-        return self._answer(self.transfers.rest(command))
-
-    def _transfer(self, command: Command) -> list[Effect]:
-        refusal = self.transfers.refusal(self.data_channel.pending)
-        if refusal is not None:
-            return self._answer(refusal)
-        client = self.data_channel.take()
-        assert client is not None
-        self.phase = Phase.TRANSFER
-        self.transfers.upstream_protected = self.upstream.ftps.protected
-        return self.transfers.begin(command, client)
-
     def _tls_name(self) -> str:
         """The name the upstream's certificate must carry."""
         if self.config.upstream_tls_name:
@@ -475,26 +417,3 @@ class Session:
             return self.fixed_upstream[0]
         assert self.login.target is not None
         return self.login.target.host
-
-
-#: Verbs served in any phase, before the command policy.
-_ALWAYS: dict[str, Callable[[Session, Command], list[Effect]]] = {
-    "QUIT": Session._quit,
-    "AUTH": Session._auth,
-    "PBSZ": Session._pbsz,
-    "PROT": Session._prot,
-    "CCC": Session._ccc,
-    "FEAT": Session._feat,
-}
-
-#: Verbs the gateway serves itself once an upstream is connected; any other goes through.
-_VERBS: dict[str, Callable[[Session, Command], list[Effect]]] = {
-    "PORT": Session._port,
-    "EPRT": Session._port,
-    "PASV": Session._passive,
-    "EPSV": Session._passive,
-    "LPRT": Session._refuse_long,
-    "LPSV": Session._refuse_long,
-    "REST": Session._rest,
-    **{verb: Session._transfer for verb in SOURCES},
-}

@@ -9,18 +9,35 @@ itself once an upstream is connected. Any other verb is passed through to the up
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway import features
 from gateway.codec import Command, Reply
+from gateway.datachannel import DataChannel
 from gateway.effects import Effect, StartClientTLS
-from gateway.transfer import SOURCES
-from gateway.view import Phase
+from gateway.ftps import ClientFTPS
+from gateway.transfer import SOURCES, TransferDriver
+from gateway.upstream import Upstream
+from gateway.view import Phase, SessionView
 
-if TYPE_CHECKING:
-    from gateway.session import Session
 
-Verb = Callable[["Session", Command], list[Effect]]
+class Session(SessionView, Protocol):
+    """What the verbs use of `gateway.session.Session`: its machines and a few of its own
+    methods."""
+
+    client_ftps: ClientFTPS
+    upstream: Upstream
+    data_channel: DataChannel
+    transfers: TransferDriver
+
+    def enter(self, phase: Phase) -> None: ...
+
+    def pass_through(self, command: Command) -> list[Effect]: ...
+
+    def refused_by_policy(self, command: Command) -> list[Effect] | None: ...
+
+
+Verb = Callable[[Session, Command], list[Effect]]
 
 
 def pass_through(session: Session, command: Command) -> list[Effect]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from gateway.addresses import HostPort, parse_host_port
+from gateway.effects import LogLevel
 from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
 
@@ -27,6 +28,11 @@ UpstreamTLSMode = Literal["off", "auto", "required", "implicit", "match_client"]
 UPSTREAM_DATA_MODES: tuple[UpstreamDataMode, ...] = get_args(UpstreamDataMode)
 CLIENT_TLS_MODES: tuple[ClientTLSMode, ...] = get_args(ClientTLSMode)
 UPSTREAM_TLS_MODES: tuple[UpstreamTLSMode, ...] = get_args(UpstreamTLSMode)
+#: `log.level` (`gateway.effects.LogLevel`): the least important events the main log keeps.
+#: `log.format`: text lines or JSON lines.
+LogFormat = Literal["text", "json"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 
 
 class ConfigError(ValueError):
@@ -54,6 +60,7 @@ class Config:
     stall_timeout: float = 300.0
     control_send_timeout: float = 60.0
     reply_timeout: float = 120.0
+    shutdown_timeout: float = 60.0
     max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
@@ -76,6 +83,9 @@ class Config:
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    transfer_log: str | None = None
     ldap_url: str | None = None
     ldap_starttls: bool = False
     ldap_ca_file: str | None = None
@@ -468,6 +478,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds to wait for any upstream reply before ending the transfer (426) or session (421).",
     ),
     Setting(
+        "timeouts.shutdown",
+        "shutdown_timeout",
+        _number(0, 86400),
+        "Seconds running transfers may finish after SIGTERM; keep below systemd's TimeoutStopSec.",
+    ),
+    Setting(
         "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."
     ),
     Setting(
@@ -615,6 +631,19 @@ SETTINGS: tuple[Setting, ...] = (
         "metrics_listen",
         _optional_string,
         "Twisted endpoint to serve Prometheus metrics on (/metrics). Empty: not served.",
+    ),
+    Setting(
+        "log.level",
+        "log_level",
+        _choice(*LOG_LEVELS),
+        "Least severe log level written: debug, info, warn or error.",
+    ),
+    Setting("log.format", "log_format", _choice(*LOG_FORMATS), "Log lines as text or json."),
+    Setting(
+        "log.transfer_log",
+        "transfer_log",
+        _optional_string,
+        "File to append one xferlog(5) line per transfer to; reopened on SIGUSR1. Empty: none.",
     ),
 )
 

@@ -428,7 +428,10 @@ class PassiveListener:
         port_range: tuple[int, int] | None,
         tls: DataTLS | None,
         on_failure: Callable[[str], None],
+        log: Logger = _log,
     ) -> None:
+        #: The session's logger, so a dropped connection is logged with its session id.
+        self._log = log
         self._reactor = reactor
         self._clock = clock
         self._timeout = timeout
@@ -464,7 +467,7 @@ class PassiveListener:
         if self.connection is not None:
             return None
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
-            _log.warn(
+            self._log.warn(
                 "Dropped data connection from {peer} on a listener for {expected} "
                 "(possible data-port theft)",
                 peer=peer,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Literal
 
 from gateway import verbs
 from gateway.addresses import HostPort
@@ -48,11 +49,17 @@ from gateway.ftps import ClientFTPS
 from gateway.login import Login, check_destination
 from gateway.pairing import Handler, Pairing, ignore
 from gateway.policy import CommandPolicy, UpstreamPolicy
-from gateway.transfer import TransferDriver
+from gateway.transfer import TransferDriver, TransferType
 from gateway.upstream import MAX_UNSOLICITED_REPLIES, Upstream
 from gateway.view import ACCEPTS_COMMANDS, Phase
 
-__all__ = ["MAX_UNSOLICITED_REPLIES", "Session"]
+__all__ = ["MAX_UNSOLICITED_REPLIES", "SHUTDOWN_TEXT", "Session"]
+
+#: RFC 959 section 4.2: 421 when the service is shutting down.
+SHUTDOWN_TEXT = "Service shutting down."
+
+#: How the upstream is chosen.
+Mode = Literal["reverse", "forward", "transparent"]
 
 #: Commands answered before an upstream is chosen in forward mode.
 _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
@@ -91,6 +98,12 @@ class Session:
         self.phase = Phase.LOGIN
         #: An upstream 230 was passed to the client (the login timer stops counting).
         self.logged_in = False
+        #: The user name last sent upstream (never the password), for the logs.
+        self.user: str | None = None
+        #: The representation type in force: ASCII (RFC 959's default) or binary.
+        self.transfer_type: TransferType = "a"
+        #: The gateway is stopping: the command in progress is the last one served.
+        self._shutting_down = False
         self._in_progress = False  # a client command waits for its final reply
         self._serving = False  # `_serve_queue` is running (it must not re-enter itself)
         self._queue: deque[Command | BadLine] = deque()
@@ -108,6 +121,13 @@ class Session:
     @property
     def transferring(self) -> bool:
         return self.phase is Phase.TRANSFER
+
+    @property
+    def mode(self) -> Mode:
+        """How the upstream is chosen, for the logs."""
+        if self.config.transparent:
+            return "transparent"
+        return "forward" if self.config.forward else "reverse"
 
     @property
     def forward(self) -> bool:
@@ -232,6 +252,22 @@ class Session:
             *self.close(Reply.of(421, _TIMEOUT_TEXTS[what])),
         ]
 
+    def shutdown(self, *, immediate: bool = False) -> list[Effect]:
+        """The gateway is stopping. An idle session gets 421 and closes now (RFC 959 section
+        4.2); a running transfer may finish, after which the session gets 421 instead of
+        serving another command. With `immediate` (the grace period is over, or a second
+        signal), the transfer ends with 426, so the client knows its file is incomplete."""
+        if self.closed:
+            return []
+        self._shutting_down = True
+        if not self.transferring:
+            return self.close(Reply.of(421, SHUTDOWN_TEXT))
+        if not immediate:
+            return []
+        return self.transfers.give_up(
+            Reply.of(426, "Transfer aborted: the gateway is shutting down.")
+        )
+
     def peer_not_reading(self, side: Side, seconds: float) -> list[Effect]:
         """`side` left a full buffer of what the gateway sent it unread for `seconds`: 421 and
         close (RFC 959 section 4.2), so a peer that never reads cannot hold the session."""
@@ -286,6 +322,8 @@ class Session:
         on_preliminary: Handler = ignore,
         owner: object | None = None,
     ) -> list[Effect]:
+        if command.verb == "USER":
+            self.user = command.arg
         return self._pairing.send(command, on_final, on_preliminary=on_preliminary, owner=owner)
 
     def drop(self, owner: object) -> None:
@@ -317,11 +355,18 @@ class Session:
 
     def pass_through(self, command: Command) -> list[Effect]:
         login = command.verb in ("USER", "PASS", "ACCT")
+        on_final = (lambda r: self._type_reply(command.arg, r)) if command.verb == "TYPE" else None
         return self.send(
             command,
-            lambda r: self.pass_back(r, login=login),
+            on_final or (lambda r: self.pass_back(r, login=login)),
             on_preliminary=lambda r: [ToClient(r)],
         )
+
+    def _type_reply(self, arg: str, answer: Reply) -> list[Effect]:
+        if answer.code == 200:
+            # RFC 959 section 3.1.1: A (ASCII) or E are text; I and L 8 move bytes as they are.
+            self.transfer_type = "a" if arg[:1].upper() in ("A", "E") else "b"
+        return self.pass_back(answer)
 
     def pass_back(self, answer: Reply, *, login: bool = False) -> list[Effect]:
         if login and answer.code == 530:
@@ -337,11 +382,14 @@ class Session:
                 },
             )
             return [log, *self.pass_back(answer)]
-        if answer.code == 230:
+        effects: list[Effect] = []
+        if answer.code == 230 and not self.logged_in:
             self.logged_in = True
-            if self.phase is Phase.LOGIN:
-                self.phase = Phase.READY
-        return self._answer(answer)
+            fields = {"user": self.user, "event": "logged_in"}
+            effects.append(Log("info", "User {user} logged in", fields))
+        if answer.code == 230 and self.phase is Phase.LOGIN:
+            self.phase = Phase.READY
+        return [*effects, *self._answer(answer)]
 
     # -------------------------------------------------------- answering client commands
 
@@ -351,6 +399,8 @@ class Session:
         self._in_progress = False
         if self.phase is Phase.TRANSFER:
             self.phase = Phase.READY if self.logged_in else Phase.LOGIN
+        if self._shutting_down:
+            return [ToClient(reply), *then, *self.close(Reply.of(421, SHUTDOWN_TEXT))]
         return [ToClient(reply), *then, *self._serve_queue()]
 
     def _serve_queue(self) -> list[Effect]:

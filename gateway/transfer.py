@@ -57,6 +57,8 @@ SOURCES = {
 
 #: How a client asks for its next data connection: active (PORT, EPRT) or passive.
 ClientDataVerb = Literal["PORT", "EPRT", "PASV", "EPSV"]
+#: The representation type (RFC 959 section 3.1.1): "a" ASCII text, "b" bytes as they are.
+TransferType = Literal["a", "b"]
 #: How the gateway opens one transfer's upstream data connection.
 UpstreamMode = Literal["active", "pasv", "epsv"]
 
@@ -453,9 +455,10 @@ class TransferDriver:
         return [] if self.current is None else self._end(self.current, answer)
 
     def give_up(self, answer: Reply) -> list[Effect]:
-        """The upstream stopped answering: end the transfer with `answer`. Whatever the
-        upstream still sends for it reaches nobody, so replies stay paired if it wakes up; if
-        it stays silent, the next command's wait runs into the reply timer again."""
+        """Abandon the transfer with `answer` (the upstream stopped answering, or the gateway
+        is stopping). Whatever the upstream still sends for it reaches nobody, so replies stay
+        paired if it wakes up; if it stays silent, the next command's wait runs into the reply
+        timer again."""
         transfer = self.current
         if transfer is None:
             return []
@@ -471,9 +474,7 @@ class TransferDriver:
             "info" if answer.positive else "warn",
             "Transfer {verb} {path} via {upstream}: {code} {text}",
             {
-                "verb": transfer.command.verb,
-                "path": transfer.command.arg,
-                "upstream": str(self._view.upstream_peer),
+                **self._record(transfer),
                 "code": answer.code,
                 "text": answer.lines[0],
                 "event": "transfer_finished",
@@ -490,8 +491,8 @@ class TransferDriver:
         self.current = None
         record = Log(
             "info",
-            "Transfer {verb} aborted by client",
-            {"verb": transfer.command.verb, "event": "transfer_aborted"},
+            "Transfer {verb} {path} aborted by client",
+            {**self._record(transfer), "event": "transfer_aborted"},
         )
         return [
             CloseData(),
@@ -502,6 +503,17 @@ class TransferDriver:
                 ToClient(Reply.of(226, "ABOR command successful.")),
             ),
         ]
+
+    def _record(self, transfer: Transfer) -> dict[str, object]:
+        """What a transfer's log record (and so the transfer log) says about it."""
+        return {
+            "verb": transfer.command.verb,
+            "path": transfer.command.arg,
+            "upstream": str(self._view.upstream_peer),
+            "direction": "download" if transfer.source is Side.UPSTREAM else "upload",
+            "user": self._view.user,
+            "type": self._view.transfer_type,
+        }
 
     def _drop_and_abort(self, transfer: Transfer) -> list[Effect]:
         self._view.drop(transfer)

@@ -58,6 +58,16 @@ class SessionView(Protocol):
     @property
     def upstream_peer(self) -> HostPort | None: ...
 
+    @property
+    def user(self) -> str | None:
+        """The user name last sent upstream, for the logs."""
+        ...
+
+    @property
+    def transfer_type(self) -> str:
+        """The representation type in force ("a" or "b"), for the logs."""
+        ...
+
     def send(
         self,
         command: Command,

@@ -445,7 +445,7 @@ def test_nul_and_non_utf8_bytes(gateway: GatewayProcess, ftpd: RunningServer) ->
     assert_download_works(ftp)
     ftp.quit()
     # The log still works after logging those bytes (it records the session's end).
-    wait_for_log(gateway, f"Client 127.0.0.1:{client_port} disconnected")
+    wait_for_log(gateway, f"Session ended: client 127.0.0.1:{client_port},")
     after_attack(base)
 
 
@@ -593,6 +593,8 @@ def test_second_host_on_pasv_port_is_dropped(gateway: GatewayProcess, ftpd: Runn
     assert received == HEALTH_DATA
     log = wait_for_log(gateway, "possible data-port theft")
     assert "127.0.0.2" in log
+    # Logged with the session's id, so the victim's session can be found.
+    assert re.search(r"#warn\] \[[0-9a-f]{8}\] Dropped data connection from 127\.0\.0\.2", log)
     assert_listener_closes(host, port)  # one connection per listener, then it closes
     ftp.quit()
     after_attack(base)

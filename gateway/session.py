@@ -48,6 +48,7 @@ from gateway.errors import ProtocolError
 from gateway.ftps import ClientFTPS
 from gateway.login import Login, check_destination
 from gateway.pairing import Handler, Pairing, ignore
+from gateway.passthrough import PassThrough
 from gateway.policy import CommandPolicy, UpstreamPolicy
 from gateway.transfer import TransferDriver, TransferType
 from gateway.upstream import MAX_UNSOLICITED_REPLIES, Upstream
@@ -96,12 +97,8 @@ class Session:
         self.client_peer = client_peer
         self.client_local = client_local
         self.phase = Phase.LOGIN
-        #: An upstream 230 was passed to the client (the login timer stops counting).
-        self.logged_in = False
         #: The user name last sent upstream (never the password), for the logs.
         self.user: str | None = None
-        #: The representation type in force: ASCII (RFC 959's default) or binary.
-        self.transfer_type: TransferType = "a"
         #: The gateway is stopping: the command in progress is the last one served.
         self._shutting_down = False
         self._in_progress = False  # a client command waits for its final reply
@@ -109,10 +106,20 @@ class Session:
         self._queue: deque[Command | BadLine] = deque()
         self._pairing = Pairing()
         self.client_ftps: ClientFTPS = ClientFTPS(config, implicit=implicit_tls)
-        self.upstream: Upstream = Upstream(self, self._pairing, tls_name=self._tls_name)
+        self.upstream: Upstream = Upstream(self, self._pairing)
         self.login: Login = Login(self, proxy_auth=bool(config.proxy_auth))
         self.data_channel: DataChannel = DataChannel(self, client_peer, client_local)
         self.transfers: TransferDriver = TransferDriver(self)
+        self.passing = PassThrough(self)
+
+    @property
+    def logged_in(self) -> bool:
+        """An upstream 230 was passed to the client (the login timer stops counting)."""
+        return self.passing.logged_in
+
+    @property
+    def transfer_type(self) -> TransferType:
+        return self.passing.transfer_type
 
     @property
     def closed(self) -> bool:
@@ -354,42 +361,10 @@ class Session:
         return self._serve_queue()
 
     def pass_through(self, command: Command) -> list[Effect]:
-        login = command.verb in ("USER", "PASS", "ACCT")
-        on_final = (lambda r: self._type_reply(command.arg, r)) if command.verb == "TYPE" else None
-        return self.send(
-            command,
-            on_final or (lambda r: self.pass_back(r, login=login)),
-            on_preliminary=lambda r: [ToClient(r)],
-        )
-
-    def _type_reply(self, arg: str, answer: Reply) -> list[Effect]:
-        if answer.code == 200:
-            # RFC 959 section 3.1.1: A (ASCII) or E are text; I and L 8 move bytes as they are.
-            self.transfer_type = "a" if arg[:1].upper() in ("A", "E") else "b"
-        return self.pass_back(answer)
+        return self.passing.command(command)
 
     def pass_back(self, answer: Reply, *, login: bool = False) -> list[Effect]:
-        if login and answer.code == 530:
-            # RFC 959 section 4.2: not logged in; the upstream refused the login, worth a
-            # line and a count of its own.
-            log = Log(
-                "warn",
-                "Upstream {upstream} refused the login: {text}",
-                {
-                    "upstream": str(self.upstream_peer),
-                    "text": answer.lines[0],
-                    "event": "upstream_login_failed",
-                },
-            )
-            return [log, *self.pass_back(answer)]
-        effects: list[Effect] = []
-        if answer.code == 230 and not self.logged_in:
-            self.logged_in = True
-            fields = {"user": self.user, "event": "logged_in"}
-            effects.append(Log("info", "User {user} logged in", fields))
-        if answer.code == 230 and self.phase is Phase.LOGIN:
-            self.phase = Phase.READY
-        return [*effects, *self._answer(answer)]
+        return self.passing.reply(answer, login=login)
 
     # -------------------------------------------------------- answering client commands
 
@@ -458,12 +433,3 @@ class Session:
             {"verb": verb, "event": "refused", "refused": "command"},
         )
         return [log, *self._answer(Reply.of(code, text))]
-
-    def _tls_name(self) -> str:
-        """The name the upstream's certificate must carry."""
-        if self.config.upstream_tls_name:
-            return self.config.upstream_tls_name
-        if self.fixed_upstream is not None:
-            return self.fixed_upstream[0]
-        assert self.login.target is not None
-        return self.login.target.host

@@ -9,7 +9,7 @@ session, and a command left unanswered for `timeouts.reply` ends the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from gateway.addresses import HostPort
@@ -37,6 +37,9 @@ class UpstreamHost(SessionView, Protocol):
     def forward(self) -> bool: ...
 
     @property
+    def fixed_upstream(self) -> tuple[str, int] | None: ...
+
+    @property
     def login(self) -> Login: ...
 
     @property
@@ -53,13 +56,10 @@ class UpstreamHost(SessionView, Protocol):
 class Upstream:
     """See the module docstring."""
 
-    def __init__(
-        self, host: UpstreamHost, pairing: Pairing, *, tls_name: Callable[[], str]
-    ) -> None:
+    def __init__(self, host: UpstreamHost, pairing: Pairing) -> None:
         self._host = host
-        self._tls_name = tls_name
         self.pairing = pairing
-        self.ftps = UpstreamFTPS(host, name=tls_name, secured=self.secured)
+        self.ftps = UpstreamFTPS(host, name=self._tls_name, secured=self.secured)
         self.peer: HostPort | None = None
         self.local: HostPort | None = None
         #: Reverse mode: the upstream's greeting, shown once the upstream side is secured.
@@ -69,6 +69,16 @@ class Upstream:
         self._unsolicited = 0
 
     # ------------------------------------------------------------ the connection itself
+
+    def _tls_name(self) -> str:
+        """The name the upstream's certificate must carry."""
+        if self._host.config.upstream_tls_name:
+            return self._host.config.upstream_tls_name
+        if self._host.fixed_upstream is not None:
+            return self._host.fixed_upstream[0]
+        target = self._host.login.target
+        assert target is not None
+        return target.host
 
     def connect(self, host: str, port: int) -> list[Effect]:
         """Open the connection to `host`, an address policy approved (or the configured name)."""

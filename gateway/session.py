@@ -3,14 +3,17 @@
 A `Session` pairs one client control connection with one upstream control connection. Its
 methods take what happened (a client command, an upstream reply, a data connection made or
 lost) and return the effects the shell must carry out (`gateway.effects`). The front owns the
-inputs, the phase (`gateway.view.Phase`), the queue of client commands, the pairing of upstream
-replies (`gateway.pairing`) and the one verb table; each concern is a small machine of its own
-that sees the session only through `gateway.view.SessionView`:
+inputs, the phase (`gateway.view.Phase`), the queue of client commands, `_answer` (a command's
+one final reply) and closing; it dispatches through the one verb table (`gateway.verbs`). Each
+concern is a small machine of its own that sees the session only through a narrow view
+(`gateway.view.SessionView` and a few named extras):
 
+- `gateway.upstream`     the upstream control connection: greeting, securing, reply pairing
 - `gateway.login`        forward mode: proxy login, choosing and connecting the upstream
 - `gateway.ftps`         TLS on both sides: AUTH/PBSZ/PROT/CCC, and the upstream negotiation
 - `gateway.datachannel`  PORT, EPRT, PASV, EPSV and EPSV ALL
 - `gateway.transfer`     the transfer driver, from the data command to its final reply
+- `gateway.passthrough`  commands passed through unchanged, and what their replies mean
 
 Three rules shape it:
 

@@ -97,6 +97,7 @@ class Config:
     ldap_filter: str = "(uid={user})"
     ldap_require_group: str | None = None
     ldap_timeout: float = 10.0
+    upstream_proxy_protocol: str = "off"
 
     @property
     def client_tls_available(self) -> bool:
@@ -136,9 +137,14 @@ def _listen(name: str, value: object) -> tuple[str, ...]:
             # Data connections, the client ACL and the bounce rules all need the client's IP.
             raise ConfigError(f"{name}: {endpoint!r}: FTP needs an IP listener, not a UNIX socket")
         if kind == "haproxy":
-            # Twisted's wrapper starts the session before the PROXY header names the client, so
-            # admission, bounce rules and data-connection checks would see the proxy instead.
-            raise ConfigError(f"{name}: {endpoint!r}: the PROXY protocol is not supported")
+            # The PROXY header comes first, in clear text (haproxy's doc/proxy-protocol.txt
+            # section 2): under it only a plain TCP listener, TLS starts later (AUTH TLS).
+            inner = endpoint.split(":", 2)[1].lower() if endpoint.count(":") >= 2 else ""
+            if inner not in ("tcp", "tcp6", "systemd"):
+                raise ConfigError(
+                    f"{name}: {endpoint!r}: the PROXY protocol needs a TCP listener under it, "
+                    "e.g. haproxy:tcp:2121 (clients use explicit FTPS, AUTH TLS, there)"
+                )
     return endpoints
 
 
@@ -333,6 +339,13 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream",
         _upstream,
         "Reverse mode: HOST:PORT every session goes to. Empty: forward mode (USER name@host).",
+    ),
+    Setting(
+        "upstream_proxy_protocol",
+        "upstream_proxy_protocol",
+        _choice("off", "v1", "v2"),
+        "Send the client's address first on upstream control connections: off, v1 or v2 "
+        "(HAProxy's PROXY protocol; the server must expect it).",
     ),
     Setting(
         "transparent",
@@ -711,6 +724,11 @@ def build(*layers: Mapping[str, Any]) -> Config:
         )
     if config.proxy_auth and not config.forward:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
+    if config.upstream_proxy_protocol != "off" and config.upstream_tls == "implicit":
+        # The header precedes everything, TLS too; implicit TLS starts with the first byte.
+        raise ConfigError(
+            "upstream_proxy_protocol: cannot be combined with tls.upstream = 'implicit'"
+        )
     if config.client_tls == "required" and config.tls_certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")
     if any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):

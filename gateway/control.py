@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import proxyproto
 from gateway.addresses import HostPort, is_ip_literal
 from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
@@ -107,6 +108,12 @@ class UpstreamControl(Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        version = self.owner.factory.config.upstream_proxy_protocol
+        if version != "off":
+            # First on the connection, before the server's greeting is even read (haproxy's
+            # doc/proxy-protocol.txt, section 2): the client's real address for its logs.
+            local = _hostport(self.owner.transport.getHost())  # type: ignore[union-attr]
+            self.transport.write(proxyproto.header(version, self.owner.peer, local))  # type: ignore[union-attr]
         self.owner.upstream_made(self)
 
     def start_tls(self, options: Any) -> None:
@@ -205,6 +212,7 @@ class _DataSide:
                 port_range=config.passive_ports,
                 tls=self._tls(side, tls),
                 on_failure=lambda reason: self._failed(channels, side, reason),
+                balancer=proxyproto.balancer_of(control) if side is Side.CLIENT else None,
                 log=self._owner.log,
             )
         except error.CannotListenError as e:

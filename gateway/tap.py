@@ -202,7 +202,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        listener = startup.Listener("listen", endpoint, factory, reactor, line)
+        listener = startup.Listener(
+            "listen", endpoint, factory, reactor, line, header_timeout=config.login_timeout
+        )
         report_bound(listener, factory.add_listener)
         listener.setServiceParent(top.sessions)
     top.sessions.setServiceParent(top)

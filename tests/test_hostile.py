@@ -659,11 +659,25 @@ def test_hostile_upstream_harness_serves_a_normal_transfer(
         ftp.quit()
 
 
+def _third_host_listener() -> socket.socket:
+    """A listener on 127.0.0.2 whose port is also free on 127.0.0.1, where the hostile upstream
+    listens "at the same port" (another process on a busy machine may hold it there)."""
+    for _ in range(50):
+        third_host = socket.create_server(("127.0.0.2", 0))
+        try:
+            socket.create_server(("127.0.0.1", third_host.getsockname()[1])).close()
+        except OSError:
+            third_host.close()
+            continue
+        return third_host
+    raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
+
+
 def test_upstream_227_naming_a_third_host_is_not_followed(
     gateway: GatewayProcess, ftpd: RunningServer
 ) -> None:
     base = before_attack(gateway, ftpd)
-    with socket.create_server(("127.0.0.2", 0)) as third_host:
+    with _third_host_listener() as third_host:
         named = ("127.0.0.2", third_host.getsockname()[1])
         with HostileUpstream(Mode.THIRD_HOST_PASV, payload=PAYLOAD, pasv_address=named) as up:
             ftp = login_hostile(gateway, up)

@@ -33,6 +33,9 @@ UPSTREAM_TLS_MODES: tuple[UpstreamTLSMode, ...] = get_args(UpstreamTLSMode)
 LogFormat = Literal["text", "json"]
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+#: `upstream_proxy_protocol`: the PROXY header sent first to the upstream, if any.
+ProxyProtocol = Literal["off", "v1", "v2"]
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
 #: `data.relay`: how data bytes move (`gateway.splice`).
 DataRelay = Literal["auto", "splice", "copy"]
 DATA_RELAYS: tuple[DataRelay, ...] = get_args(DataRelay)
@@ -102,7 +105,7 @@ class Config:
     ldap_filter: str = "(uid={user})"
     ldap_require_group: str | None = None
     ldap_timeout: float = 10.0
-    upstream_proxy_protocol: str = "off"
+    upstream_proxy_protocol: ProxyProtocol = "off"
 
     @property
     def client_tls_available(self) -> bool:
@@ -348,7 +351,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "upstream_proxy_protocol",
         "upstream_proxy_protocol",
-        _choice("off", "v1", "v2"),
+        _choice(*PROXY_PROTOCOLS),
         "Send the client's address first on upstream control connections: off, v1 or v2 "
         "(HAProxy's PROXY protocol; the server must expect it).",
     ),

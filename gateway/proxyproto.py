@@ -188,6 +188,8 @@ class ProxyHeaderFactory(WrappingFactory):
     """
 
     protocol = ProxyHeaderProtocol
+    # No `Starting factory <...ProxyHeaderFactory object at 0x...>` line per listener.
+    noisy = False
 
     def __init__(self, wrapped: IProtocolFactory, clock: IReactorTime, timeout: float) -> None:
         super().__init__(wrapped)

@@ -13,11 +13,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gateway_process import PROJECT, GatewayProcess, start_gateway
+from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway
 from servers import RunningServer, start_server
 
 TIMEOUT = 30.0
@@ -86,6 +87,36 @@ def test_info_level_has_no_debug_lines_nor_listener_noise(
     assert "#debug" not in log, log
     assert "_OneShotFactory" not in log, log
     assert not re.search(r"\(TCP Port \d+ Closed\)", log), log
+
+
+def test_info_level_has_no_twisted_lines_per_listener_nor_per_scrape(
+    tmp_path: Path, server: RunningServer
+) -> None:
+    """A `haproxy:` listener and the metrics listener, each started, scraped and stopped: the
+    start-up lines name them, and Twisted's own `... starting on PORT`, `Starting factory`,
+    `Stopping factory` and per-request access lines stay out of an info log."""
+    metrics_port = free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'upstream = "{server.host}:{server.port}"\n'
+        f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
+    )
+    gateway = start_gateway(tmp_path, "--config", str(path), listen_prefix="haproxy:")
+    try:
+        wait_for(gateway, "Prometheus metrics at /metrics")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        for _ in range(2):
+            with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+                assert b"ftp_gateway_sessions" in response.read()
+    finally:
+        gateway.stop()
+    assert gateway.proc.returncode == 0
+    log = gateway.log()
+    assert "Shutdown complete" in log  # the stop's own lines were written
+    assert f"Listening on haproxy:tcp:{gateway.port}" in log, log
+    assert f"Listening on tcp:{metrics_port}" in log, log
+    for noise in ("starting on", "Starting factory", "Stopping factory", "GET /metrics"):
+        assert noise not in log, log
 
 
 def test_debug_level_shows_replies_and_listener_lines(

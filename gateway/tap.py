@@ -34,7 +34,8 @@ class Options(usage.Options):
         "clients choose the server with USER name@host[:port] (forward mode). Options override "
         "the configuration file; see etc/ftp-gateway.toml for every setting. twistd's own "
         "--logfile=, --pidfile=, --syslog, --uid=, --gid=, --umask=, --prefix= and --reactor= "
-        "may be mixed in (write them with '=')."
+        "may be mixed in (write them with '='). To add a proxy user to an htpasswd file or change "
+        "a password: ftp-gateway passwd FILE USER (see ftp-gateway passwd --help)."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
@@ -84,8 +85,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def opt_listen(self, endpoint: str) -> None:
-        """Twisted server endpoint to accept clients on (repeatable).
-        Default: tcp:2121:interface=127.0.0.1"""
+        """Twisted server endpoint to accept clients on (repeatable; default
+        tcp:2121:interface=127.0.0.1)."""
         self["listen"].append(endpoint)
 
     def opt_allow_upstream(self, cidr: str) -> None:

@@ -5,6 +5,7 @@ Every case starts the real process (`python -m gateway`, the same code as `ftp-g
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -80,6 +81,49 @@ def test_help_names_ftp_gateway_and_twistd_pass_through_options() -> None:
     assert "twistd" not in result.stdout.splitlines()[0]
     for option in ("--check-config", "--version", "--logfile=", "--pidfile=", "--syslog"):
         assert option in result.stdout
+
+
+def readme_section(title: str) -> str:
+    """README's text from the heading `## title` to the next `## ` heading."""
+    readme = (PROJECT / "README.md").read_text()
+    start = readme.index(f"\n## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end != -1 else None]
+
+
+def test_readme_usage_table_lists_every_option_of_help() -> None:
+    """An administrator reads README's table, not the source: every option `--help` prints
+    (with its short form) is a row there, and so is the `passwd` command it mentions."""
+    result = gateway("--help")
+    assert result.returncode == 0
+    table = "\n".join(
+        line for line in readme_section("Usage").splitlines() if line.startswith("| `")
+    )
+    options = re.findall(r"^\s+(?:(-\w), )?(--[\w-]+)", result.stdout, re.MULTILINE)
+    assert len(options) >= 15, result.stdout
+    for short, long in options:
+        assert f"`{long}" in table, f"{long} is missing from README's usage table"
+        if short:
+            assert f"`{short}`, `{long}" in table, f"{short} is missing beside {long}"
+    assert "ftp-gateway passwd FILE USER" in " ".join(result.stdout.split())
+    assert "`ftp-gateway passwd FILE USER`" in table
+
+
+def test_readme_names_every_package_install_test_deps_installs() -> None:
+    """README's test section says what the script changes before anyone runs it: every
+    Debian package the script installs by name (shared libraries aside) is listed there."""
+    script = (PROJECT / "scripts" / "install-test-deps").read_text()
+    commands = re.findall(r"^apt-get install ((?:[^\n]*\\\n)*[^\n]*)", script, re.MULTILINE)
+    packages = {
+        word
+        for command in commands
+        for word in command.replace("\\\n", " ").split()
+        if not word.startswith(("-", ">", "lib", "zlib")) and "=" not in word
+    }
+    assert {"vsftpd", "haproxy", "logrotate", "wget", "ftp-ssl"} <= packages, packages
+    section = readme_section("Run the tests")
+    for package in sorted(packages):
+        assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", section), package
 
 
 def test_bad_flag_is_a_short_message_and_status_2() -> None:

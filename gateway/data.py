@@ -474,7 +474,10 @@ class PassiveListener:
             # Forwarded by the balancer that carried the control connection: the PROXY header
             # names who connected, and that must be the client.
             return ForwardedData(
-                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+                lambda source: self._accept(source, forwarded=True),
+                self._clock,
+                self._timeout,
+                log=self._log,
             )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
             self._log.warn(
@@ -482,6 +485,7 @@ class PassiveListener:
                 "(possible data-port theft)",
                 peer=peer,
                 expected=self._peer,
+                event="data_connection_dropped",
             )
             return None
         self.connection = DataConnection(

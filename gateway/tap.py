@@ -293,7 +293,11 @@ class ReloadOnHangup(Service):
             ("transfer_log", running.transfer_log),
         ):
             if getattr(config, setting) != value:
-                _log.warn("Reload: {setting} changes only on restart", setting=setting)
+                _log.warn(
+                    "Reload: {setting} changes only on restart",
+                    setting=setting,
+                    event="reload_needs_restart",
+                )
                 config = replace(config, **{setting: value})
         self.factory.reconfigure(config)
         _log.info("Configuration reloaded", event="config_reloaded", result="ok")

@@ -39,9 +39,11 @@ def reverse_gateway(tmp_path: Path, server: RunningServer, config: str) -> Gatew
     return start_gateway(tmp_path, "--config", str(path))
 
 
-def download_and_upload(gateway: GatewayProcess, server: RunningServer, name: str) -> None:
-    """One passive download and one passive upload with ftplib, then QUIT."""
-    ftp = ftplib.FTP(timeout=TIMEOUT)
+def download_and_upload(
+    gateway: GatewayProcess, server: RunningServer, name: str, source: str = "127.0.0.1"
+) -> None:
+    """One passive download and one passive upload with ftplib from `source`, then QUIT."""
+    ftp = ftplib.FTP(timeout=TIMEOUT, source_address=(source, 0))
     ftp.connect(gateway.host, gateway.port)
     ftp.login(server.user, server.password)
     received = io.BytesIO()
@@ -233,11 +235,16 @@ def xferlog_lines(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()]
 
 
+#: The clients of the transfer-log test connect from here; the gateway reaches the upstream
+#: from 127.0.0.1, so the remote-host field tells the two apart.
+CLIENT = "127.0.0.5"
+
+
 def check_xferlog_fields(fields: list[str], server: RunningServer) -> None:
     assert len(fields) == 18, fields  # the time is 5 fields: "Sat Nov 28 08:48:51 2026"
     time.strptime(" ".join(fields[:5]), "%a %b %d %H:%M:%S %Y")
     assert int(fields[5]) >= 1  # transfer-time, whole seconds
-    assert fields[6] == "127.0.0.1"  # the client, not the gateway's upstream address
+    assert fields[6] == CLIENT  # the client, not the gateway's upstream address
     assert fields[10] == "_"
     assert fields[12] == "r" and fields[13] == server.user
     assert fields[14:17] == ["ftp", "0", "*"]
@@ -249,8 +256,8 @@ def test_transfer_log_has_one_xferlog_line_per_file_transfer(
     xferlog = tmp_path / "xferlog"
     gateway = reverse_gateway(tmp_path, server, f'[log]\ntransfer_log = "{xferlog}"\n')
     try:
-        download_and_upload(gateway, server, "xfer up.txt")
-        ftp = ftplib.FTP(timeout=TIMEOUT)
+        download_and_upload(gateway, server, "xfer up.txt", source=CLIENT)
+        ftp = ftplib.FTP(timeout=TIMEOUT, source_address=(CLIENT, 0))
         ftp.connect(gateway.host, gateway.port)
         ftp.login(server.user, server.password)
         with pytest.raises(ftplib.error_perm):

@@ -21,6 +21,7 @@ from gateway.policy import Rule
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
 CLIENT_TLS_MODES = ("off", "optional", "required")
 UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
+DATA_RELAYS = ("auto", "splice", "copy")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -44,6 +45,7 @@ class Config:
     follow_pasv_address: bool = False
     allow_foreign_data_address: bool = False
     source_address: str | None = None
+    data_relay: str = "auto"
     login_timeout: float = 60.0
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
@@ -62,6 +64,7 @@ class Config:
     client_rules: tuple[Rule, ...] = ()
     max_sessions: int = 1000
     max_sessions_per_ip: int = 50
+    max_open_files: int = 0
     max_failed_logins: int = 5
     tls_certificate: str | None = None
     tls_private_key: str | None = None
@@ -406,6 +409,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Concurrent sessions from one client IP; more get 421.",
     ),
     Setting(
+        "limits.max_open_files",
+        "max_open_files",
+        _integer(0, 1 << 30),
+        "Soft limit on open file descriptors to raise to at start. 0: the hard limit.",
+    ),
+    Setting(
         "limits.max_failed_logins",
         "max_failed_logins",
         _integer(1, 1000),
@@ -452,6 +461,12 @@ SETTINGS: tuple[Setting, ...] = (
         "source_address",
         _ip,
         "Local IP for connections to upstreams. Empty: chosen by the system.",
+    ),
+    Setting(
+        "data.relay",
+        "data_relay",
+        _choice(*DATA_RELAYS),
+        "How plain TCP data moves: auto (splice on Linux, else copy), splice or copy.",
     ),
     Setting("timeouts.login", "login_timeout", _number(1, 86400), "Seconds to complete login."),
     Setting("timeouts.idle", "idle_timeout", _number(1, 86400), "Seconds without a command."),

@@ -39,12 +39,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway import proxyproto
+from gateway import proxyproto, splice
 from gateway.addresses import HostPort, is_ip_literal
 from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
-from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
+from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult
 from gateway.effects import (
     Authenticate,
     CloseClient,
@@ -646,8 +646,14 @@ class ClientControl(Protocol):
         channels = self._data
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
         reactor = self.factory.reactor
-        stall = self.factory.config.stall_timeout
-        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
+        config = self.factory.config
+        d = splice.relay(
+            channels.connections[source],
+            channels.connections[sink],
+            reactor,
+            config.stall_timeout,
+            config.data_relay,
+        )
         channels.relay = d
         direction = "download" if source is Side.UPSTREAM else "upload"
         started = reactor.seconds()
@@ -658,12 +664,13 @@ class ClientControl(Protocol):
 
         def finished(result: RelayResult) -> None:
             self.log.info(
-                "Transfer {direction} {outcome}: {detail}",
+                "Transfer {direction} {outcome}: {detail} ({relay})",
                 direction=direction,
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
                 seconds=reactor.seconds() - started,
+                relay=result.path,
                 event="relay_finished",
             )
             if channels is self._data:

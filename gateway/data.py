@@ -52,6 +52,7 @@ class RelayResult:
     ok: bool
     bytes: int
     detail: str
+    path: str = "copy"  # how the bytes moved: "copy" (through Python) or "splice" (kernel)
 
 
 class TLSReuseRequired(Exception):
@@ -151,6 +152,9 @@ class DataConnection(Protocol):
         self._handshake_timer: IDelayedCall | None = None
         self.receiver: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[DataConnection, Failure], None] | None = None
+        #: Called once before `abort` closes the socket: a relay that took the socket over
+        #: from the transport (`gateway.splice`) lets go of it first.
+        self.on_abort: Callable[[], None] | None = None
         self.ready: Deferred[DataConnection] = Deferred()
         self.lost = False
         self._early: list[bytes] = []
@@ -265,6 +269,9 @@ class DataConnection(Protocol):
             self.on_lost(self, reason)
 
     def abort(self) -> None:
+        if self.on_abort is not None:
+            release, self.on_abort = self.on_abort, None
+            release()
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 

@@ -363,6 +363,11 @@ def test_twistd_plugin_still_starts(tmp_path: Path) -> None:
     )
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
+        # twistd opens the port before the reactor runs and installs its signal handlers: a
+        # SIGTERM in between ends the process before it logs anything. Wait for the line.
+        deadline = time.monotonic() + TIMEOUT
+        while "Listening on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)

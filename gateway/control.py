@@ -653,6 +653,7 @@ class ClientControl(Protocol):
             reactor,
             config.stall_timeout,
             config.data_relay,
+            log=self.log,
         )
         channels.relay = d
         direction = "download" if source is Side.UPSTREAM else "upload"

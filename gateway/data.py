@@ -295,7 +295,11 @@ def _session_reused(transport: Any) -> bool:
 
 
 def relay(
-    source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+    source: DataConnection,
+    sink: DataConnection,
+    clock: IReactorTime,
+    stall: float,
+    log: Logger = _log,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
 
@@ -326,7 +330,7 @@ def relay(
         if timer.active():
             timer.cancel()
         if not done.called:
-            ignored.report(sink)
+            ignored.report(sink, log)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -385,10 +389,11 @@ class _Ignored:
     def receive(self, data: bytes) -> None:
         self.bytes += len(data)
 
-    def report(self, sink: DataConnection) -> None:
+    def report(self, sink: DataConnection, log: Logger) -> None:
+        """One line, on the session's logger `log` so it carries the session id."""
         if self.bytes:
             peer = sink.transport.getPeer() if sink.transport is not None else None
-            _log.warn(
+            log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self.bytes,
                 peer=str(getattr(peer, "host", "")),

@@ -141,15 +141,20 @@ class Options(usage.Options):
         config, problems = startup.check(
             self["config"], self.overrides(), reactor, dry_run=bool(self["check-config"])
         )
-        if config is None or problems:
+        if config is None:
             return config, problems
+        # These too, beside the problems found so far: one line per problem, all at once.
         if config.data_relay == "splice" and not splice.available():
-            return None, ["data.relay: splice needs Linux (splice(2)); use auto or copy"]
+            problems.append("data.relay: splice needs Linux (splice(2)); use auto or copy")
         try:
             check_transfer_log(config.transfer_log)
-            return resolve_masquerade(config), []
         except ConfigError as e:
-            return None, [str(e)]
+            problems.append(str(e))
+        try:
+            config = resolve_masquerade(config)
+        except ConfigError as e:
+            problems.append(str(e))
+        return config, problems
 
     def load(self) -> Config:
         """The checked configuration; raises ConfigError naming the first problem."""

@@ -169,6 +169,24 @@ def test_check_config_reports_every_problem_one_line_each(tmp_path: Path) -> Non
     )
 
 
+def test_check_config_reports_the_transfer_log_beside_other_problems(tmp_path: Path) -> None:
+    """An administrator fixing a file wants every problem in one run, the transfer log's
+    included, not one more after each fix."""
+    config = tmp_path / "several.toml"
+    config.write_text(
+        'listen = ["tcpp:2121"]\nupstream = "127.0.0.1:21"\n'
+        f'[tls]\ncertificate = "{tmp_path / "no-cert.pem"}"\n'
+        f'[log]\ntransfer_log = "{tmp_path / "no-such-dir" / "xferlog"}"\n'
+    )
+    result = gateway("--check-config", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert all(line.startswith("ftp-gateway: configuration error: ") for line in lines)
+    for setting in ("tls.certificate:", "listen:", "log.transfer_log:"):
+        assert sum(setting in line for line in lines) == 1, (setting, lines)
+
+
 def test_check_config_tries_certificates_and_cred_checkers(tmp_path: Path) -> None:
     result = gateway(
         "--check-config",

@@ -219,7 +219,11 @@ class _DataSide:
             # A range with no free port, or an address that cannot be bound: the session
             # answers the command with 425 and goes on.
             reason = str(e.socketError)
-            self._owner.log.error("Cannot open a passive listener: {error}", error=reason)
+            self._owner.log.error(
+                "Cannot open a passive listener: {error}",
+                error=reason,
+                event="passive_listen_failed",
+            )
             self._owner.run(self._owner.session.data_failed(side, reason))
             return
         channels.listeners[side] = listener
@@ -324,6 +328,7 @@ class _DataSide:
             reactor,
             config.stall_timeout,
             config.data_relay,
+            log=self._owner.log,
         )
         channels.relay = d
         direction = "download" if source is Side.UPSTREAM else "upload"
@@ -624,7 +629,12 @@ class ClientControl(Protocol):
         """Open the upstream control connection; with `implicit_tls` (the name to verify),
         TLS starts with the first byte (port 990 style)."""
         if self.factory.is_self(host, port):
-            self.log.warn("Refused a connection loop to {host}:{port}", host=host, port=port)
+            self.log.warn(
+                "Refused a connection loop to {host}:{port}",
+                host=host,
+                port=port,
+                event="upstream_loop_refused",
+            )
             self.run(
                 self.session.upstream_connect_failed("that is this gateway (a connection loop)")
             )

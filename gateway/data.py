@@ -301,7 +301,11 @@ def _session_reused(transport: Any) -> bool:
 
 
 def relay(
-    source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+    source: DataConnection,
+    sink: DataConnection,
+    clock: IReactorTime,
+    stall: float,
+    log: Logger = _log,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
 
@@ -332,7 +336,7 @@ def relay(
         if timer.active():
             timer.cancel()
         if not done.called:
-            ignored.report(sink)
+            ignored.report(sink, log)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -391,10 +395,11 @@ class _Ignored:
     def receive(self, data: bytes) -> None:
         self.bytes += len(data)
 
-    def report(self, sink: DataConnection) -> None:
+    def report(self, sink: DataConnection, log: Logger) -> None:
+        """One line, on the session's logger `log` so it carries the session id."""
         if self.bytes:
             peer = sink.transport.getPeer() if sink.transport is not None else None
-            _log.warn(
+            log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self.bytes,
                 peer=str(getattr(peer, "host", "")),
@@ -487,7 +492,10 @@ class PassiveListener:
             # Forwarded by the balancer that carried the control connection: the PROXY header
             # names who connected, and that must be the client.
             return ForwardedData(
-                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+                lambda source: self._accept(source, forwarded=True),
+                self._clock,
+                self._timeout,
+                log=self._log,
             )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
             self._log.warn(
@@ -495,6 +503,7 @@ class PassiveListener:
                 "(possible data-port theft)",
                 peer=peer,
                 expected=self._peer,
+                event="data_connection_dropped",
             )
             return None
         self.connection = DataConnection(

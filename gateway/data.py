@@ -289,13 +289,23 @@ def _unacknowledged(tcp: Any) -> int | None:
 
 
 def _session_reused(transport: Any) -> bool:
+    """Whether the TLS connection under `transport` resumed an earlier session.
+
+    The only use of private API on this side: pyOpenSSL exposes no `SSL_session_reused`, so
+    this calls OpenSSL through pyOpenSSL's own binding (`OpenSSL._util.lib`) on the raw `SSL *`
+    pointer of the connection (`Connection._ssl`). Without it `require_data_session_reuse`
+    cannot be enforced."""
     from OpenSSL._util import lib
 
     return bool(lib.SSL_session_reused(transport.getHandle()._ssl))
 
 
 def relay(
-    source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+    source: DataConnection,
+    sink: DataConnection,
+    clock: IReactorTime,
+    stall: float,
+    log: Logger = _log,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
 
@@ -326,7 +336,7 @@ def relay(
         if timer.active():
             timer.cancel()
         if not done.called:
-            ignored.report(sink)
+            ignored.report(sink, log)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -385,10 +395,11 @@ class _Ignored:
     def receive(self, data: bytes) -> None:
         self.bytes += len(data)
 
-    def report(self, sink: DataConnection) -> None:
+    def report(self, sink: DataConnection, log: Logger) -> None:
+        """One line, on the session's logger `log` so it carries the session id."""
         if self.bytes:
             peer = sink.transport.getPeer() if sink.transport is not None else None
-            _log.warn(
+            log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self.bytes,
                 peer=str(getattr(peer, "host", "")),
@@ -481,7 +492,10 @@ class PassiveListener:
             # Forwarded by the balancer that carried the control connection: the PROXY header
             # names who connected, and that must be the client.
             return ForwardedData(
-                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+                lambda source: self._accept(source, forwarded=True),
+                self._clock,
+                self._timeout,
+                log=self._log,
             )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
             self._log.warn(
@@ -489,6 +503,7 @@ class PassiveListener:
                 "(possible data-port theft)",
                 peer=peer,
                 expected=self._peer,
+                event="data_connection_dropped",
             )
             return None
         self.connection = DataConnection(

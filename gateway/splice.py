@@ -72,14 +72,16 @@ def relay(
     clock: IReactorTime,
     stall: float,
     mode: str = "auto",
+    log: Logger = _log,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink`: spliced when `mode` and the connections
-    allow it, otherwise through the copy relay. Same outcome either way."""
+    allow it, otherwise through the copy relay. Same outcome either way. `log` is the
+    session's logger, so the relay's own lines carry the session id."""
     if mode != "copy" and available() and _spliceable(source) and _spliceable(sink):
-        started = SpliceRelay.start(source, sink, clock, stall)
+        started = SpliceRelay.start(source, sink, clock, stall, log)
         if started is not None:
             return started
-    return copy_relay(source, sink, clock, stall)
+    return copy_relay(source, sink, clock, stall, log)
 
 
 def _spliceable(connection: DataConnection) -> bool:
@@ -143,6 +145,7 @@ class SpliceRelay:
         "_discarded",
         "_done",
         "_in_pipe",
+        "_log",
         "_moved",
         "_pipe_size",
         "_reactor",
@@ -169,7 +172,9 @@ class SpliceRelay:
         clock: IReactorTime,
         stall: float,
         pipe: tuple[int, int, int],
+        log: Logger = _log,
     ) -> None:
+        self._log = log
         self._source = source
         self._sink = sink
         self._clock = clock
@@ -193,12 +198,17 @@ class SpliceRelay:
 
     @classmethod
     def start(
-        cls, source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+        cls,
+        source: DataConnection,
+        sink: DataConnection,
+        clock: IReactorTime,
+        stall: float,
+        log: Logger = _log,
     ) -> Deferred[RelayResult] | None:
         pipe = _pipe()
         if pipe is None:
             return None
-        self = cls(source, sink, clock, stall, pipe)
+        self = cls(source, sink, clock, stall, pipe, log)
         # The Twisted transports stay paused (DataConnection pauses them when ready) and write
         # nothing: from here until `_finish` this relay alone watches both sockets.
         for connection in (source, sink):
@@ -362,7 +372,7 @@ class SpliceRelay:
         os.close(self._write_end)
         if self._discarded:
             peer = self._sink.transport.getPeer()  # type: ignore[union-attr]
-            _log.warn(
+            self._log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self._discarded,
                 peer=str(getattr(peer, "host", "")),

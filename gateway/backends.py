@@ -18,8 +18,9 @@ Policies (the `balance` setting):
 
 A backend is out once health checks failed `fall` times in a row, or at once when a session
 could not connect to it or was not greeted with 220; it is back in after `rise` successful
-checks in a row. When every candidate is out, the marks may be stale (a network blip seen by
-all checks at once), so each is still tried in policy order before the client is refused.
+checks in a row, or at once when a session was served there. When every candidate is out,
+the marks may be stale (a network blip seen by all checks at once), so each is still tried in
+policy order before the client is refused.
 """
 
 from __future__ import annotations
@@ -193,6 +194,17 @@ class Pool:
         state.up = False
         return Change(self._backend(name), up=False, reason=reason)
 
+    def served(self, name: str) -> Change | None:
+        """A session connected to backend `name` and was greeted with 220. One that was
+        marked down is back at once: it was tried because every candidate was down, and it
+        just proved itself (this is also how the unchecked `upstream` shorthand comes back)."""
+        state = self._state.get(name)
+        if state is None or state.up:
+            return None
+        state.up = True
+        state.failures = state.successes = 0
+        return Change(self._backend(name), up=True, reason="a session was served")
+
     def checked(self, name: str, ok: bool, reason: str = "") -> Change | None:
         """A health check of backend `name` ended: ok (greeted with 220 in time) or not."""
         state = self._state.get(name)
@@ -221,6 +233,15 @@ class Pool:
         backend = self.get(name)
         assert backend is not None
         return backend
+
+
+def backend_groups(backends: Iterable[Backend]) -> dict[str, frozenset[str]]:
+    """Backend group name to the names of the backends in it (`group = "..."`)."""
+    groups: dict[str, set[str]] = {}
+    for backend in backends:
+        if backend.group is not None:
+            groups.setdefault(backend.group, set()).add(backend.name)
+    return {group: frozenset(names) for group, names in groups.items()}
 
 
 def _rendezvous(key: str, backend: Backend) -> float:

@@ -16,7 +16,6 @@ from which `gateway.metrics` derives `ftp_gateway_backend_up` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
@@ -59,22 +58,6 @@ class Greeted(Protocol):
 
 
 P = TypeVar("P", bound=Greeted)
-
-
-def backend_config(config: Config, backend: Backend) -> Config:
-    """`config` with the upstream TLS settings of `backend`: its own where set, else [tls].
-    The trust settings (CA file, fingerprint) go together: a backend that names either does
-    not inherit the other from [tls]."""
-    own_trust = (backend.tls_upstream_ca_file, backend.tls_upstream_fingerprint) != (None, None)
-    return replace(
-        config,
-        upstream_tls=backend.tls_upstream or config.upstream_tls,
-        upstream_ca_file=backend.tls_upstream_ca_file if own_trust else config.upstream_ca_file,
-        upstream_fingerprint=(
-            backend.tls_upstream_fingerprint if own_trust else config.upstream_fingerprint
-        ),
-        upstream_tls_name=backend.tls_upstream_name or config.upstream_tls_name or backend.host,
-    )
 
 
 def tls_options(config: Config) -> Any:
@@ -143,15 +126,6 @@ class Balancer:
                     "Backend {backend} removed", backend=backend.name, event="backend_removed"
                 )
 
-    @property
-    def groups(self) -> dict[str, frozenset[str]]:
-        """Backend group name to the names of its backends."""
-        groups: dict[str, set[str]] = {}
-        for backend in self.pool.backends:
-            if backend.group is not None:
-                groups.setdefault(backend.group, set()).add(backend.name)
-        return {group: frozenset(names) for group, names in groups.items()}
-
     # ----------------------------------------------------------------------- sessions
 
     def connect(
@@ -179,10 +153,11 @@ class Balancer:
                     raise NoBackend(last)
                 tried.add(backend.name)
                 self.pool.acquire(backend.name)  # counts while connecting (least_connections)
-                config = backend_config(self.config, backend)
+                config = self.config.for_backend(backend)
                 try:
-                    protocol = await self._open(backend, config, make)
-                except CancelledError:
+                    protocol = await self._open(backend, config, make, session=True)
+                except (CancelledError, internet_error.ConnectingCancelledError):
+                    # The session ended while connecting: no fault of the backend.
                     self.pool.release(backend.name)
                     raise
                 except Exception as e:
@@ -191,6 +166,7 @@ class Balancer:
                     self.failed(backend, reason)
                     last = f"backend {backend.name}: {reason}"
                     continue
+                _log_change(self.pool.served(backend.name))
                 _log.info(
                     "Session from {client} sent to backend {backend}",
                     client=client,
@@ -237,13 +213,19 @@ class Balancer:
         self, backend: Backend, make: Callable[[Backend, Config, Any], P]
     ) -> Deferred[P]:
         """Connect to `backend` alone and wait for its 220 (a health check)."""
-        config = backend_config(self.config, backend)
+        config = self.config.for_backend(backend)
         return Deferred.fromCoroutine(self._open(backend, config, make))
 
     async def _open(
-        self, backend: Backend, config: Config, make: Callable[[Backend, Config, Any], P]
+        self,
+        backend: Backend,
+        config: Config,
+        make: Callable[[Backend, Config, Any], P],
+        *,
+        session: bool = False,
     ) -> P:
-        """Connect to `backend` and wait for its 220; the protocol, still connected."""
+        """Connect to `backend` and wait for its 220; the protocol, still connected. For a
+        `session`, the connect time is logged (`ftp_gateway_upstream_connect_seconds`)."""
         if self.is_self(backend.host, backend.port):
             raise NoBackend("that is this gateway (a connection loop)")
         timeout = config.health_timeout
@@ -253,8 +235,17 @@ class Balancer:
             tls = tls_options(config)
             endpoint = wrapClientTLS(tls, endpoint)
         protocol = make(backend, config, tls)
+        started = self.reactor.seconds()
         connecting: Deferred[Any] = endpoint.connect(_Prepared(protocol))  # type: ignore[arg-type]
         await connecting
+        if session:
+            _log.debug(
+                "Upstream {host}:{port} connected",
+                host=backend.host,
+                port=backend.port,
+                seconds=self.reactor.seconds() - started,
+                event="upstream_connected",
+            )
         try:
             greeting = await protocol.greeting.addTimeout(timeout, self.reactor)
         except BaseException:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from gateway.addresses import HostPort, parse_host_port
 from gateway.backends import BALANCE_POLICIES, USER_POLICIES, Backend
@@ -110,7 +110,7 @@ class Config:
     backends: tuple[Backend, ...] = ()
     balance: str = "round_robin"
     health_interval: float = 10.0
-    health_timeout: float = 5.0
+    health_timeout: float = 10.0
     health_fall: int = 3
     health_rise: int = 2
     routes: tuple[Route, ...] = ()
@@ -139,6 +139,25 @@ class Config:
         host, port = self.upstream
         name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return (Backend(name, host, port),)
+
+    def for_backend(self, backend: Backend) -> Config:
+        """This configuration with the upstream TLS settings of `backend`: its own where set,
+        else [tls]'s. The trust settings (CA file, fingerprint) go together: a backend that
+        names either takes neither from [tls]. Its certificate name defaults to its host."""
+        own_trust = (backend.tls_upstream_ca_file, backend.tls_upstream_fingerprint) != (
+            None,
+            None,
+        )
+        return replace(
+            self,
+            # Checked against UPSTREAM_TLS_MODES when the backend was parsed.
+            upstream_tls=cast(UpstreamTLSMode, backend.tls_upstream or self.upstream_tls),
+            upstream_ca_file=backend.tls_upstream_ca_file if own_trust else self.upstream_ca_file,
+            upstream_fingerprint=(
+                backend.tls_upstream_fingerprint if own_trust else self.upstream_fingerprint
+            ),
+            upstream_tls_name=backend.tls_upstream_name or self.upstream_tls_name or backend.host,
+        )
 
     @property
     def connect_after_user(self) -> bool:

@@ -46,7 +46,7 @@ _REFUSAL_REASONS = (
 _TRANSFER_VERBS = ("RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD")
 _TRANSFER_OUTCOMES = ("complete", "failed", "aborted")
 _DIRECTIONS = ("download", "upload")
-_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle")
+_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle", "route")
 _RELOAD_RESULTS = ("ok", "failed")
 #: Seconds: loopback and LAN connects are sub-millisecond, a distant server 100 ms or more.
 _CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

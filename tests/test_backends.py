@@ -226,3 +226,14 @@ def test_round_robin_is_exact_over_whole_cycles(weights: list[int], cycles: int)
     pool = Pool(backends(*weights))
     counts = spread(pool, sum(weights) * cycles)
     assert counts == {f"b{i}": w * cycles for i, w in enumerate(weights)}
+
+
+def test_a_served_session_brings_a_down_backend_back_at_once() -> None:
+    pool = Pool(backends(1))
+    pool.failed("b0", "refused")
+    chosen = pool.choose(client="c")  # every candidate is down: tried anyway
+    assert chosen is not None and chosen.name == "b0"
+    change = pool.served("b0")
+    assert change is not None and change.up and change.reason == "a session was served"
+    assert pool.is_up("b0")
+    assert pool.served("b0") is None

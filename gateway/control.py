@@ -559,6 +559,9 @@ class ClientControl(Protocol):
         if session.fixed_upstream is not None:
             host, port = session.fixed_upstream
             return str(HostPort.of(host, port)) if is_ip_literal(host) else f"{host}:{port}"
+        backends = session.config.pool_backends
+        if len(backends) == 1:  # the `upstream` shorthand, or one [[backends]] entry
+            return backends[0].address
         return "not chosen yet"
 
     @property

@@ -708,7 +708,13 @@ SETTINGS: tuple[Setting, ...] = (
         _integer(1024, 16 * 1024 * 1024),
         "Largest upstream reply, bytes.",
     ),
-    Setting("greeting", "greeting", _string, "Forward mode's 220 greeting text."),
+    Setting(
+        "greeting",
+        "greeting",
+        _string,
+        "The gateway's own 220 greeting text (forward mode; reverse mode with routes, "
+        "user_hash or a proxy login).",
+    ),
     Setting(
         "tls.certificate",
         "tls_certificate",

@@ -1,7 +1,7 @@
 """Per-user routes behind one gateway process, with vsftpd and pure-ftpd as backends and real
-ftplib clients: name rewriting, the default 530, upstream accounts behind a proxy login, routes
-files in CSV and TOML re-read on SIGHUP, and a routes file with passwords that others may read
-refused at start."""
+ftplib clients: name rewriting, the default 530, upstream accounts behind a proxy login (also by
+the directory group of an LDAP login, with a real slapd), routes files in CSV and TOML re-read on
+SIGHUP, and a routes file with passwords that others may read refused at start."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway
+from pki import make_pki
 from servers import RunningServer, start_server
+from slapd import GROUP_DN, SUFFIX, USERS, start_slapd
 
 TIMEOUT = 30.0
 PAYLOAD = os.urandom(64 * 1024 + 7)
@@ -221,3 +223,36 @@ def test_a_routes_file_with_passwords_that_others_may_read_stops_the_start(
         "but others may read it (mode 0644); chmod o-rwx it"
     ]
     assert "secret-pw" not in result.stderr + result.stdout
+
+
+def test_routes_match_the_directory_group_of_an_ldap_proxy_login(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """alice logs in through the directory and is found in its group, carol through a
+    memory checker with no group: the group decides which backend account each gets."""
+    pki = make_pki(tmp_path / "pki")
+    directory = start_slapd(tmp_path / "slapd", pki)
+    try:
+        vs, pure = servers["vs"], servers["pure"]
+        routes = write_private(
+            tmp_path / "routes.csv",
+            "user,proxy_group,backend,upstream_user,upstream_password\n"
+            f'*,"{GROUP_DN}",vs,{vs.user},{vs.password}\n'
+            f"*,,pure,{pure.user},{pure.password}\n",
+        )
+        gateway = start(
+            tmp_path,
+            gateways,
+            f'proxy_auth = ["ldap:", "memory:carol:carol-pw"]\nroutes_file = "{routes}"\n'
+            + backends(servers)
+            + f'[ldap]\nurl = "{directory.ldaps_url}"\nca_file = "{pki.ca_cert}"\n'
+            f'user_dn_template = "uid={{user}},ou=people,{SUFFIX}"\n'
+            f'require_group = "{GROUP_DN}"\n',
+        )
+        assert which(gateway, "alice", USERS["alice"]) == "vs"
+        assert which(gateway, "carol", "carol-pw") == "pure"
+        log = gateway.log()
+        assert vs.password not in log and pure.password not in log
+        assert USERS["alice"] not in log
+    finally:
+        directory.stop()

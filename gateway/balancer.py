@@ -177,8 +177,16 @@ class Balancer:
 
         return Deferred.fromCoroutine(attempt())
 
+    def _current(self, backend: Backend) -> bool:
+        """Whether `backend` is still in the pool as it was (a reload that moved it to another
+        address started its state over, as `Pool.renewed` does)."""
+        now = self.pool.get(backend.name)
+        return now is not None and now.address == backend.address
+
     def release(self, backend: Backend) -> None:
         """A session that `connect` gave `backend` ended."""
+        if not self._current(backend):
+            return
         self.pool.release(backend.name)
         _log.debug(
             "Session left backend {backend}",
@@ -194,7 +202,7 @@ class Balancer:
             address=backend.address,
             reason=reason,
         )
-        if self.pool.get(backend.name) == backend:
+        if self._current(backend):
             _log_change(self.pool.failed(backend.name, reason))
 
     def checked(self, backend: Backend, ok: bool, reason: str = "") -> None:
@@ -204,7 +212,7 @@ class Balancer:
             backend=backend.name,
             result="ok" if ok else reason,
         )
-        if self.pool.get(backend.name) == backend:  # not replaced by a reload meanwhile
+        if self._current(backend):  # not moved by a reload meanwhile
             _log_change(self.pool.checked(backend.name, ok, reason))
 
     # --------------------------------------------------------------------- connecting

@@ -83,14 +83,17 @@ class HealthChecks(Service):
         self._schedule()
 
     def stopService(self) -> Any:
+        stopped = super().stopService()  # first: checks cancelled below report nothing
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
         for check in list(self._running.values()):
             check.cancel()
-        return super().stopService()
+        return stopped
 
     def _schedule(self) -> None:
+        if not self.running:
+            return
         interval = self.balancer.config.health_interval
         if self._loop is not None and interval == self._interval:
             return

@@ -63,6 +63,7 @@ from gateway.effects import (
 from gateway.errors import RemoteProtocolError
 from gateway.listeners import interface_addresses, listener_addresses
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
+from gateway.rates import Direction, RateLimits
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
@@ -196,6 +197,7 @@ class ClientControl(Protocol):
             implicit_tls=ISSLTransport.providedBy(self.transport),
             destination=destination,
         )
+        self.rates = self.factory.rates.session()
         self.log.info("Client {client} connected", client=str(peer), event="session_started")
         _urgent_inline(self.transport)
         _no_delay(self.transport)
@@ -529,9 +531,10 @@ class ClientControl(Protocol):
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
         reactor = self.factory.reactor
         stall = self.factory.config.stall_timeout
-        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
+        direction: Direction = "download" if source is Side.UPSTREAM else "upload"
+        draw = self.rates.draw(direction, self.session.login_name)
+        d = relay(channels.connections[source], channels.connections[sink], reactor, stall, draw)
         channels.relay = d
-        direction = "download" if source is Side.UPSTREAM else "upload"
         started = reactor.seconds()
         self.log.debug("Transfer {direction} started", direction=direction, event="relay_started")
 
@@ -659,6 +662,7 @@ class GatewayFactory(Factory):
         #: target.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
+        self.rates = self._rate_limits(config)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -675,8 +679,20 @@ class GatewayFactory(Factory):
             rules=config.upstream_rules, own_addresses=frozenset(self.listening)
         )
         self.login_throttle.limit = config.max_failed_logins
+        rates = (config.rate_per_session, config.rate_per_user, config.rate_total)
+        if not self.rates.same_settings(*rates):
+            # Changed limits apply to new sessions; running ones keep their buckets.
+            self.rates = self._rate_limits(config)
         self.server_tls = server_tls
         self.config = config
+
+    def _rate_limits(self, config: Config) -> RateLimits:
+        return RateLimits(
+            per_session=config.rate_per_session,
+            per_user=config.rate_per_user,
+            total=config.rate_total,
+            clock=self.reactor.seconds,
+        )
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         peer = _hostport(addr)

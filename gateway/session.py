@@ -141,6 +141,10 @@ class Session:
         self._login: proxy_login.ProxyLogin | None = None
         self._after_connect: Callable[[], list[Effect]] | None = None
         self.logged_in = False
+        #: Whose transfers these are for `limits.rate_per_user`: the proxy user after a proxy
+        #: login, otherwise the USER name the upstream accepted with 230; None before.
+        self.login_name: str | None = None
+        self._user_sent: str | None = None
         self.commands = CommandPolicy(config.denied_commands, config.read_only)
 
     @property
@@ -504,6 +508,8 @@ class Session:
     def _relay_reply(self, answer: Reply) -> list[Effect]:
         if answer.code == 230:
             self.logged_in = True
+            if not self.config.proxy_auth:
+                self.login_name = self._user_sent
         return [ToClient(answer), *(self._finish() if answer.final else [])]
 
     def _login_reply(self, answer: Reply) -> list[Effect]:
@@ -609,6 +615,7 @@ class Session:
                 *self._finish(),
             ]
         self._proxy_ok = True
+        self.login_name = login.proxy_user
         effects: list[Effect] = [Log("info", "Proxy user {user} authenticated", fields)]
         target = login.target
         if target is None:
@@ -1136,6 +1143,8 @@ class Session:
     # ------------------------------------------------------------------------------ helpers
 
     def _send(self, command: Command, handler: Handler) -> list[Effect]:
+        if command.verb == "USER":
+            self._user_sent = command.arg
         self.sent += 1
         self._expect.append((self.sent, handler))
         return [ToUpstream(command)]

@@ -309,6 +309,7 @@ def relay(
     count = 0
     seen = -1
     source_ended = False
+    ignored = _Ignored()
     throttle = None if draw is None else ThrottledSource(source.transport, draw, clock)
     producer: Any = source.transport if throttle is None else throttle
 
@@ -330,6 +331,7 @@ def relay(
         if throttle is not None:
             throttle.stop()
         if not done.called:
+            ignored.report(sink)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -364,6 +366,7 @@ def relay(
             finish(False, f"receiving side closed the connection after {count} bytes")
 
     source.attach(receive)
+    sink.attach(ignored.receive)
     source.on_lost = source_lost
     sink.on_lost = sink_lost
     sink.send()
@@ -372,6 +375,34 @@ def relay(
     sink.transport.resumeProducing()  # type: ignore[union-attr]
     producer.resumeProducing()
     return done
+
+
+class _Ignored:
+    """Counts and drops what the receiving side of a transfer sends.
+
+    RFC 959 section 3.2 has data flow one way per transfer: the side the gateway writes to
+    has nothing to say on it, and the relay reads it only to notice a close or a reset. Bytes
+    it sends anyway are dropped as they arrive, never kept, so a peer writing into its own
+    download cannot grow the gateway. They are dropped rather than answered with 426: memory
+    stays bounded either way, and a stray byte (a keep-alive, a client's CRLF) should not
+    fail a transfer that delivered every byte. One log line per transfer says how many.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def receive(self, data: bytes) -> None:
+        self.bytes += len(data)
+
+    def report(self, sink: DataConnection) -> None:
+        if self.bytes:
+            peer = sink.transport.getPeer() if sink.transport is not None else None
+            _log.warn(
+                "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
+                ignored=self.bytes,
+                peer=str(getattr(peer, "host", "")),
+                event="relay_ignored_bytes",
+            )
 
 
 def _describe(reason: Failure) -> str:

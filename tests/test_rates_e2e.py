@@ -63,6 +63,7 @@ def gateway_with(
     yield start
     for gateway in started:
         gateway.stop()
+        assert "Traceback" not in gateway.log() and "Unhandled" not in gateway.log()
 
 
 def url(gateway: GatewayProcess, server: RunningServer, path: str) -> str:
@@ -248,6 +249,30 @@ def test_the_total_rate_caps_two_different_users(
     assert [sha256(r) for r in results] == [sha256(FOUR)] * 2  # type: ignore[arg-type]
     assert elapsed >= 7.0
     assert 2 * len(FOUR) <= most_bytes(MIB, elapsed, 2)
+
+
+def test_abor_while_a_throttled_download_waits_for_tokens(
+    gateway_with: Callable[[str], GatewayProcess], server: RunningServer
+) -> None:
+    """ABOR while the relay sleeps on its timer: 426 then 226, and the session goes on."""
+    gateway = gateway_with('[limits]\nrate_per_session = "64k"\n')
+    ftp = login(gateway, server)
+    ftp.voidcmd("TYPE I")
+    data = ftp.transfercmd("RETR four.bin")
+    data.settimeout(10)
+    assert data.recv(1024)
+    time.sleep(0.5)  # the 16 KiB burst is gone: the relay waits for its next grant
+    # RFC 959 section 4.1.3: Telnet IP, then Synch (IAC DM as urgent data), then ABOR.
+    ftp.sock.sendall(b"\xff\xf4")
+    ftp.sock.send(b"\xff\xf2", socket.MSG_OOB)
+    ftp.sock.sendall(b"ABOR\r\n")
+    first, second = ftp.getline(), ftp.getline()
+    assert first.startswith("426"), first
+    assert second.startswith("226"), second
+    data.close()
+    assert ftp.voidcmd("NOOP").startswith("200")
+    assert ftp.sendcmd("SIZE four.bin") == f"213 {len(FOUR)}"
+    ftp.quit()
 
 
 # ------------------------------------------------------------------------------- memory

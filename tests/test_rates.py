@@ -308,3 +308,17 @@ def test_unchanged_limits_are_recognised_on_reload() -> None:
     assert gateway.limited
     assert gateway.same_settings(Rate(), Rate(), Rate(download=MIB, upload=MIB))
     assert not gateway.same_settings(Rate(), Rate(), Rate(download=MIB))
+
+
+def test_a_reload_keeps_unchanged_buckets_and_gives_new_sessions_changed_ones() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from gateway.control import GatewayFactory
+
+    config = build({"limits.rate_total": "1M"})
+    factory = GatewayFactory(config, MemoryReactorClock())
+    before = factory.rates
+    factory.reconfigure(build({"limits.rate_total": "1M", "limits.max_sessions": 5}))
+    assert factory.rates is before  # the gateway's total bucket goes on
+    factory.reconfigure(build({"limits.rate_total": "2M"}))
+    assert factory.rates is not before and factory.rates.total == Rate(2 * MIB, 2 * MIB)

@@ -92,12 +92,12 @@ class ThrottledSource:
         """The source delivered `count` bytes (already forwarded to the sink)."""
         if self._stopped:
             return
-        left = self._pacer.moved(count)
+        # A spent grant is renewed at once if the buckets allow: no pause between grants.
+        left = self._pacer.moved(count) or self._pacer.allowance()
         if left:
             self._transport.bufferSize = left
         else:
-            self._transport.pauseProducing()
-            self._go()
+            self._transport.pauseProducing()  # until the pacer wakes `_go`
 
     def stop(self) -> None:
         self._stopped = True

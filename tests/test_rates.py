@@ -322,3 +322,40 @@ def test_a_reload_keeps_unchanged_buckets_and_gives_new_sessions_changed_ones() 
     assert factory.rates is before  # the gateway's total bucket goes on
     factory.reconfigure(build({"limits.rate_total": "2M"}))
     assert factory.rates is not before and factory.rates.total == Rate(2 * MIB, 2 * MIB)
+
+
+# ------------------------------------------------------------- on the reactor (copy relay)
+
+
+def test_throttled_source_reads_only_what_is_granted_and_both_pauses_must_lift() -> None:
+    """The source transport reads while the sink wants bytes *and* the buckets allow, at most
+    the grant per read (its bufferSize), and wakes once from a timer when they are empty."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from gateway.throttle import ThrottledSource
+
+    clock = Clock()
+    bucket = TokenBucket(64 * 1024, clock.seconds)  # burst 16 KiB, quantum 8 KiB
+    draw = Draw([bucket])
+    transport = StringTransport()
+    source = ThrottledSource(transport, draw, clock)
+    source.resumeProducing()
+    assert transport.producerState == "producing" and transport.bufferSize == 16 * 1024
+    source.received(10 * 1024)
+    assert transport.producerState == "producing" and transport.bufferSize == 6 * 1024
+    source.received(6 * 1024)
+    assert transport.producerState == "paused"
+    (wake,) = clock.getDelayedCalls()
+    assert wake.getTime() == pytest.approx(0.125)  # 8 KiB at 64 KiB/s
+    source.pauseProducing()  # the sink is full too
+    clock.advance(0.125)
+    assert transport.producerState == "paused"  # the buckets alone do not resume it
+    source.resumeProducing()
+    assert transport.producerState == "producing" and transport.bufferSize == 8 * 1024
+    source.received(8 * 1024)
+    assert len(clock.getDelayedCalls()) == 1
+    source.stop()
+    assert clock.getDelayedCalls() == [] and draw.closed
+    source.resumeProducing()
+    assert transport.producerState == "paused"  # a stopped throttle never reads again

@@ -22,6 +22,8 @@ from gateway.rates import DIRECTIONS, UNLIMITED, Rate, parse_rate
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
 CLIENT_TLS_MODES = ("off", "optional", "required")
 UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,7 @@ class Config:
     stall_timeout: float = 300.0
     control_send_timeout: float = 60.0
     reply_timeout: float = 120.0
+    shutdown_timeout: float = 60.0
     max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
@@ -74,6 +77,9 @@ class Config:
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    transfer_log: str | None = None
     ldap_url: str | None = None
     ldap_starttls: bool = False
     ldap_ca_file: str | None = None
@@ -85,6 +91,7 @@ class Config:
     ldap_filter: str = "(uid={user})"
     ldap_require_group: str | None = None
     ldap_timeout: float = 10.0
+    upstream_proxy_protocol: str = "off"
 
     @property
     def client_tls_available(self) -> bool:
@@ -124,9 +131,14 @@ def _listen(name: str, value: object) -> tuple[str, ...]:
             # Data connections, the client ACL and the bounce rules all need the client's IP.
             raise ConfigError(f"{name}: {endpoint!r}: FTP needs an IP listener, not a UNIX socket")
         if kind == "haproxy":
-            # Twisted's wrapper starts the session before the PROXY header names the client, so
-            # admission, bounce rules and data-connection checks would see the proxy instead.
-            raise ConfigError(f"{name}: {endpoint!r}: the PROXY protocol is not supported")
+            # The PROXY header comes first, in clear text (haproxy's doc/proxy-protocol.txt
+            # section 2): under it only a plain TCP listener, TLS starts later (AUTH TLS).
+            inner = endpoint.split(":", 2)[1].lower() if endpoint.count(":") >= 2 else ""
+            if inner not in ("tcp", "tcp6", "systemd"):
+                raise ConfigError(
+                    f"{name}: {endpoint!r}: the PROXY protocol needs a TCP listener under it, "
+                    "e.g. haproxy:tcp:2121 (clients use explicit FTPS, AUTH TLS, there)"
+                )
     return endpoints
 
 
@@ -343,6 +355,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Reverse mode: HOST:PORT every session goes to. Empty: forward mode (USER name@host).",
     ),
     Setting(
+        "upstream_proxy_protocol",
+        "upstream_proxy_protocol",
+        _choice("off", "v1", "v2"),
+        "Send the client's address first on upstream control connections: off, v1 or v2 "
+        "(HAProxy's PROXY protocol; the server must expect it).",
+    ),
+    Setting(
         "transparent",
         "transparent",
         _bool,
@@ -505,6 +524,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds to wait for any upstream reply before ending the transfer (426) or session (421).",
     ),
     Setting(
+        "timeouts.shutdown",
+        "shutdown_timeout",
+        _number(0, 86400),
+        "Seconds running transfers may finish after SIGTERM; keep below systemd's TimeoutStopSec.",
+    ),
+    Setting(
         "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."
     ),
     Setting(
@@ -653,6 +678,19 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_string,
         "Twisted endpoint to serve Prometheus metrics on (/metrics). Empty: not served.",
     ),
+    Setting(
+        "log.level",
+        "log_level",
+        _choice(*LOG_LEVELS),
+        "Least severe log level written: debug, info, warn or error.",
+    ),
+    Setting("log.format", "log_format", _choice(*LOG_FORMATS), "Log lines as text or json."),
+    Setting(
+        "log.transfer_log",
+        "transfer_log",
+        _optional_string,
+        "File to append one xferlog(5) line per transfer to; reopened on SIGUSR1. Empty: none.",
+    ),
 )
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -719,6 +757,11 @@ def build(*layers: Mapping[str, Any]) -> Config:
         )
     if config.proxy_auth and not config.forward:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
+    if config.upstream_proxy_protocol != "off" and config.upstream_tls == "implicit":
+        # The header precedes everything, TLS too; implicit TLS starts with the first byte.
+        raise ConfigError(
+            "upstream_proxy_protocol: cannot be combined with tls.upstream = 'implicit'"
+        )
     if config.client_tls == "required" and config.tls_certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")
     if any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):

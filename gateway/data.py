@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort
+from gateway.proxyproto import ForwardedData
 from gateway.rates import Draw
 from gateway.throttle import ThrottledSource
 from gateway.transfer import ReceiverClose, download_delivered
@@ -425,7 +426,9 @@ class PassiveListener:
     """A listener that accepts one connection, from one IP, within a timeout.
 
     Connections from any other address are dropped and logged (data-port theft, RFC 2577
-    section 5). After the first good connection, or the timeout, it stops listening.
+    section 5). After the first good connection, or the timeout, it stops listening. Behind a
+    load balancer (`balancer`), a connection from the balancer must start with a PROXY header
+    naming that IP (`proxyproto.ForwardedData`).
     """
 
     def __init__(
@@ -439,11 +442,16 @@ class PassiveListener:
         port_range: tuple[int, int] | None,
         tls: DataTLS | None,
         on_failure: Callable[[str], None],
+        balancer: str | None = None,
+        log: Logger = _log,
     ) -> None:
+        #: The session's logger, so a dropped connection is logged with its session id.
+        self._log = log
         self._reactor = reactor
         self._clock = clock
         self._timeout = timeout
         self._peer = peer_host
+        self._balancer = balancer
         self._tls = tls
         self._on_failure = on_failure
         self.connection: DataConnection | None = None
@@ -470,12 +478,23 @@ class PassiveListener:
         host = self._port.getHost()
         return HostPort.of(host.host, host.port)  # type: ignore[attr-defined]
 
-    def _accept(self, addr: object) -> Protocol | None:
+    def _accept(self, addr: object, forwarded: bool = False) -> Protocol | None:
         peer = getattr(addr, "host", None)
         if self.connection is not None:
             return None
+        if (
+            not forwarded
+            and self._balancer is not None
+            and peer is not None
+            and HostPort.of(peer, 1).host == self._balancer
+        ):
+            # Forwarded by the balancer that carried the control connection: the PROXY header
+            # names who connected, and that must be the client.
+            return ForwardedData(
+                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+            )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
-            _log.warn(
+            self._log.warn(
                 "Dropped data connection from {peer} on a listener for {expected} "
                 "(possible data-port theft)",
                 peer=peer,

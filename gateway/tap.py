@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
@@ -17,8 +18,10 @@ from gateway import __version__, startup
 from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
 from gateway.listeners import report_bound
+from gateway.logs import LogService, MainLog, check_transfer_log, install_main_observer
 from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
+from gateway.shutdown import GracefulShutdown
 from gateway.tls import TLSConfigError
 
 _log = Logger(namespace="gateway.config")
@@ -45,6 +48,7 @@ class Options(usage.Options):
         ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
         ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
         ["source-address", None, None, "Local IP address for connections to upstreams."],
+        ["log-level", None, None, "Least severe log level written: debug, info, warn, error."],
     ]
     optFlags = [
         ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
@@ -103,6 +107,7 @@ class Options(usage.Options):
             "data.passive_ports": self["passive-ports"],
             "data.masquerade_address": self["masquerade-address"],
             "data.source_address": self["source-address"],
+            "log.level": self["log-level"],
             "transparent": True if self["transparent"] else None,
         }
         return {key: value for key, value in pairs.items() if value not in (None, [])}
@@ -135,6 +140,7 @@ class Options(usage.Options):
         if config is None or problems:
             return config, problems
         try:
+            check_transfer_log(config.transfer_log)
             return resolve_masquerade(config), []
         except ConfigError as e:
             return None, [str(e)]
@@ -177,7 +183,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Ahead of every log file: peer text is escaped in each event before any observer that
     # writes it runs (twistd adds its log observers after this, when logging begins).
     globalLogPublisher.addObserver(escape_event)
-    top = MultiService()
+    # twistd's own options (--logfile, --syslog, ...) name where the main log goes.
+    main_log = MainLog(config, getattr(options, "parent", None))
+    top = _Application(main_log)
+    LogService(main_log, config.transfer_log, reactor).setServiceParent(top)
     demo_upstream = None
     if options["demo"]:
         from gateway.demo import DemoUpstream
@@ -189,11 +198,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # First, so its observer counts the events of everything started after it.
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
     factory = GatewayFactory(config, reactor)
+    # Before the listeners: services stop in reverse order, so they stop accepting first.
+    GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        listener = startup.Listener("listen", endpoint, factory, reactor, line)
+        listener = startup.Listener(
+            "listen", endpoint, factory, reactor, line, header_timeout=config.login_timeout
+        )
         report_bound(listener, factory.add_listener)
-        listener.setServiceParent(top)
+        listener.setServiceParent(top.sessions)
+    top.sessions.setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()
@@ -201,6 +215,35 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     ReloadOnHangup(factory, load, reactor).setServiceParent(top)
     return top
+
+
+class _Application(MultiService):
+    """The gateway's top service; attached to twistd's application, it brings the main log
+    observer with it (twistd asks the application for one before building its own).
+
+    It stops in two steps: first `sessions` (the listeners, and the graceful shutdown that
+    waits for running transfers), then everything else, so the logs, the transfer log, the
+    metrics and the --demo upstream keep serving those transfers to their end.
+    """
+
+    def __init__(self, main_log: MainLog) -> None:
+        super().__init__()
+        self.main_log = main_log
+        self.sessions = MultiService()
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        first: Deferred[Any] = maybeDeferred(self.sessions.stopService)
+
+        def the_rest(_: object) -> Deferred[Any]:
+            others = [service for service in reversed(list(self)) if service is not self.sessions]
+            return DeferredList([maybeDeferred(service.stopService) for service in others])
+
+        return first.addBoth(the_rest)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        install_main_observer(parent, self.main_log)
+        return super().setServiceParent(parent)
 
 
 class ReloadOnHangup(Service):
@@ -244,6 +287,9 @@ class ReloadOnHangup(Service):
         for setting, value in (
             ("listen", running.listen),
             ("metrics_listen", running.metrics_listen),
+            ("log_level", running.log_level),
+            ("log_format", running.log_format),
+            ("transfer_log", running.transfer_log),
         ):
             if getattr(config, setting) != value:
                 _log.warn("Reload: {setting} changes only on restart", setting=setting)

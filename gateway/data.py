@@ -54,6 +54,7 @@ class RelayResult:
     ok: bool
     bytes: int
     detail: str
+    path: str = "copy"  # how the bytes moved: "copy" (through Python) or "splice" (kernel)
 
 
 class TLSReuseRequired(Exception):
@@ -153,6 +154,9 @@ class DataConnection(Protocol):
         self._handshake_timer: IDelayedCall | None = None
         self.receiver: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[DataConnection, Failure], None] | None = None
+        #: Called once before `abort` closes the socket: a relay that took the socket over
+        #: from the transport (`gateway.splice`) lets go of it first.
+        self.on_abort: Callable[[], None] | None = None
         self.ready: Deferred[DataConnection] = Deferred()
         self.lost = False
         self._early: list[bytes] = []
@@ -267,6 +271,9 @@ class DataConnection(Protocol):
             self.on_lost(self, reason)
 
     def abort(self) -> None:
+        if self.on_abort is not None:
+            release, self.on_abort = self.on_abort, None
+            release()
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -284,6 +291,12 @@ def _unacknowledged(tcp: Any) -> int | None:
 
 
 def _session_reused(transport: Any) -> bool:
+    """Whether the TLS connection under `transport` resumed an earlier session.
+
+    The only use of private API on this side: pyOpenSSL exposes no `SSL_session_reused`, so
+    this calls OpenSSL through pyOpenSSL's own binding (`OpenSSL._util.lib`) on the raw `SSL *`
+    pointer of the connection (`Connection._ssl`). Without it `require_data_session_reuse`
+    cannot be enforced."""
     from OpenSSL._util import lib
 
     return bool(lib.SSL_session_reused(transport.getHandle()._ssl))
@@ -294,6 +307,7 @@ def relay(
     sink: DataConnection,
     clock: IReactorTime,
     stall: float,
+    log: Logger = _log,
     draw: Draw | None = None,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
@@ -332,7 +346,7 @@ def relay(
         if throttle is not None:
             throttle.stop()
         if not done.called:
-            ignored.report(sink)
+            ignored.report(sink, log)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -395,10 +409,11 @@ class _Ignored:
     def receive(self, data: bytes) -> None:
         self.bytes += len(data)
 
-    def report(self, sink: DataConnection) -> None:
+    def report(self, sink: DataConnection, log: Logger) -> None:
+        """One line, on the session's logger `log` so it carries the session id."""
         if self.bytes:
             peer = sink.transport.getPeer() if sink.transport is not None else None
-            _log.warn(
+            log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self.bytes,
                 peer=str(getattr(peer, "host", "")),
@@ -491,7 +506,10 @@ class PassiveListener:
             # Forwarded by the balancer that carried the control connection: the PROXY header
             # names who connected, and that must be the client.
             return ForwardedData(
-                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+                lambda source: self._accept(source, forwarded=True),
+                self._clock,
+                self._timeout,
+                log=self._log,
             )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
             self._log.warn(
@@ -499,6 +517,7 @@ class PassiveListener:
                 "(possible data-port theft)",
                 peer=peer,
                 expected=self._peer,
+                event="data_connection_dropped",
             )
             return None
         self.connection = DataConnection(

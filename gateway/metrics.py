@@ -10,6 +10,7 @@ serves `/metrics` (prometheus-client's text format) on that Twisted endpoint.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -150,42 +151,57 @@ class MetricsObserver:
             self.reloads.labels(result=result)
 
     def __call__(self, event: LogEvent) -> None:
-        kind = event.get("event")
-        if kind is None:
-            return
-        if kind == "session_started":
-            self.sessions_started.inc()
-            self.sessions.inc()
-        elif kind == "session_ended":
-            self.sessions.dec()
-        elif kind == "session_refused":
-            self.sessions_refused.labels(reason=event.get("reason_key", "other")).inc()
-        elif kind == "transfer_finished":
-            code = int(event.get("code", 0))
-            outcome = "complete" if 200 <= code < 300 else "failed"
-            self.transfers.labels(command=event.get("verb", "?"), outcome=outcome).inc()
-        elif kind == "transfer_aborted":
-            self.transfers.labels(command=event.get("verb", "?"), outcome="aborted").inc()
-        elif kind == "relay_started":
-            self.transfers_in_flight.inc()
-        elif kind == "relay_finished":
-            self.transfers_in_flight.dec()
-            direction = event.get("direction", "?")
-            self.transfer_bytes.labels(direction=direction).inc(int(event.get("bytes", 0)))
-            if "seconds" in event:
-                self.transfer_seconds.labels(direction=direction).observe(float(event["seconds"]))
-        elif kind == "upstream_connected":
-            self.connect_seconds.observe(float(event.get("seconds", 0.0)))
-        elif kind == "proxy_login_failed":
-            self.logins_failed.inc()
-        elif kind == "upstream_login_failed":
-            self.upstream_logins_failed.inc()
-        elif kind == "upstream_connect_failed":
-            self.upstream_failures.inc()
-        elif kind == "refused":
-            self.refused.labels(kind=event.get("refused", "other")).inc()
-        elif kind == "config_reloaded":
-            self.reloads.labels(result=event.get("result", "ok")).inc()
+        count = _COUNTS.get(event.get("event", ""))
+        if count is not None:
+            count(self, event)
+
+    def _transfer_finished(self, event: LogEvent) -> None:
+        code = int(event.get("code", 0))
+        outcome = "complete" if 200 <= code < 300 else "failed"
+        self.transfers.labels(command=event.get("verb", "?"), outcome=outcome).inc()
+
+    def _relay_finished(self, event: LogEvent) -> None:
+        self.transfers_in_flight.dec()
+        direction = event.get("direction", "?")
+        self.transfer_bytes.labels(direction=direction).inc(int(event.get("bytes", 0)))
+        if "seconds" in event:
+            self.transfer_seconds.labels(direction=direction).observe(float(event["seconds"]))
+
+    def _session_started(self, event: LogEvent) -> None:
+        self.sessions_started.inc()
+        self.sessions.inc()
+
+
+#: What each log event (its `event` field) counts.
+_COUNTS: dict[str, Callable[[MetricsObserver, LogEvent], None]] = {
+    "session_started": MetricsObserver._session_started,
+    "session_ended": lambda m, e: m.sessions.dec(),
+    "session_refused": lambda m, e: m.sessions_refused.labels(
+        reason=e.get("reason_key", "other")
+    ).inc(),
+    "transfer_finished": MetricsObserver._transfer_finished,
+    "transfer_aborted": lambda m, e: m.transfers.labels(
+        command=e.get("verb", "?"), outcome="aborted"
+    ).inc(),
+    "relay_started": lambda m, e: m.transfers_in_flight.inc(),
+    "relay_finished": MetricsObserver._relay_finished,
+    "upstream_connected": lambda m, e: m.connect_seconds.observe(float(e.get("seconds", 0.0))),
+    "proxy_login_failed": lambda m, e: m.logins_failed.inc(),
+    "upstream_login_failed": lambda m, e: m.upstream_logins_failed.inc(),
+    "upstream_connect_failed": lambda m, e: m.upstream_failures.inc(),
+    "refused": lambda m, e: m.refused.labels(kind=e.get("refused", "other")).inc(),
+    "config_reloaded": lambda m, e: m.reloads.labels(result=e.get("result", "ok")).inc(),
+}
+
+
+class _ScrapeSite(Site):
+    """The metrics site: a scraper asks every few seconds, so a request is not worth a log
+    line (Twisted's `Site` writes an access-log line per request to the main log)."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 class MetricsService(MultiService):
@@ -198,8 +214,7 @@ class MetricsService(MultiService):
         if endpoint:
             root = Resource()
             root.putChild(b"metrics", MetricsResource(registry=self.registry))
-            site = Site(root)
-            site.noisy = False
+            site = _ScrapeSite(root)
             Listener(
                 "metrics.listen", endpoint, site, reactor, "Prometheus metrics at /metrics"
             ).setServiceParent(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import sys
@@ -14,7 +15,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
-from gateway import __version__, startup
+from gateway import __version__, capacity, splice, startup
 from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
 from gateway.listeners import report_bound
@@ -34,7 +35,8 @@ class Options(usage.Options):
         "clients choose the server with USER name@host[:port] (forward mode). Options override "
         "the configuration file; see etc/ftp-gateway.toml for every setting. twistd's own "
         "--logfile=, --pidfile=, --syslog, --uid=, --gid=, --umask=, --prefix= and --reactor= "
-        "may be mixed in (write them with '=')."
+        "may be mixed in (write them with '='). To add a proxy user to an htpasswd file or change "
+        "a password: ftp-gateway passwd FILE USER (see ftp-gateway passwd --help)."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
@@ -48,6 +50,7 @@ class Options(usage.Options):
         ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
         ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
         ["source-address", None, None, "Local IP address for connections to upstreams."],
+        ["data-relay", None, None, "How plain TCP data moves: auto, splice or copy."],
         ["log-level", None, None, "Least severe log level written: debug, info, warn, error."],
     ]
     optFlags = [
@@ -84,8 +87,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def opt_listen(self, endpoint: str) -> None:
-        """Twisted server endpoint to accept clients on (repeatable).
-        Default: tcp:2121:interface=127.0.0.1"""
+        """Twisted server endpoint to accept clients on (repeatable; default
+        tcp:2121:interface=127.0.0.1)."""
         self["listen"].append(endpoint)
 
     def opt_allow_upstream(self, cidr: str) -> None:
@@ -107,6 +110,7 @@ class Options(usage.Options):
             "data.passive_ports": self["passive-ports"],
             "data.masquerade_address": self["masquerade-address"],
             "data.source_address": self["source-address"],
+            "data.relay": self["data-relay"],
             "log.level": self["log-level"],
             "transparent": True if self["transparent"] else None,
         }
@@ -137,13 +141,20 @@ class Options(usage.Options):
         config, problems = startup.check(
             self["config"], self.overrides(), reactor, dry_run=bool(self["check-config"])
         )
-        if config is None or problems:
+        if config is None:
             return config, problems
+        # These too, beside the problems found so far: one line per problem, all at once.
+        if config.data_relay == "splice" and not splice.available():
+            problems.append("data.relay: splice needs Linux (splice(2)); use auto or copy")
         try:
             check_transfer_log(config.transfer_log)
-            return resolve_masquerade(config), []
         except ConfigError as e:
-            return None, [str(e)]
+            problems.append(str(e))
+        try:
+            config = resolve_masquerade(config)
+        except ConfigError as e:
+            problems.append(str(e))
+        return config, problems
 
     def load(self) -> Config:
         """The checked configuration; raises ConfigError naming the first problem."""
@@ -197,14 +208,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config = replace(config, upstream=demo_upstream)
     # First, so its observer counts the events of everything started after it.
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
+    raise_open_files(config)
     factory = GatewayFactory(config, reactor)
     # Before the listeners: services stop in reverse order, so they stop accepting first.
     GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
+    backlog = capacity.backlog_for(_somaxconn())
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
         listener = startup.Listener(
-            "listen", endpoint, factory, reactor, line, header_timeout=config.login_timeout
+            "listen",
+            capacity.with_backlog(endpoint, backlog),
+            factory,
+            reactor,
+            line,
+            header_timeout=config.login_timeout,
         )
+        listener.description = endpoint  # start-up lines name the endpoint as configured
         report_bound(listener, factory.add_listener)
         listener.setServiceParent(top.sessions)
     top.sessions.setServiceParent(top)
@@ -215,6 +234,46 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     ReloadOnHangup(factory, load, reactor).setServiceParent(top)
     return top
+
+
+def _somaxconn() -> int | None:
+    """The kernel's cap on listen backlogs (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def raise_open_files(config: Config) -> int:
+    """Raise the soft RLIMIT_NOFILE to `limits.max_open_files` (0: the hard limit), log the
+    figure, and warn in one line when it cannot hold `limits.max_sessions` sessions. Many
+    systems start services with a soft limit of 1024, about 240 sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = capacity.open_files_target(soft, hard, config.max_open_files)
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            _log.warn("Cannot set the open files limit to {target}: {e}", target=target, e=str(e))
+    _log.info(
+        "Open files limit: {limit} (hard limit {hard})",
+        limit=soft,
+        hard=hard,
+        event="open_files_limit",
+    )
+    supported = capacity.sessions_supported(soft)
+    if supported < config.max_sessions:
+        _log.warn(
+            "limits.max_sessions is {sessions} but {limit} open files hold about {supported} "
+            "sessions; raise the hard limit (LimitNOFILE=) or lower max_sessions",
+            sessions=config.max_sessions,
+            limit=soft,
+            supported=supported,
+            event="open_files_limit",
+        )
+    return soft
 
 
 class _Application(MultiService):
@@ -292,7 +351,11 @@ class ReloadOnHangup(Service):
             ("transfer_log", running.transfer_log),
         ):
             if getattr(config, setting) != value:
-                _log.warn("Reload: {setting} changes only on restart", setting=setting)
+                _log.warn(
+                    "Reload: {setting} changes only on restart",
+                    setting=setting,
+                    event="reload_needs_restart",
+                )
                 config = replace(config, **{setting: value})
         self.factory.reconfigure(config)
         _log.info("Configuration reloaded", event="config_reloaded", result="ok")

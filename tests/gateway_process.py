@@ -12,6 +12,11 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 
+#: `data.relay` for every gateway the tests start: FTP_GATEWAY_TEST_RELAY=copy runs the suite
+#: on the copy relay (CI runs the end-to-end tests once per relay); unset means the default,
+#: auto, which splices plain TCP data on Linux.
+RELAY = os.environ.get("FTP_GATEWAY_TEST_RELAY", "")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -81,6 +86,7 @@ def start_gateway(
             f"--logfile={log_path}",
             "--listen",
             f"{listen_prefix}tcp:{port}:interface={interface}",
+            *([f"--data-relay={RELAY}"] if RELAY else []),
             *args,
         ]
         env = dict(os.environ, PYTHONPATH=str(PROJECT))

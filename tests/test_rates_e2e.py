@@ -1,5 +1,6 @@
 """Bandwidth limits end to end: a real gateway process between real clients (curl, ftplib) and
-a real server (vsftpd), with `limits.rate_*` set.
+a real server (vsftpd), with `limits.rate_*` set, on both relays (`data.relay`): the spliced
+one for plain TCP and the copy relay (also what TLS data connections use).
 
 Only lower bounds on time are asserted (a throttled transfer takes at least so long), and
 upper bounds on bytes moved in a measured time (what a limit promises); never an upper bound
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ftplib
 import io
 import os
+import re
 import socket
 import struct
 import threading
@@ -27,6 +29,8 @@ from servers import RunningServer, start_server
 from gateway.rates import MAX_GRANT, burst_for
 
 MIB = 1024 * 1024
+#: Both relays; each test checks from the log that its transfers took the path asked for.
+RELAYS = ("copy", "splice")
 FOUR = os.urandom(4 * MIB)
 TWO = FOUR[: 2 * MIB]
 
@@ -46,24 +50,29 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture
-def gateway_with(
-    tmp_path: Path, server: RunningServer
-) -> Iterator[Callable[[str], GatewayProcess]]:
+def gateway_with(tmp_path: Path, server: RunningServer) -> Iterator[Callable[..., GatewayProcess]]:
     """Start a gateway in reverse mode to `server` with extra TOML settings."""
-    started: list[GatewayProcess] = []
+    started: list[tuple[GatewayProcess, str]] = []
 
-    def start(settings: str, *, reverse: bool = True) -> GatewayProcess:
+    def start(settings: str, *, reverse: bool = True, relay: str = "auto") -> GatewayProcess:
         path = tmp_path / f"gateway-{len(started)}.toml"
         upstream = f'upstream = "{server.host}:{server.port}"\n' if reverse else ""
         path.write_text(upstream + settings)
-        gateway = start_gateway(tmp_path, "--config", str(path))
-        started.append(gateway)
+        gateway = start_gateway(tmp_path, "--config", str(path), "--data-relay", relay)
+        started.append((gateway, relay))
         return gateway
 
     yield start
-    for gateway in started:
+    for gateway, relay in started:
         gateway.stop()
         assert "Traceback" not in gateway.log() and "Unhandled" not in gateway.log()
+        if relay in RELAYS:
+            assert relay_paths(gateway) == {relay}
+
+
+def relay_paths(gateway: GatewayProcess) -> set[str]:
+    """The relays the gateway's finished transfers took, from its log."""
+    return set(re.findall(r"Transfer (?:download|upload) \w+: .*\((splice|copy)\)", gateway.log()))
 
 
 def url(gateway: GatewayProcess, server: RunningServer, path: str) -> str:
@@ -137,10 +146,11 @@ def most_bytes(rate: int, seconds: float, transfers: int) -> float:
 # ---------------------------------------------------------------------------- one session
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_download_at_1_mib_per_second_takes_at_least_3_seconds(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer, tmp_path: Path
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, tmp_path: Path, relay: str
 ) -> None:
-    gateway = gateway_with('[limits]\nrate_per_session = "1M"\n')
+    gateway = gateway_with('[limits]\nrate_per_session = "1M"\n', relay=relay)
     out = tmp_path / "four.bin"
     started = time.monotonic()
     result = curl(url(gateway, server, "four.bin"), "-o", str(out))
@@ -151,11 +161,12 @@ def test_download_at_1_mib_per_second_takes_at_least_3_seconds(
     assert len(FOUR) <= most_bytes(MIB, elapsed, 1)
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_upload_at_1_mib_per_second_takes_at_least_3_seconds(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer, tmp_path: Path
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, tmp_path: Path, relay: str
 ) -> None:
     # Only uploads are limited: the table form, one direction.
-    gateway = gateway_with('[limits]\nrate_per_session = { upload = "1M" }\n')
+    gateway = gateway_with('[limits]\nrate_per_session = { upload = "1M" }\n', relay=relay)
     source = tmp_path / "up.bin"
     source.write_bytes(FOUR)
     started = time.monotonic()
@@ -173,7 +184,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.mark.parametrize("direction", ["download", "upload"])
 def test_protected_transfers_at_1_mib_per_second_take_at_least_3_seconds(
-    gateway_with: Callable[[str], GatewayProcess],
+    gateway_with: Callable[..., GatewayProcess],
     server: RunningServer,
     pki: Pki,
     tmp_path: Path,
@@ -205,10 +216,11 @@ def test_protected_transfers_at_1_mib_per_second_take_at_least_3_seconds(
 # ------------------------------------------------------------------------ shared buckets
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_two_sessions_of_one_user_share_the_users_download_rate(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, relay: str
 ) -> None:
-    gateway = gateway_with('[limits]\nrate_per_user = "1M"\n')
+    gateway = gateway_with('[limits]\nrate_per_user = "1M"\n', relay=relay)
     first, second = login(gateway, server), login(gateway, server)
     started = time.monotonic()
     results = at_once(lambda: get(first, "four.bin"), lambda: get(second, "four.bin"))
@@ -219,10 +231,11 @@ def test_two_sessions_of_one_user_share_the_users_download_rate(
     assert 2 * len(FOUR) <= most_bytes(MIB, elapsed, 2)
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_two_sessions_of_one_user_share_the_users_upload_rate(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, relay: str
 ) -> None:
-    gateway = gateway_with('[limits]\nrate_per_user = { upload = "512k" }\n')
+    gateway = gateway_with('[limits]\nrate_per_user = { upload = "512k" }\n', relay=relay)
     first, second = login(gateway, server), login(gateway, server)
     started = time.monotonic()
     at_once(lambda: put(first, "a.bin", TWO), lambda: put(second, "b.bin", TWO))
@@ -233,14 +246,16 @@ def test_two_sessions_of_one_user_share_the_users_upload_rate(
     assert 2 * len(TWO) <= most_bytes(512 * 1024, elapsed, 2)
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_the_total_rate_caps_two_different_users(
-    gateway_with: Callable[..., GatewayProcess], server: RunningServer
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, relay: str
 ) -> None:
     gateway = gateway_with(
         'proxy_auth = ["memory:alice:alice-secret", "memory:bob:bob-secret"]\n'
         'allow_upstream = ["127.0.0.0/8"]\n'
         '[limits]\nrate_per_user = "8M"\nrate_total = "1M"\n',
         reverse=False,
+        relay=relay,
     )
     alice, bob = proxy_login(gateway, server, "alice"), proxy_login(gateway, server, "bob")
     started = time.monotonic()
@@ -251,11 +266,12 @@ def test_the_total_rate_caps_two_different_users(
     assert 2 * len(FOUR) <= most_bytes(MIB, elapsed, 2)
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_abor_while_a_throttled_download_waits_for_tokens(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, relay: str
 ) -> None:
     """ABOR while the relay sleeps on its timer: 426 then 226, and the session goes on."""
-    gateway = gateway_with('[limits]\nrate_per_session = "64k"\n')
+    gateway = gateway_with('[limits]\nrate_per_session = "64k"\n', relay=relay)
     ftp = login(gateway, server)
     ftp.voidcmd("TYPE I")
     data = ftp.transfercmd("RETR four.bin")
@@ -278,13 +294,14 @@ def test_abor_while_a_throttled_download_waits_for_tokens(
 # ------------------------------------------------------------------------------- memory
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_memory_stays_bounded_while_a_fast_download_is_throttled(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, relay: str
 ) -> None:
     """vsftpd could send the sparse 1 GiB file at several hundred MiB/s and the client reads
     as fast as it can: the gateway must leave the bytes in the kernel, not in its memory."""
     rate = 256 * 1024
-    gateway = gateway_with(f"[limits]\nrate_per_session = {rate}\n")
+    gateway = gateway_with(f"[limits]\nrate_per_session = {rate}\n", relay=relay)
     ftp = login(gateway, server)
     ftp.voidcmd("TYPE I")
     started = time.monotonic()  # before the relay starts
@@ -314,11 +331,12 @@ def test_memory_stays_bounded_while_a_fast_download_is_throttled(
     assert cpu < 1.0, f"{cpu:.2f} s of CPU in 4 s of waiting: busy-waiting"
 
 
+@pytest.mark.parametrize("relay", RELAYS)
 def test_memory_stays_bounded_while_a_fast_upload_is_throttled(
-    gateway_with: Callable[[str], GatewayProcess], server: RunningServer
+    gateway_with: Callable[..., GatewayProcess], server: RunningServer, relay: str
 ) -> None:
     rate = 256 * 1024
-    gateway = gateway_with(f"[limits]\nrate_per_session = {rate}\n")
+    gateway = gateway_with(f"[limits]\nrate_per_session = {rate}\n", relay=relay)
     ftp = login(gateway, server)
     ftp.voidcmd("TYPE I")
     started = time.monotonic()  # before the relay starts

@@ -579,7 +579,7 @@ class ClientControl(Protocol):
         if self._upstream_connecting is not None:
             self._upstream_connecting.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.loseConnection()
+            self.flow.close(Side.UPSTREAM, self.upstream.transport)
 
     def _log(self, effect: Log) -> None:
         fields = effect.fields
@@ -711,7 +711,7 @@ _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
     ConnectData: lambda control, e: control._data.connect(e.side, e.target, e.tls),
     StartRelay: lambda control, e: control._data.start_relay(e.source),
     CloseData: ClientControl._close_data,
-    CloseClient: lambda control, e: control.transport.loseConnection(),
+    CloseClient: lambda control, e: control.flow.close(Side.CLIENT, control.transport),
     CloseUpstream: ClientControl._close_upstream,
     Log: ClientControl._log,
 }

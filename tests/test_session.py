@@ -24,7 +24,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.policy import Rule
-from gateway.session import MAX_UNSOLICITED_REPLIES, Session
+from gateway.session import MAX_OWED_REPLIES, MAX_UNSOLICITED_REPLIES, Session
 
 CLIENT = HostPort.of("192.0.2.10", 40000)
 LOCAL = HostPort.of("192.0.2.1", 2121)
@@ -276,6 +276,22 @@ def test_abor_while_upstream_reply_pending_keeps_pairing() -> None:
     assert s.upstream_reply(r(225, "no transfer")) == []
     s.client_line(line("NOOP"))
     assert to_client(s.upstream_reply(r(200, "noop"))) == [(200, "noop")]
+
+
+def test_aborts_an_upstream_never_answers_end_the_session_with_421() -> None:
+    """Only ABOR sends upstream without waiting for a reply: a client aborting transfer after
+    transfer while the upstream answers nothing must not pile up commands without bound."""
+    s = reverse()
+    for _ in range(MAX_OWED_REPLIES):
+        s.client_line(line("PORT 192,0,2,10,156,64"))
+        assert to_upstream(s.client_line(line("RETR f"))) == ["EPSV"]  # never answered
+        effects = s.client_line(line("ABOR"))
+        if s.closed:
+            break
+    assert s.closed and to_upstream(effects) == []
+    ((code, text),) = to_client(effects)
+    assert code == 421 and "commands unanswered" in text
+    assert CloseUpstream() in effects
 
 
 def test_rest_is_held_and_sent_right_before_the_transfer_command() -> None:

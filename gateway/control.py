@@ -72,6 +72,7 @@ from gateway.flow import ControlFlow
 from gateway.listeners import interface_addresses, listener_addresses
 from gateway.logs import SessionLogger
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
+from gateway.rates import Direction, RateLimits
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
@@ -378,6 +379,7 @@ class _DataSide:
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
         reactor = self._owner.factory.reactor
         config = self._owner.factory.config
+        direction: Direction = "download" if source is Side.UPSTREAM else "upload"
         d = splice.relay(
             channels.connections[source],
             channels.connections[sink],
@@ -385,9 +387,9 @@ class _DataSide:
             config.stall_timeout,
             config.data_relay,
             log=self._owner.log,
+            draw=self._owner.rates.draw(direction, self._owner.session.login_name),
         )
         channels.relay = d
-        direction = "download" if source is Side.UPSTREAM else "upload"
         started = reactor.seconds()
         self._owner.log.debug(
             "Transfer {direction} started", direction=direction, event="relay_started"
@@ -463,6 +465,7 @@ class ClientControl(Protocol):
             implicit_tls=ISSLTransport.providedBy(self.transport),
             destination=destination,
         )
+        self.rates = self.factory.rates.session()
         self.log.info(
             "Session started: client {client}, {mode} mode, upstream {upstream}",
             client=str(peer),
@@ -923,6 +926,7 @@ class GatewayFactory(Factory):
         #: Reverse mode's backends, their health and sessions (`gateway.balancer`).
         self.balancer = Balancer(config, reactor)
         self.balancer.is_self = self.is_self
+        self.rates = self._rate_limits(config)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -943,8 +947,20 @@ class GatewayFactory(Factory):
         self.login_throttle.limit = config.max_failed_logins
         if config is not self.balancer.config:
             self.balancer.reconfigure(config)
+        rates = (config.rate_per_session, config.rate_per_user, config.rate_total)
+        if not self.rates.same_settings(*rates):
+            # Changed limits apply to new sessions; running ones keep their buckets.
+            self.rates = self._rate_limits(config)
         self.server_tls = server_tls
         self.config = config
+
+    def _rate_limits(self, config: Config) -> RateLimits:
+        return RateLimits(
+            per_session=config.rate_per_session,
+            per_user=config.rate_per_user,
+            total=config.rate_total,
+            clock=self.reactor.seconds,
+        )
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         peer = _hostport(addr)

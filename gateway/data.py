@@ -42,6 +42,8 @@ from zope.interface import implementer
 
 from gateway.addresses import HostPort
 from gateway.proxyproto import ForwardedData
+from gateway.rates import Draw
+from gateway.throttle import ThrottledSource
 from gateway.transfer import ReceiverClose, download_delivered
 
 _log = Logger(namespace="gateway.data")
@@ -306,8 +308,12 @@ def relay(
     clock: IReactorTime,
     stall: float,
     log: Logger = _log,
+    draw: Draw | None = None,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
+
+    With a `draw` (bandwidth limits), the source reads only what the draw's buckets grant
+    (`gateway.throttle.ThrottledSource`), and the draw is closed when the source ends.
 
     Succeeds only when the source ended cleanly and the sink's transport flushed and closed
     cleanly (for a client receiving a protected download, `transfer.download_delivered` says
@@ -319,6 +325,8 @@ def relay(
     seen = -1
     source_ended = False
     ignored = _Ignored()
+    throttle = None if draw is None else ThrottledSource(source.transport, draw, clock)
+    producer: Any = source.transport if throttle is None else throttle
 
     def watchdog() -> None:
         nonlocal seen, timer
@@ -335,6 +343,8 @@ def relay(
     def finish(ok: bool, detail: str) -> None:
         if timer.active():
             timer.cancel()
+        if throttle is not None:
+            throttle.stop()
         if not done.called:
             ignored.report(sink, log)
             if not ok:
@@ -346,10 +356,14 @@ def relay(
         nonlocal count
         count += len(data)
         sink.transport.write(data)  # type: ignore[union-attr]
+        if throttle is not None:
+            throttle.received(len(data))
 
     def source_lost(_: DataConnection, reason: Failure) -> None:
         nonlocal source_ended
         source_ended = True
+        if throttle is not None:
+            throttle.stop()
         if reason.check(error.ConnectionDone):
             sink.transport.unregisterProducer()  # type: ignore[union-attr]
             sink.transport.loseConnection()  # type: ignore[union-attr]
@@ -371,10 +385,10 @@ def relay(
     source.on_lost = source_lost
     sink.on_lost = sink_lost
     sink.send()
-    sink.transport.registerProducer(source.transport, True)  # type: ignore[union-attr]
+    sink.transport.registerProducer(producer, True)  # type: ignore[union-attr]
     # The sink never sends anything meaningful; reading it lets us see it close or reset.
     sink.transport.resumeProducing()  # type: ignore[union-attr]
-    source.transport.resumeProducing()  # type: ignore[union-attr]
+    producer.resumeProducing()
     return done
 
 

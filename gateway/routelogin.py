@@ -48,6 +48,8 @@ class RouteLogin:
         self._groups = backend_groups(config.pool_backends)
         #: The login name the client gave, while its proxy password is due.
         self._pending: str | None = None
+        #: Who the proxy login authenticated, once it did (`limits.rate_per_user` counts by it).
+        self.proxy_user: str | None = None
         self._plan: _Upstream | None = None
 
     def handler(self, command: Command) -> Callable[[Command], list[Effect]] | None:
@@ -118,6 +120,7 @@ class RouteLogin:
                 "warn", "Proxy login failed for {user}", {**fields, "event": "proxy_login_failed"}
             )
             return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
+        self.proxy_user = name
         log = Log("info", "Proxy user {user} authenticated", fields)
         return [log, *self._route(name, groups, plan.password)]
 

@@ -129,6 +129,12 @@ class Session:
         return self.passing.logged_in
 
     @property
+    def login_name(self) -> str | None:
+        """Whose transfers these are for `limits.rate_per_user`: the proxy user after a proxy
+        login, otherwise the USER name of the upstream's first 230; None before either."""
+        return self.login.proxy_user or self.passing.logged_in_as
+
+    @property
     def transfer_type(self) -> TransferType:
         return self.passing.transfer_type
 

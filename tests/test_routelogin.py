@@ -206,3 +206,12 @@ def test_a_second_user_command_is_refused_once_a_backend_is_chosen() -> None:
     effects = s.client_line(line("USER root"))
     assert replies(effects) == [(530, "Reconnect to log in as another user.")]
     assert sent(effects) == []
+
+
+def test_the_proxy_user_names_the_session_for_per_user_rates() -> None:
+    s = started(PROXIED)
+    s.client_line(line("USER bob"))
+    s.client_line(line("PASS pw"))
+    assert s.login_name is None
+    s.proxy_auth_result(True)
+    assert s.login_name == "bob"

@@ -880,3 +880,30 @@ def test_untrusted_upstream_certificate_in_auto_mode_names_the_settings(
     assert all(name in text for name in named) is hint
     [log] = [e for e in effects if isinstance(e, Log)]
     assert ("tls.upstream_ca_file" in log.fields["reason"]) is hint
+
+
+def test_login_name_is_the_user_the_upstream_accepted() -> None:
+    """`limits.rate_per_user` counts a session's transfers against this name."""
+    s = reverse()
+    s.client_line(line("USER alice"))
+    s.upstream_reply(r(331, "password please"))
+    s.client_line(line("PASS wrong"))
+    s.upstream_reply(r(530, "no"))
+    assert s.login_name is None  # refused: nobody's yet
+    s.client_line(line("USER bob"))
+    s.upstream_reply(r(331, "password please"))
+    s.client_line(line("PASS right"))
+    s.upstream_reply(r(230, "welcome"))
+    assert s.login_name == "bob"
+
+
+def test_login_name_after_a_proxy_login_is_the_proxy_user() -> None:
+    s = forward(AUTH)
+    s.client_line(line("USER site@proxy@127.0.0.1:2100"))
+    s.client_line(line("PASS sitepw@secret"))
+    s.proxy_auth_result(True)
+    assert s.login_name == "proxy"
+    greet(s)
+    s.upstream_reply(r(331, "password"))
+    s.upstream_reply(r(230, "in"))
+    assert s.logged_in and s.login_name == "proxy"  # not the site user "site"

@@ -276,11 +276,14 @@ def test_with_every_backend_down_the_client_gets_421_with_the_reason(
     assert backend_of(gateway.greeting()) == "vs"
 
 
+@pytest.mark.parametrize("upstream_mode", ["passive", "active"], ids=["up-passive", "up-active"])
 @pytest.mark.parametrize("passive", [True, False], ids=["passive", "active"])
 def test_transfers_on_every_backend(
-    farm: Farm, make_gateway: Callable[..., Gateway], passive: bool
+    farm: Farm, make_gateway: Callable[..., Gateway], passive: bool, upstream_mode: str
 ) -> None:
-    gateway = make_gateway()
+    """A download and an upload on each backend, the client in passive or active mode, the
+    gateway towards the backend in passive or active mode."""
+    gateway = make_gateway(extra=f'[data]\nupstream_mode = "{upstream_mode}"')
     seen = set()
     for index in range(2):
         ftp, name = session_on(gateway, farm)

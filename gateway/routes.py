@@ -106,7 +106,9 @@ def parse_route(table: object, where: str) -> Route:
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            raise RouteError(f"{where}: {key}: expected a string, got {value!r}")
+            # A password written without quotes must not reach --check-config or the log.
+            shown = "a value of another type" if key == "upstream_password" else repr(value)
+            raise RouteError(f"{where}: {key}: expected a string, got {shown}")
         values[key] = value if key == "upstream_password" else value.strip()
     if "user" not in values:
         raise RouteError(f"{where}: a route needs user (a login name or a pattern like *@site)")

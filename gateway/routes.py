@@ -167,14 +167,19 @@ def load_routes_file(path: str) -> tuple[Route, ...]:
         routes = _parse_csv(data, where)
     else:
         raise RouteError(f"{where}: expected a .toml or .csv file")
-    if any(route.upstream_password is not None for route in routes) and mode & (
-        stat.S_IROTH | stat.S_IWOTH
-    ):
+    check_private(mode, any(route.upstream_password is not None for route in routes), where)
+    return routes
+
+
+def check_private(mode: int, holds_passwords: bool, where: str) -> None:
+    """Refuse a file holding upstream passwords that others may read or write (its `mode`
+    from fstat): those passwords open backend accounts, and whoever may write the file may
+    send a proxy user to any account. Raises RouteError naming `where`."""
+    if holds_passwords and mode & (stat.S_IROTH | stat.S_IWOTH):
         raise RouteError(
             f"{where}: holds upstream passwords but others may read it (mode "
             f"{stat.S_IMODE(mode):04o}); chmod o-rwx it"
         )
-    return routes
 
 
 def _parse_csv(data: bytes, where: str) -> tuple[Route, ...]:

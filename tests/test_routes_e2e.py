@@ -256,3 +256,47 @@ def test_routes_match_the_directory_group_of_an_ldap_proxy_login(
         assert USERS["alice"] not in log
     finally:
         directory.stop()
+
+
+def test_a_directory_login_spelled_differently_is_refused_not_routed_elsewhere(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """LDAP compares uid without case and ignores spaces, so "ALICE" or " alice" binds as
+    alice; routes (and rate_per_user) compare names exactly. A login is accepted only under
+    the directory's own spelling, so no spelling escapes alice's route (here: to pure) into
+    the default route (to vs), with a DN template and with search-then-bind."""
+    pki = make_pki(tmp_path / "pki")
+    directory = start_slapd(tmp_path / "slapd", pki)
+    try:
+        vs, pure = servers["vs"], servers["pure"]
+        routes = write_private(
+            tmp_path / "routes.csv",
+            "user,backend,upstream_user,upstream_password\n"
+            f"alice,pure,{pure.user},{pure.password}\n"
+            f"*,vs,{vs.user},{vs.password}\n",
+        )
+        ldap = f'[ldap]\nurl = "{directory.ldaps_url}"\nca_file = "{pki.ca_cert}"\n'
+        ways = {
+            "template": f'user_dn_template = "uid={{user}},ou=people,{SUFFIX}"\n',
+            "search": f'base_dn = "ou=people,{SUFFIX}"\nfilter = "(uid={{user}})"\n',
+        }
+        for way, settings in ways.items():
+            gateway = start(
+                tmp_path,
+                gateways,
+                f'proxy_auth = ["ldap:"]\nroutes_file = "{routes}"\n'
+                + backends(servers)
+                + ldap
+                + settings,
+            )
+            assert which(gateway, "alice", USERS["alice"]) == "pure", way
+            for spelling in ("ALICE", "Alice", "alice "):
+                with pytest.raises(ftplib.error_perm, match="530 Proxy login incorrect"):
+                    which(gateway, spelling, USERS["alice"])
+            log = gateway.log()
+            assert "routed to vs" not in log, way
+            assert "Proxy user ALICE is not spelled as the directory spells it" in log, way
+            assert USERS["alice"] not in log and pure.password not in log
+            gateway.stop()
+    finally:
+        directory.stop()

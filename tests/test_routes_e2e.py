@@ -300,3 +300,50 @@ def test_a_directory_login_spelled_differently_is_refused_not_routed_elsewhere(
             gateway.stop()
     finally:
         directory.stop()
+
+
+def test_a_routes_file_opened_to_others_or_swapped_after_start_is_refused_at_sighup(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """After start, the routes file holding a password is made world-readable, then replaced
+    by a symlink to a world-readable file that sends alice to another account: each SIGHUP
+    is refused with one line, and alice keeps the route she had."""
+    vs, pure = servers["vs"], servers["pure"]
+    routes = write_private(
+        tmp_path / "routes.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,pure,{pure.user},{pure.password}\n",
+    )
+    gateway = start(
+        tmp_path,
+        gateways,
+        f'proxy_auth = ["memory:alice:alice-proxy-pw"]\nroutes_file = "{routes}"\n'
+        + backends(servers),
+    )
+    assert which(gateway, "alice", "alice-proxy-pw") == "pure"
+    refusal = (
+        f"Reload failed, keeping the running configuration: routes_file: {routes}: holds "
+        "upstream passwords but others may read it (mode 0644); chmod o-rwx it"
+    )
+    os.chmod(routes, 0o644)
+    refused_reload(gateway, refusal, 1)
+    assert which(gateway, "alice", "alice-proxy-pw") == "pure"
+    swapped = write_private(
+        tmp_path / "elsewhere.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,vs,{vs.user},{vs.password}\n",
+        0o644,
+    )
+    routes.unlink()
+    routes.symlink_to(swapped)
+    refused_reload(gateway, refusal, 2)
+    assert which(gateway, "alice", "alice-proxy-pw") == "pure"
+    log = gateway.log()
+    assert pure.password not in log and vs.password not in log
+
+
+def refused_reload(gateway: GatewayProcess, line: str, count: int) -> None:
+    gateway.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while gateway.log().count(line) < count:
+        assert gateway.proc.poll() is None, gateway.log()[-2000:]
+        assert time.monotonic() < deadline, gateway.log()[-2000:]
+        time.sleep(0.05)

@@ -347,3 +347,31 @@ def refused_reload(gateway: GatewayProcess, line: str, count: int) -> None:
         assert gateway.proc.poll() is None, gateway.log()[-2000:]
         assert time.monotonic() < deadline, gateway.log()[-2000:]
         time.sleep(0.05)
+
+
+def test_failed_proxy_logins_in_front_of_routes_count_towards_the_throttle(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """Reverse mode with routes behind a proxy login: wrong proxy passwords get 530, reach
+    no backend, count for the client's address, and then even the right one gets 421."""
+    pure = servers["pure"]
+    routes = write_private(
+        tmp_path / "routes.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,pure,{pure.user},{pure.password}\n",
+    )
+    gateway = start(
+        tmp_path,
+        gateways,
+        f'proxy_auth = ["memory:alice:alice-proxy-pw"]\nroutes_file = "{routes}"\n'
+        + backends(servers)
+        + "[limits]\nmax_failed_logins = 2\n",
+    )
+    for guess in ("guess-1", "guess-2"):
+        with pytest.raises(ftplib.error_perm, match="530 Proxy login incorrect"):
+            which(gateway, "alice", guess)
+    with pytest.raises(ftplib.error_temp, match="421 Too many failed logins"):
+        which(gateway, "alice", "alice-proxy-pw")
+    log = gateway.log()
+    assert log.count("Proxy login failed for alice") == 2
+    assert "routed to" not in log and "sent to backend" not in log
+    assert "guess-1" not in log and "alice-proxy-pw" not in log and pure.password not in log

@@ -5,6 +5,7 @@ SIGHUP, and a routes file with passwords that others may read refused at start."
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import os
@@ -375,3 +376,40 @@ def test_failed_proxy_logins_in_front_of_routes_count_towards_the_throttle(
     assert log.count("Proxy login failed for alice") == 2
     assert "routed to" not in log and "sent to backend" not in log
     assert "guess-1" not in log and "alice-proxy-pw" not in log and pure.password not in log
+
+
+def test_after_a_routed_login_no_other_account_can_be_tried(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """Behind a proxy login with a route account on pure-ftpd, the client tries USER (also
+    in lower case, also after REIN) to log in as pure-ftpd's other account: refused by the
+    gateway every time, and the session still works as the route's account."""
+    pure = servers["pure"]
+    routes = write_private(
+        tmp_path / "routes.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,pure,{pure.user},{pure.password}\n",
+    )
+    gateway = start(
+        tmp_path,
+        gateways,
+        f'proxy_auth = ["memory:alice:alice-proxy-pw"]\nroutes_file = "{routes}"\n'
+        + backends(servers),
+    )
+    ftp = ftplib.FTP(timeout=TIMEOUT)
+    try:
+        ftp.connect("127.0.0.1", gateway.port)
+        ftp.login("alice", "alice-proxy-pw")
+        for verb in ("USER", "user"):
+            with pytest.raises(ftplib.error_perm, match="530 Reconnect to log in as another"):
+                ftp.sendcmd(f"{verb} root")
+        buffer = io.BytesIO()
+        ftp.retrbinary("RETR which.txt", buffer.write)
+        assert buffer.getvalue() == b"pure"
+        # pure-ftpd may not implement REIN; what matters is the USER after it.
+        with contextlib.suppress(ftplib.error_perm):
+            ftp.sendcmd("REIN")
+        with pytest.raises(ftplib.error_perm, match="530 Reconnect to log in as another"):
+            ftp.sendcmd("USER root")
+    finally:
+        ftp.close()
+    assert "User root" not in gateway.log()

@@ -45,6 +45,13 @@ def test_first_matching_route_decides(
         ("ops-1", frozenset()),  # not in the required group
         ("ops-12", frozenset({"cn=ops,dc=example"})),
         ("", frozenset()),
+        # Pattern characters in a login name are literal: they match only themselves.
+        ("*", frozenset()),
+        ("alic?", frozenset()),
+        ("[a]lice", frozenset()),
+        ("svc*", frozenset()),
+        ("alice@site-b@evil", frozenset()),
+        ("alice@site-b\x00", frozenset()),
     ],
 )
 def test_names_no_route_matches_get_none(name: str, groups: frozenset[str]) -> None:

@@ -9,6 +9,7 @@ serves `/metrics` (prometheus-client's text format) on that Twisted endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,7 @@ _REFUSAL_REASONS = (
 _TRANSFER_VERBS = ("RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD")
 _TRANSFER_OUTCOMES = ("complete", "failed", "aborted")
 _DIRECTIONS = ("download", "upload")
-_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle")
+_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle", "route")
 _RELOAD_RESULTS = ("ok", "failed")
 #: Seconds: loopback and LAN connects are sub-millisecond, a distant server 100 ms or more.
 _CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -137,6 +138,18 @@ class MetricsObserver:
             ["result"],
             registry=registry,
         )
+        self.backend_up = Gauge(
+            "ftp_gateway_backend_up",
+            "Reverse mode: 1 while a backend takes sessions, 0 while it is marked down.",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_sessions = Gauge(
+            "ftp_gateway_backend_sessions",
+            "Reverse mode: sessions on each backend now.",
+            ["backend"],
+            registry=registry,
+        )
         for reason in _REFUSAL_REASONS:
             self.sessions_refused.labels(reason=reason)
         for verb in _TRANSFER_VERBS:
@@ -171,6 +184,17 @@ class MetricsObserver:
         self.sessions_started.inc()
         self.sessions.inc()
 
+    def _backend_configured(self, event: LogEvent) -> None:
+        backend = str(event.get("backend", "?"))
+        self.backend_up.labels(backend=backend).set(1 if event.get("up", True) else 0)
+        self.backend_sessions.labels(backend=backend).set(int(event.get("sessions", 0)))
+
+    def _backend_removed(self, event: LogEvent) -> None:
+        backend = str(event.get("backend", "?"))
+        for gauge in (self.backend_up, self.backend_sessions):
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend)
+
 
 #: What each log event (its `event` field) counts.
 _COUNTS: dict[str, Callable[[MetricsObserver, LogEvent], None]] = {
@@ -191,6 +215,17 @@ _COUNTS: dict[str, Callable[[MetricsObserver, LogEvent], None]] = {
     "upstream_connect_failed": lambda m, e: m.upstream_failures.inc(),
     "refused": lambda m, e: m.refused.labels(kind=e.get("refused", "other")).inc(),
     "config_reloaded": lambda m, e: m.reloads.labels(result=e.get("result", "ok")).inc(),
+    # Reverse mode's backends (`gateway.balancer`).
+    "backend_configured": MetricsObserver._backend_configured,
+    "backend_removed": MetricsObserver._backend_removed,
+    "backend_up": lambda m, e: m.backend_up.labels(backend=str(e.get("backend", "?"))).set(1),
+    "backend_down": lambda m, e: m.backend_up.labels(backend=str(e.get("backend", "?"))).set(0),
+    "backend_session_started": lambda m, e: m.backend_sessions.labels(
+        backend=str(e.get("backend", "?"))
+    ).inc(),
+    "backend_session_ended": lambda m, e: m.backend_sessions.labels(
+        backend=str(e.get("backend", "?"))
+    ).dec(),
 }
 
 

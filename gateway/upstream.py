@@ -19,6 +19,7 @@ from gateway.errors import ProtocolError
 from gateway.ftps import UpstreamFTPS
 from gateway.login import Login
 from gateway.pairing import Pairing
+from gateway.routelogin import RouteLogin
 from gateway.transfer import TransferDriver
 from gateway.view import Phase, SessionView
 
@@ -40,7 +41,10 @@ class UpstreamHost(SessionView, Protocol):
     def fixed_upstream(self) -> tuple[str, int] | None: ...
 
     @property
-    def login(self) -> Login: ...
+    def own_login(self) -> bool: ...
+
+    @property
+    def login(self) -> Login | RouteLogin: ...
 
     @property
     def transfers(self) -> TransferDriver: ...
@@ -77,9 +81,9 @@ class Upstream:
             return self._host.config.upstream_tls_name
         if self._host.fixed_upstream is not None:
             return self._host.fixed_upstream[0]
-        target = self._host.login.target
-        assert target is not None
-        return target.host
+        # Reverse mode's backends always carry a name (`Config.for_backend`).
+        assert isinstance(self._host.login, Login) and self._host.login.target is not None
+        return self._host.login.target.host
 
     def connect(self, host: str, port: int) -> list[Effect]:
         """Open the connection to `host`, an address policy approved (or the configured name)."""
@@ -94,6 +98,7 @@ class Upstream:
             {"reason": reason, "event": "upstream_connect_failed"},
         )
         if self._host.forward:
+            assert isinstance(self._host.login, Login)
             return [log, *self._host.login.connect_failed(reason)]
         return [log, *self._host.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
 
@@ -137,10 +142,10 @@ class Upstream:
 
     def _on_early_greeting(self, answer: Reply) -> list[Effect]:
         # Reverse mode shows a 120 "ready in n minutes" as it comes.
-        return [] if self._host.forward else [ToClient(answer)]
+        return [] if self._host.own_login else [ToClient(answer)]
 
     def _on_greeting(self, answer: Reply) -> list[Effect]:
-        if self._host.forward:
+        if self._host.own_login:
             if not answer.positive:
                 return self._host.login.greeted(answer)
         elif not answer.positive:
@@ -181,7 +186,7 @@ class Upstream:
         if resume is not None:
             self._host.enter(resume)  # a client's AUTH TLS started the negotiation
             return self._host.serve_queue()
-        if self._host.forward:
+        if self._host.own_login:
             return self._host.login.upstream_ready()
         self._host.enter(Phase.LOGIN)
         greeting, self._greeting = self._greeting, None

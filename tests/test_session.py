@@ -12,6 +12,7 @@ from gateway.effects import (
     CloseClient,
     CloseData,
     CloseUpstream,
+    ConnectBackend,
     ConnectData,
     ConnectUpstream,
     ListenData,
@@ -60,7 +61,8 @@ def reverse(config: Config | None = None) -> Session:
     """A reverse-mode session past the greeting."""
     config = config or Config(upstream=("ftp.test", 21))
     session = Session(config, client_peer=CLIENT, client_local=LOCAL)
-    assert session.start() == [ConnectUpstream("ftp.test", 21)]
+    assert session.start() == [ConnectBackend()]
+    session.backend_connected(config.for_backend(config.pool_backends[0]))
     session.upstream_connected(UP_LOCAL, UP_PEER)
     # With the default upstream TLS policy "auto", the client sees the greeting at once while
     # the gateway asks for FEAT.
@@ -668,6 +670,7 @@ def test_required_tls_upstream_that_refuses_auth_is_closed_with_421() -> None:
     config = Config(upstream=("ftp.test", 21), upstream_tls="required")
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     assert to_upstream(s.upstream_reply(r(220, "ready"))) == ["AUTH TLS"]
     effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
@@ -682,6 +685,7 @@ def test_replies_read_with_the_234_are_dropped_and_none_answers_a_later_command(
     config = Config(upstream=("ftp.test", 21), upstream_tls="required")
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     assert to_upstream(s.upstream_reply(r(220, "ready"))) == ["AUTH TLS"]
     effects = s.upstream_replies([r(234, "go ahead"), r(200, "injected before the handshake")])

@@ -627,8 +627,10 @@ def test_auto_tls_upstream_that_offers_auth_but_refuses_it_is_used_in_clear_text
 def test_auto_tls_shows_the_greeting_at_once_and_holds_commands_until_secured() -> None:
     """The FEAT round trip overlaps the client's: the greeting goes out with FEAT, and the
     client's USER and PASS wait until the upstream is secured, then go out under TLS only."""
-    s = Session(Config(upstream=("ftp.test", 21)), client_peer=CLIENT, client_local=LOCAL)
+    config = Config(upstream=("ftp.test", 21))
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     effects = s.upstream_reply(r(220, "ready"))
     assert to_client(effects) == [(220, "ready")] and to_upstream(effects) == ["FEAT"]
@@ -645,8 +647,10 @@ def test_auto_tls_shows_the_greeting_at_once_and_holds_commands_until_secured() 
 
 
 def test_auto_tls_that_fails_after_the_greeting_closes_with_421_and_sends_no_user() -> None:
-    s = Session(Config(upstream=("ftp.test", 21)), client_peer=CLIENT, client_local=LOCAL)
+    config = Config(upstream=("ftp.test", 21))
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     s.upstream_reply(r(220, "ready"))
     s.upstream_reply(Reply(211, ("Features:", " AUTH TLS", "End")))
@@ -661,6 +665,7 @@ def test_required_tls_holds_the_greeting_until_secured() -> None:
     config = Config(upstream=("ftp.test", 21), upstream_tls="required")
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     effects = s.upstream_reply(r(220, "ready"))
     assert to_client(effects) == [] and to_upstream(effects) == ["AUTH TLS"]

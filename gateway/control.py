@@ -448,7 +448,9 @@ class ClientControl(Protocol):
         local = _hostport(self.transport.getHost())  # type: ignore[union-attr]
         #: A short id on every line of this session, to pick them out of a busy log.
         self.session_id = secrets.token_hex(4)
-        self.log = SessionLogger(self.session_id, namespace="gateway.session", source=self)
+        self.log = SessionLogger(
+            self.session_id, namespace="gateway.session", source=self, level=config.log_level
+        )
         self.peer = peer
         destination = _original_destination(self.transport) if config.transparent else None
         if self.factory.is_loop(peer, destination or local):
@@ -620,11 +622,14 @@ class ClientControl(Protocol):
         _CARRY_OUT[type(effect)](self, effect)
 
     def _to_upstream(self, effect: ToUpstream) -> None:
-        self.log.debug("To upstream: {command}", command=str(effect.command))
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.write(effect.command.encode())
+        if self.log.tracing:
+            self.log.debug("To upstream: {command}", command=str(effect.command))
+        line = effect.command.encode()
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(line)
         else:
-            self._pending_upstream.append(effect.command.encode())
+            self._pending_upstream.append(line)
 
     def _start_client_tls(self, effect: StartClientTLS) -> None:
         self.reader.discard()
@@ -653,7 +658,8 @@ class ClientControl(Protocol):
         getattr(self.log, effect.level)(effect.format, client=str(self.peer), **fields)
 
     def _write_client(self, answer: Reply) -> None:
-        self.log.debug("To client: {code}", code=answer.code)
+        if self.log.tracing:
+            self.log.debug("To client: {code}", code=answer.code)
         self.transport.write(answer.encode())  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------- upstream control

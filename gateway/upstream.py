@@ -66,7 +66,8 @@ class Upstream:
         self.ftps = UpstreamFTPS(host, name=self._tls_name, secured=self.secured)
         self.peer: HostPort | None = None
         self.local: HostPort | None = None
-        #: Reverse mode: the upstream's greeting, shown once the upstream side is secured.
+        #: Reverse mode: the upstream's greeting, shown once the upstream side is secured
+        #: (with `tls.upstream = "auto"` it is shown at once, never kept here).
         self._greeting: Reply | None = None
         #: The phase to return to after a negotiation a client's AUTH TLS started.
         self._resume: Phase | None = None
@@ -149,10 +150,18 @@ class Upstream:
                 return self._host.login.greeted(answer)
         elif not answer.positive:
             return self._host.close(answer)
+        elif self._host.config.upstream_tls == "auto":
+            # Reverse mode, opportunistic TLS: the client sees the upstream's greeting as its
+            # own at once, while FEAT asks whether the upstream offers TLS. The client's
+            # commands wait in the queue until the upstream side is secured (or found not to
+            # offer TLS), so USER and PASS still never go out before that, and the FEAT round
+            # trip overlaps the client's own instead of delaying every session's start.
+            self._host.enter(Phase.UPSTREAM_TLS)
+            return [ToClient(answer), *self.ftps.negotiate(client_tls=self._host.client_tls)]
         else:
-            # Reverse mode: the client sees the upstream's greeting as its own, once the
-            # upstream side is secured, so the client's USER and PASS never go out in clear
-            # text when policy wants TLS upstream.
+            # Reverse mode with TLS required (or following the client): the greeting waits
+            # until the upstream side is secured, so a client never sees a server it cannot
+            # use, and its USER and PASS never go out in clear text.
             self._greeting = answer
         self._host.enter(Phase.UPSTREAM_TLS)
         return self.ftps.negotiate(client_tls=self._host.client_tls)
@@ -180,9 +189,9 @@ class Upstream:
         if self._host.own_login:
             return self._host.login.upstream_ready()
         self._host.enter(Phase.LOGIN)
-        greeting = self._greeting
-        assert greeting is not None
-        return [ToClient(greeting), *self._host.serve_queue()]
+        greeting, self._greeting = self._greeting, None
+        shown = [] if greeting is None else [ToClient(greeting)]  # None: shown already
+        return [*shown, *self._host.serve_queue()]
 
     # ------------------------------------------------------------------------ replies
 

@@ -240,7 +240,12 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def throughput(
-    work: Path, server: RunningServer, size_mib: int, repeat: int, out: Callable[[str], None]
+    work: Path,
+    server: RunningServer,
+    size_mib: int,
+    repeat: int,
+    out: Callable[[str], None],
+    relays: tuple[str, ...] = ("splice", "copy"),
 ) -> dict[str, Any]:
     source = server.root / "bench.bin"
     with source.open("wb") as f:
@@ -249,7 +254,7 @@ def throughput(
             f.write(block)
     source.chmod(0o644)
     paths = {"direct": server.port}
-    gateways = {relay: gateway(work, server, relay) for relay in ("splice", "copy")}
+    gateways = {relay: gateway(work, server, relay) for relay in relays}
     paths |= {relay: gw.port for relay, gw in gateways.items()}
     cases = {
         "RETR passive": (["--ftp-pasv"], "bench.bin"),
@@ -283,8 +288,8 @@ def throughput(
         "gateway_cpu_s_per_gib": cpu_median,
     }
     out(f"\n1. Throughput, {size_mib} MiB, curl to vsftpd, MB/s: median (min-max) of {repeat}")
-    out("| case | direct | splice | ratio | copy | ratio |")
-    out("| --- | --- | --- | --- | --- | --- |")
+    out("| case | direct | " + " | ".join(f"{relay} | ratio" for relay in relays) + " |")
+    out("| --- | --- |" + " --- | --- |" * len(relays))
     for case in cases:
         stats = {path: summary(values) for path, values in samples[case].items()}
         direct = stats["direct"]["median"]
@@ -292,13 +297,13 @@ def throughput(
             path: {**stat, "ratio": ratio(stat["median"], direct)} for path, stat in stats.items()
         }
         cells = [fmt_range(stats["direct"])]
-        for relay in ("splice", "copy"):
+        for relay in relays:
             cells += [fmt_range(stats[relay]), f"{ratio(stats[relay]['median'], direct):.2f}"]
         out(f"| {case} | " + " | ".join(cells) + " |")
-    out(f"Gateway peak RSS: splice {peaks['splice'] // 1024} MiB, copy {peaks['copy'] // 1024} MiB")
+    out("Gateway peak RSS: " + ", ".join(f"{r} {peaks[r] // 1024} MiB" for r in relays))
     out(
-        f"Gateway CPU per GiB relayed (median of all cases): splice {cpu_median['splice']:.2f} s,"
-        f" copy {cpu_median['copy']:.2f} s"
+        "Gateway CPU per GiB relayed (median of all cases): "
+        + ", ".join(f"{r} {cpu_median[r]:.2f} s" for r in relays)
     )
     return results
 
@@ -545,6 +550,10 @@ def raise_open_files() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+#: The parts, in the order they run; `--parts` picks some of them.
+PARTS = ("throughput", "ftps", "setup", "concurrency", "idle")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks it runs")
@@ -554,8 +563,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", default="200,1000,2000", help="sessions started at once")
     parser.add_argument("--concurrency-mib", type=int, default=8, help="file per session")
     parser.add_argument("--idle", default="1000,5000", help="idle session counts")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="comma-separated parts to run, of " + ", ".join(PARTS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--relays", default="splice,copy", help="relays measured in the throughput part"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results-latest.json")
     args = parser.parse_args(argv)
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if parts - set(PARTS):
+        parser.error(f"unknown part(s): {', '.join(sorted(parts - set(PARTS)))}")
+    relays = tuple(r.strip() for r in args.relays.split(",") if r.strip())
+    if not relays or set(relays) - {"splice", "copy"}:
+        parser.error("--relays takes splice, copy or both")
     if args.quick:
         args.size_mib, args.repeat, args.setup_sessions = 4, 1, 6
         args.concurrency, args.concurrency_mib, args.idle = "5", 1, "30"
@@ -569,25 +592,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ftp-gateway-bench-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
-        pki = make_pki(work / "pki")
-        server = start_server("vsftpd", work / "vsftpd")
-        try:
-            results["throughput"] = throughput(work, server, args.size_mib, args.repeat, print)
-            results["ftps"] = ftps_throughput(work, pki, args.size_mib, args.repeat, print)
-            results["setup"] = setup_latency(work, server, args.setup_sessions, print)
-        finally:
-            server.stop()
-        many = ManyServer(work)
-        try:
-            levels = [int(n) for n in args.concurrency.split(",")]
-            limit = 60.0 if args.quick else 180.0
-            results["concurrency"] = concurrency(
-                work, many, levels, args.concurrency_mib, limit, print
-            )
-            idle = [int(n) for n in args.idle.split(",")]
-            results["idle"] = idle_sessions(work, many, idle, print)
-        finally:
-            many.stop()
+        if parts & {"throughput", "ftps", "setup"}:
+            server = start_server("vsftpd", work / "vsftpd")
+            try:
+                if "throughput" in parts:
+                    results["throughput"] = throughput(
+                        work, server, args.size_mib, args.repeat, print, relays
+                    )
+                if "ftps" in parts:
+                    pki = make_pki(work / "pki")
+                    results["ftps"] = ftps_throughput(work, pki, args.size_mib, args.repeat, print)
+                if "setup" in parts:
+                    results["setup"] = setup_latency(work, server, args.setup_sessions, print)
+            finally:
+                server.stop()
+        if parts & {"concurrency", "idle"}:
+            many = ManyServer(work)
+            try:
+                if "concurrency" in parts:
+                    levels = [int(n) for n in args.concurrency.split(",")]
+                    limit = 60.0 if args.quick else 180.0
+                    results["concurrency"] = concurrency(
+                        work, many, levels, args.concurrency_mib, limit, print
+                    )
+                if "idle" in parts:
+                    idle = [int(n) for n in args.idle.split(",")]
+                    results["idle"] = idle_sessions(work, many, idle, print)
+            finally:
+                many.stop()
     args.json.write_text(json.dumps(results, indent=2))
     return results
 

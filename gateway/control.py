@@ -61,6 +61,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import RemoteProtocolError
+from gateway.events import Event
 from gateway.listeners import interface_addresses, listener_addresses
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
 from gateway.session import Session
@@ -206,7 +207,7 @@ class ClientControl(Protocol):
             implicit_tls=ISSLTransport.providedBy(self.transport),
             destination=destination,
         )
-        self.log.info("Client {client} connected", client=str(peer), event="session_started")
+        self.log.info("Client {client} connected", client=str(peer), event=Event.SESSION_STARTED)
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
@@ -220,7 +221,7 @@ class ClientControl(Protocol):
             "Refused client {client}: {reason}",
             client=str(self.peer),
             reason=text,
-            event="session_refused",
+            event=Event.SESSION_REFUSED,
             reason_key="loop",
         )
         self._refused = True
@@ -277,7 +278,9 @@ class ClientControl(Protocol):
         if self._refused:
             self.factory.session_ended(self)
             return
-        self.log.info("Client {client} disconnected", client=str(self.peer), event="session_ended")
+        self.log.info(
+            "Client {client} disconnected", client=str(self.peer), event=Event.SESSION_ENDED
+        )
         for timer in (self._login_timer, self._idle_timer, self._reply_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -387,7 +390,7 @@ class ClientControl(Protocol):
                 host=host,
                 port=port,
                 seconds=self.factory.reactor.seconds() - started,
-                event="upstream_connected",
+                event=Event.UPSTREAM_CONNECTED,
             )
 
         def failed(failure: Failure) -> None:
@@ -474,7 +477,7 @@ class ClientControl(Protocol):
             self.log.warn(
                 "Refused a data connection to {target}: this gateway itself",
                 target=str(target),
-                event="refused",
+                event=Event.REFUSED,
                 refused="data_target",
             )
             self.run(self.session.data_failed(side, "the data address is this gateway itself"))
@@ -542,7 +545,9 @@ class ClientControl(Protocol):
         channels.relay = d
         direction = "download" if source is Side.UPSTREAM else "upload"
         started = reactor.seconds()
-        self.log.debug("Transfer {direction} started", direction=direction, event="relay_started")
+        self.log.debug(
+            "Transfer {direction} started", direction=direction, event=Event.RELAY_STARTED
+        )
 
         def finished(result: RelayResult) -> None:
             self.log.info(
@@ -552,7 +557,7 @@ class ClientControl(Protocol):
                 detail=result.detail,
                 bytes=result.bytes,
                 seconds=reactor.seconds() - started,
-                event="relay_finished",
+                event=Event.RELAY_FINISHED,
             )
             if channels is self._data:
                 self.run(self.session.relay_finished(result.ok, result.detail))
@@ -688,7 +693,7 @@ class GatewayFactory(Factory):
                 "Refused client {client}: {reason}",
                 client=str(peer),
                 reason=text,
-                event="session_refused",
+                event=Event.SESSION_REFUSED,
                 reason_key=key,
             )
             return _Refuse(Reply.of(421, text))

@@ -1,15 +1,17 @@
 """Prometheus metrics, counted from the gateway's own log events.
 
-Every event worth counting is already logged, with an `event` field naming what happened
-(`session_started`, `transfer_finished`, ...). `MetricsObserver` is a `twisted.logger` observer
-that turns those events into counters, so logs and metrics cannot disagree and no other module
-knows metrics exist. `MetricsService` registers the observer and, with `metrics.listen` set,
-serves `/metrics` (prometheus-client's text format) on that Twisted endpoint.
+Every event worth counting is already logged, with an `event` field naming what happened (a
+`gateway.events.Event`: `session_started`, `transfer_finished`, ...). `MetricsObserver` is a
+`twisted.logger` observer that turns those events into counters, so logs and metrics cannot
+disagree and no other module knows metrics exist. `MetricsService` registers the observer and,
+with `metrics.listen` set, serves `/metrics` (prometheus-client's text format) on that Twisted
+endpoint.
 """
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -29,6 +31,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from gateway import __version__
+from gateway.events import Event
 from gateway.startup import Listener
 
 #: Label values known in advance, so each series exists (at zero) before its first event:
@@ -148,43 +151,60 @@ class MetricsObserver:
         for result in _RELOAD_RESULTS:
             self.reloads.labels(result=result)
 
+        #: What each counted event does to the metrics; events not listed are not counted.
+        self.counts: dict[Event, Callable[[LogEvent], None]] = {
+            Event.SESSION_STARTED: self._session_started,
+            Event.SESSION_ENDED: lambda event: self.sessions.dec(),
+            Event.SESSION_REFUSED: self._session_refused,
+            Event.TRANSFER_FINISHED: self._transfer_finished,
+            Event.TRANSFER_ABORTED: self._transfer_aborted,
+            Event.RELAY_STARTED: lambda event: self.transfers_in_flight.inc(),
+            Event.RELAY_FINISHED: self._relay_finished,
+            Event.UPSTREAM_CONNECTED: self._upstream_connected,
+            Event.PROXY_LOGIN_FAILED: lambda event: self.logins_failed.inc(),
+            Event.UPSTREAM_LOGIN_FAILED: lambda event: self.upstream_logins_failed.inc(),
+            Event.UPSTREAM_CONNECT_FAILED: lambda event: self.upstream_failures.inc(),
+            Event.REFUSED: self._refused,
+            Event.CONFIG_RELOADED: self._config_reloaded,
+        }
+
     def __call__(self, event: LogEvent) -> None:
         kind = event.get("event")
-        if kind is None:
-            return
-        if kind == "session_started":
-            self.sessions_started.inc()
-            self.sessions.inc()
-        elif kind == "session_ended":
-            self.sessions.dec()
-        elif kind == "session_refused":
-            self.sessions_refused.labels(reason=event.get("reason_key", "other")).inc()
-        elif kind == "transfer_finished":
-            code = int(event.get("code", 0))
-            outcome = "complete" if 200 <= code < 300 else "failed"
-            self.transfers.labels(command=event.get("verb", "?"), outcome=outcome).inc()
-        elif kind == "transfer_aborted":
-            self.transfers.labels(command=event.get("verb", "?"), outcome="aborted").inc()
-        elif kind == "relay_started":
-            self.transfers_in_flight.inc()
-        elif kind == "relay_finished":
-            self.transfers_in_flight.dec()
-            direction = event.get("direction", "?")
-            self.transfer_bytes.labels(direction=direction).inc(int(event.get("bytes", 0)))
-            if "seconds" in event:
-                self.transfer_seconds.labels(direction=direction).observe(float(event["seconds"]))
-        elif kind == "upstream_connected":
-            self.connect_seconds.observe(float(event.get("seconds", 0.0)))
-        elif kind == "proxy_login_failed":
-            self.logins_failed.inc()
-        elif kind == "upstream_login_failed":
-            self.upstream_logins_failed.inc()
-        elif kind == "upstream_connect_failed":
-            self.upstream_failures.inc()
-        elif kind == "refused":
-            self.refused.labels(kind=event.get("refused", "other")).inc()
-        elif kind == "config_reloaded":
-            self.reloads.labels(result=event.get("result", "ok")).inc()
+        # Event members hash and compare as their values, so a plain string finds its entry.
+        count = self.counts.get(kind) if isinstance(kind, str) else None
+        if count is not None:
+            count(event)
+
+    def _session_started(self, event: LogEvent) -> None:
+        self.sessions_started.inc()
+        self.sessions.inc()
+
+    def _session_refused(self, event: LogEvent) -> None:
+        self.sessions_refused.labels(reason=event.get("reason_key", "other")).inc()
+
+    def _transfer_finished(self, event: LogEvent) -> None:
+        code = int(event.get("code", 0))
+        outcome = "complete" if 200 <= code < 300 else "failed"
+        self.transfers.labels(command=event.get("verb", "?"), outcome=outcome).inc()
+
+    def _transfer_aborted(self, event: LogEvent) -> None:
+        self.transfers.labels(command=event.get("verb", "?"), outcome="aborted").inc()
+
+    def _relay_finished(self, event: LogEvent) -> None:
+        self.transfers_in_flight.dec()
+        direction = event.get("direction", "?")
+        self.transfer_bytes.labels(direction=direction).inc(int(event.get("bytes", 0)))
+        if "seconds" in event:
+            self.transfer_seconds.labels(direction=direction).observe(float(event["seconds"]))
+
+    def _upstream_connected(self, event: LogEvent) -> None:
+        self.connect_seconds.observe(float(event.get("seconds", 0.0)))
+
+    def _refused(self, event: LogEvent) -> None:
+        self.refused.labels(kind=event.get("refused", "other")).inc()
+
+    def _config_reloaded(self, event: LogEvent) -> None:
+        self.reloads.labels(result=event.get("result", "ok")).inc()
 
 
 class MetricsService(MultiService):

@@ -61,6 +61,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.errors import ProtocolError
+from gateway.events import Event
 from gateway.numbers import is_ascii_number
 from gateway.policy import CommandPolicy, UpstreamPolicy, check_data_target
 from gateway.transfer import SOURCES as TRANSFER_SOURCES
@@ -191,7 +192,7 @@ class Session:
                 {
                     "reason": "transparent mode, but the connection was not redirected "
                     "(made to the gateway's own address)",
-                    "event": "session_refused",
+                    "event": Event.SESSION_REFUSED,
                     "reason_key": "not_redirected",
                 },
             )
@@ -254,7 +255,7 @@ class Session:
         log = Log(
             "warn",
             "Cannot connect to the upstream: {reason}",
-            {"reason": reason, "event": "upstream_connect_failed"},
+            {"reason": reason, "event": Event.UPSTREAM_CONNECT_FAILED},
         )
         if self.fixed_upstream is None:
             target = self._target
@@ -480,7 +481,7 @@ class Session:
                 Log(
                     "info",
                     "Refused {verb} by command policy",
-                    {"verb": verb, "event": "refused", "refused": "command"},
+                    {"verb": verb, "event": Event.REFUSED, "refused": "command"},
                 ),
                 reply(code, text),
             ]
@@ -517,7 +518,7 @@ class Session:
             {
                 "upstream": str(self.upstream_peer),
                 "text": answer.lines[0],
-                "event": "upstream_login_failed",
+                "event": Event.UPSTREAM_LOGIN_FAILED,
             },
         )
         return [log, *self._relay_reply(answer)]
@@ -593,7 +594,7 @@ class Session:
                 Log(
                     "warn",
                     "Proxy login for {user} refused: too many failures",
-                    {**fields, "event": "refused", "refused": "login_throttle"},
+                    {**fields, "event": Event.REFUSED, "refused": "login_throttle"},
                 ),
                 *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
             ]
@@ -603,7 +604,7 @@ class Session:
                 Log(
                     "warn",
                     "Proxy login failed for {user}",
-                    {**fields, "event": "proxy_login_failed"},
+                    {**fields, "event": Event.PROXY_LOGIN_FAILED},
                 ),
                 reply(530, "Proxy login incorrect."),
                 *self._finish(),
@@ -677,7 +678,7 @@ class Session:
         log = Log(
             "warn",
             "Upstream {peer} sent no reply within {seconds} seconds",
-            {"peer": str(self.upstream_peer), "seconds": seconds, "event": "reply_timeout"},
+            {"peer": str(self.upstream_peer), "seconds": seconds, "event": Event.REPLY_TIMEOUT},
         )
         if self._quitting:
             return [log, *self._close(Reply.of(221, "Goodbye."))]
@@ -911,7 +912,7 @@ class Session:
                         "verb": command.verb,
                         "target": str(target),
                         "reason": decision.reason,
-                        "event": "refused",
+                        "event": Event.REFUSED,
                         "refused": "data_target",
                     },
                 ),
@@ -1106,7 +1107,7 @@ class Session:
                 "upstream": str(self.upstream_peer),
                 "code": answer.code,
                 "text": answer.lines[0],
-                "event": "transfer_finished",
+                "event": Event.TRANSFER_FINISHED,
             },
         )
         return [CloseData(), ToClient(answer), record, *self._finish()]
@@ -1123,7 +1124,7 @@ class Session:
         record = Log(
             "info",
             "Transfer {verb} aborted by client",
-            {"verb": transfer.command.verb, "event": "transfer_aborted"},
+            {"verb": transfer.command.verb, "event": Event.TRANSFER_ABORTED},
         )
         effects: list[Effect] = [CloseData(), record]
         effects += self._send(Command("ABOR", ""), lambda r: [])
@@ -1184,7 +1185,7 @@ _TLS_COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {
 
 def _upstream_denied(host: str, reason: str) -> Log:
     """The log line (and metrics event) for an upstream the policy refused."""
-    fields = {"host": host, "reason": reason, "event": "refused", "refused": "upstream"}
+    fields = {"host": host, "reason": reason, "event": Event.REFUSED, "refused": "upstream"}
     return Log("warn", "Upstream {host} denied by policy: {reason}", fields)
 
 

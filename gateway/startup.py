@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from gateway import __version__
 from gateway.config import SETTINGS, Config, ConfigError, build, load_file
+from gateway.events import Event
 from gateway.tls import TLSConfigError, server_options
 
 _log = Logger(namespace="gateway.startup")
@@ -150,7 +151,7 @@ class Listener(StreamServerEndpointService):
             "Listening on {endpoint}: {summary}",
             endpoint=self.description,
             summary=self.line,
-            event="listening",
+            event=Event.LISTENING,
         )
 
 

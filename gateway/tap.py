@@ -16,6 +16,7 @@ from twisted.python import usage
 from gateway import __version__, startup
 from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
+from gateway.events import Event
 from gateway.listeners import report_bound
 from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
@@ -236,7 +237,7 @@ class ReloadOnHangup(Service):
             _log.error(
                 "Reload failed, keeping the running configuration: {error}",
                 error=str(e),
-                event="config_reloaded",
+                event=Event.CONFIG_RELOADED,
                 result="failed",
             )
             return
@@ -249,4 +250,4 @@ class ReloadOnHangup(Service):
                 _log.warn("Reload: {setting} changes only on restart", setting=setting)
                 config = replace(config, **{setting: value})
         self.factory.reconfigure(config)
-        _log.info("Configuration reloaded", event="config_reloaded", result="ok")
+        _log.info("Configuration reloaded", event=Event.CONFIG_RELOADED, result="ok")

@@ -1,0 +1,56 @@
+"""The names of what happened, as logged in every line's `event` field.
+
+A log line that metrics count or operators search for carries `event=Event.X`. Naming each
+event once, here, means a misspelt name is an AttributeError at import, not a metric that
+silently stays at zero: `gateway.metrics` keys its counters on these members, and
+tests/test_events.py checks that every member is logged somewhere and every counted one exists.
+The values are the strings that appear in the logs (and in JSON logs), so they never change.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Event(StrEnum):
+    # Sessions (control.py; the session for a refused transparent connection).
+    SESSION_STARTED = "session_started"
+    """A client connected and its session started."""
+    SESSION_ENDED = "session_ended"
+    """A session's client connection closed."""
+    SESSION_REFUSED = "session_refused"
+    """A client was turned away before a session started; `reason_key` says why."""
+
+    # Upstream control connections.
+    UPSTREAM_CONNECTED = "upstream_connected"
+    """An upstream control connection is up; `seconds` is how long it took."""
+    UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
+    """An upstream control connection could not be made."""
+    UPSTREAM_LOGIN_FAILED = "upstream_login_failed"
+    """The upstream refused a login (530 to USER, PASS or ACCT)."""
+    REPLY_TIMEOUT = "reply_timeout"
+    """The upstream left a command unanswered for `timeouts.reply` seconds."""
+
+    # Policy.
+    PROXY_LOGIN_FAILED = "proxy_login_failed"
+    """Forward mode: proxy credentials were refused."""
+    REFUSED = "refused"
+    """A request was refused by policy; `refused` names the kind (upstream, command, ...)."""
+
+    # Transfers.
+    TRANSFER_FINISHED = "transfer_finished"
+    """A transfer command got its final reply; `code` and `verb` say which."""
+    TRANSFER_ABORTED = "transfer_aborted"
+    """A transfer was aborted (ABOR)."""
+    RELAY_STARTED = "relay_started"
+    """Both data connections are up and bytes start to move."""
+    RELAY_FINISHED = "relay_finished"
+    """The byte relay ended; `bytes`, `seconds`, `direction` and `outcome` describe it."""
+
+    # The process.
+    LISTENING = "listening"
+    """A listener is bound (one start-up line per listener)."""
+    CONFIG_RELOADED = "config_reloaded"
+    """SIGHUP: the configuration was reloaded, or not; `result` says which."""
+    STARTUP_FAILED = "startup_failed"
+    """The gateway could not start; the line names the reason."""

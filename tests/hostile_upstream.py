@@ -38,12 +38,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import BinaryIO, Self
+
+from clients import reset
 
 HOST = "127.0.0.1"
 TIMEOUT = 15.0
@@ -68,12 +69,6 @@ class Mode(StrEnum):
     STALL_AFTER_150 = "stall-after-150"
     SUCCESS_WITHOUT_DATA = "success-without-data"
     TLS_DATA_STALL = "tls-data-stall"
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN (SO_LINGER 0): a crash, not an end of file."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 class HostileUpstream:

@@ -53,6 +53,11 @@ def _usage_error(error: Exception) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["passwd"]:
+        # `ftp-gateway passwd FILE USER`: manage an htpasswd file (gateway/passwd.py).
+        from gateway import passwd
+
+        raise SystemExit(passwd.main(args[1:]))
     own = [arg for arg in args if not arg.startswith(_TWISTD_OPTIONS)]
     passed = [arg for arg in args if arg.startswith(_TWISTD_OPTIONS)]
     options = Options()

@@ -284,8 +284,13 @@ class ReplyReader:
     line that starts "ddd " with the same code (or is just "ddd"); lines in between are kept as
     text, less a "ddd-" prefix of the same code, which many servers put on every line.
 
+    Preliminary (1yz) replies count towards the bounds of the final reply that follows them
+    (RFC 959 section 4.2: they answer the same command), so an endless run of single-line 1yz
+    replies is cut off like an endless multi-line reply.
+
     Anything else raises `RemoteProtocolError` with code 421: a line over `max_line` bytes, a
-    reply of more than `max_lines` lines or `max_bytes` bytes, a reply that does not start with
+    reply (with the 1yz replies before it) of more than `max_lines` lines or `max_bytes` bytes,
+    a reply that does not start with
     a code from 100 to 599, a NUL byte. An upstream that does not speak FTP ends the session
     rather than confuse the client; the reader is not to be fed again after it raised.
     """
@@ -302,7 +307,8 @@ class ReplyReader:
         self._partial = bytearray()  # the unfinished line, at most max_line bytes
         self._code: bytes | None = None  # the code of the multi-line reply being read
         self._lines: list[str] = []
-        self._size = 0  # wire bytes of the reply being read
+        self._size = 0  # wire bytes of the reply being read and of the 1yz replies before it
+        self._preliminary_lines = 0  # lines of the 1yz replies since the last final reply
 
     @property
     def buffered(self) -> int:
@@ -350,9 +356,8 @@ class ReplyReader:
                 self._code = match.group(1)
                 self._lines = [_decode(raw[4:])]
                 return None
-            self._size = 0
-            return Reply(int(match.group(1)), (_decode(raw[4:]),))
-        if len(self._lines) >= self.max_lines:
+            return self._complete(Reply(int(match.group(1)), (_decode(raw[4:]),)))
+        if len(self._lines) + self._preliminary_lines >= self.max_lines:
             raise RemoteProtocolError(f"reply of more than {self.max_lines} lines.", 421)
         if match is None or match.group(1) != self._code:
             self._lines.append(_decode(raw))
@@ -361,5 +366,17 @@ class ReplyReader:
         if match.group(2) == b"-":
             return None  # "ddd-text" in the middle: a server that prefixes every line
         reply = Reply(int(self._code), tuple(self._lines))
-        self._code, self._lines, self._size = None, [], 0
+        self._code, self._lines = None, []
+        return self._complete(reply)
+
+    def _complete(self, reply: Reply) -> Reply:
+        """Start the count afresh after a final reply; after a 1yz reply, carry it on."""
+        if self._preliminary_lines + len(reply.lines) > self.max_lines:
+            raise RemoteProtocolError(
+                f"reply of more than {self.max_lines} lines with the 1yz replies before it.", 421
+            )
+        if reply.final:
+            self._size = self._preliminary_lines = 0
+        else:
+            self._preliminary_lines += len(reply.lines)
         return reply

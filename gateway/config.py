@@ -46,6 +46,7 @@ class Config:
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
+    control_send_timeout: float = 60.0
     reply_timeout: float = 120.0
     max_line: int = 2048
     max_pending_commands: int = 32
@@ -69,6 +70,17 @@ class Config:
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
+    ldap_url: str | None = None
+    ldap_starttls: bool = False
+    ldap_ca_file: str | None = None
+    ldap_user_dn_template: str | None = None
+    ldap_bind_dn: str | None = None
+    ldap_bind_password: str | None = None
+    ldap_bind_password_file: str | None = None
+    ldap_base_dn: str | None = None
+    ldap_filter: str = "(uid={user})"
+    ldap_require_group: str | None = None
+    ldap_timeout: float = 10.0
 
     @property
     def client_tls_available(self) -> bool:
@@ -268,8 +280,8 @@ def _rule_tables(name: str, value: object) -> tuple[Rule, ...]:
 
 
 def _checkers(name: str, value: object) -> tuple[str, ...]:
-    """twisted.cred checker descriptions ("file:PATH", "memory:U:P", "unix"); the shell
-    builds them at start and reports one it cannot build under this same name."""
+    """twisted.cred checker descriptions ("htpasswd:PATH", "ldap:", "file:PATH", "memory:U:P",
+    "unix"); the shell builds them at start and reports one it cannot build under this name."""
     descriptions = _strings(name, value)
     for description in descriptions:
         kind = description.partition(":")[0]
@@ -347,7 +359,8 @@ SETTINGS: tuple[Setting, ...] = (
         "proxy_auth",
         "proxy_auth",
         _checkers,
-        "Forward mode: twisted.cred checkers for proxy logins (file:PATH, memory:U:P, unix).",
+        "Forward mode: twisted.cred checkers for proxy logins (htpasswd:PATH, ldap:, "
+        "file:PATH, memory:U:P, unix).",
     ),
     Setting(
         "commands.deny",
@@ -436,6 +449,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a transfer may go without moving a byte.",
     ),
     Setting(
+        "timeouts.control_send",
+        "control_send_timeout",
+        _number(1, 86400),
+        "Seconds a control connection's peer may leave a full buffer of the gateway's "
+        "replies or commands unread before the session ends with 421.",
+    ),
+    Setting(
         "timeouts.reply",
         "reply_timeout",
         _number(1, 86400),
@@ -518,6 +538,73 @@ SETTINGS: tuple[Setting, ...] = (
         "Name to verify the upstream certificate against. Empty: the upstream host name.",
     ),
     Setting(
+        "ldap.url",
+        "ldap_url",
+        _optional_string,
+        "Directory for the ldap: checker: ldaps://HOST[:PORT], or ldap://HOST[:PORT] with "
+        "ldap.starttls.",
+    ),
+    Setting(
+        "ldap.starttls",
+        "ldap_starttls",
+        _bool,
+        "Upgrade an ldap:// connection with StartTLS before binding (required for ldap://).",
+    ),
+    Setting(
+        "ldap.ca_file",
+        "ldap_ca_file",
+        _optional_string,
+        "PEM CA certificates to verify the directory with. Empty: the system store.",
+    ),
+    Setting(
+        "ldap.user_dn_template",
+        "ldap_user_dn_template",
+        _optional_string,
+        "Bind DN of a user, {user} standing for the escaped login name (no search).",
+    ),
+    Setting(
+        "ldap.bind_dn",
+        "ldap_bind_dn",
+        _optional_string,
+        "Search-then-bind: the service account that searches for users. Empty: anonymous.",
+    ),
+    Setting(
+        "ldap.bind_password",
+        "ldap_bind_password",
+        _optional_string,
+        "Password of ldap.bind_dn (or use ldap.bind_password_file).",
+    ),
+    Setting(
+        "ldap.bind_password_file",
+        "ldap_bind_password_file",
+        _optional_string,
+        "File holding the password of ldap.bind_dn (keeps it out of the configuration).",
+    ),
+    Setting(
+        "ldap.base_dn",
+        "ldap_base_dn",
+        _optional_string,
+        "Search-then-bind: where users are searched for (subtree).",
+    ),
+    Setting(
+        "ldap.filter",
+        "ldap_filter",
+        _string,
+        "Search-then-bind: filter finding one user, {user} standing for the escaped login name.",
+    ),
+    Setting(
+        "ldap.require_group",
+        "ldap_require_group",
+        _optional_string,
+        "DN of a groupOfNames whose member attribute must list the user. Empty: no check.",
+    ),
+    Setting(
+        "ldap.timeout",
+        "ldap_timeout",
+        _number(0.5, 300),
+        "Seconds for one LDAP login, from connect to the last answer.",
+    ),
+    Setting(
         "metrics.listen",
         "metrics_listen",
         _optional_string,
@@ -591,4 +678,35 @@ def build(*layers: Mapping[str, Any]) -> Config:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
     if config.client_tls == "required" and config.tls_certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")
+    if any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):
+        _check_ldap(config)
     return config
+
+
+def _check_ldap(config: Config) -> None:
+    """The [ldap] table must describe one way to find users, over TLS."""
+    url = config.ldap_url
+    if url is None:
+        raise ConfigError("ldap.url: the ldap: checker needs the directory's URL")
+    scheme = url.partition("://")[0].lower()
+    if scheme == "ldap" and not config.ldap_starttls:
+        # Passwords would cross the network in clear text.
+        raise ConfigError("ldap.url: ldap:// needs starttls = true (or use ldaps://)")
+    if scheme == "ldaps" and config.ldap_starttls:
+        raise ConfigError("ldap.starttls: ldaps:// is already TLS; drop starttls")
+    if scheme not in ("ldap", "ldaps"):
+        raise ConfigError(f"ldap.url: expected ldaps:// or ldap://, got {url!r}")
+    template, base = config.ldap_user_dn_template, config.ldap_base_dn
+    if (template is None) == (base is None):
+        raise ConfigError(
+            "ldap: set either user_dn_template (bind with a DN) or base_dn (search, then bind)"
+        )
+    if template is not None and "{user}" not in template:
+        raise ConfigError("ldap.user_dn_template: must contain {user}")
+    if base is not None and "{user}" not in config.ldap_filter:
+        raise ConfigError("ldap.filter: must contain {user}")
+    if config.ldap_bind_password is not None and config.ldap_bind_password_file is not None:
+        raise ConfigError("ldap.bind_password: set it or ldap.bind_password_file, not both")
+    has_password = (config.ldap_bind_password or config.ldap_bind_password_file) is not None
+    if has_password != (config.ldap_bind_dn is not None):
+        raise ConfigError("ldap.bind_dn: the service account needs both a DN and a password")

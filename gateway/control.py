@@ -13,7 +13,6 @@ from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
 
-from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet import error
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -39,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort, is_ip_literal
+from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
 from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
@@ -62,13 +62,13 @@ from gateway.effects import (
 )
 from gateway.errors import RemoteProtocolError
 from gateway.events import Event
+from gateway.flow import ControlFlow
 from gateway.listeners import interface_addresses, listener_addresses
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
     client_options,
-    fingerprint,
     server_options,
 )
 
@@ -114,17 +114,8 @@ class UpstreamControl(Protocol):
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
+        # The certificate was verified during the handshake (`tls.UpstreamTLS`).
         self.handshake_done = True
-        pinned = self.owner.factory.config.upstream_fingerprint
-        if pinned is not None:
-            seen = fingerprint(self.transport.getPeerCertificate())  # type: ignore[union-attr]
-            if seen != pinned:
-                self.owner.run(
-                    self.owner.session.upstream_tls_failed(
-                        f"the upstream's certificate fingerprint {seen} is not the pinned one"
-                    )
-                )
-                return
         if not self.owner.session.closed:
             self.owner.run(self.owner.session.upstream_tls_ready())
 
@@ -144,7 +135,7 @@ class UpstreamControl(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
-            reason_text = self.tls_options.describe(reason)
+            reason_text = self.tls_options.describe(reason, _tls_handle(self.transport))
             self.owner.run(self.owner.session.upstream_tls_failed(reason_text))
         self.owner.upstream_gone(self)
 
@@ -168,6 +159,7 @@ class _DataChannels:
             connection.abort()
 
 
+@implementer(IHandshakeListener)
 class ClientControl(Protocol):
     """One client session: the client control connection plus everything it owns."""
 
@@ -183,6 +175,9 @@ class ClientControl(Protocol):
         self._refused = False
         self._reply_timer: IDelayedCall | None = None
         self._reply_mark: int | None = None
+        #: Who the proxy login authenticated as: the checker's avatar ID (a ProxyIdentity,
+        #: with directory groups, from the htpasswd: and ldap: checkers), for routing.
+        self.proxy_identity: Any = None
 
     # ------------------------------------------------------------------ client connection
 
@@ -211,6 +206,10 @@ class ClientControl(Protocol):
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
+        self.flow = ControlFlow(clock, config.control_send_timeout, self._not_reading)
+        if self.session.client_tls:
+            self.flow.tls_started(Side.CLIENT)  # implicit TLS: the handshake comes first
+        self.flow.attach(Side.CLIENT, self.transport)
         self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
         self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
         self.run(self.session.start())
@@ -260,6 +259,18 @@ class ClientControl(Protocol):
         self._reply_timer = None
         self.run(self.session.timed_out("reply", mark))
 
+    def handshakeCompleted(self) -> None:
+        self.flow.tls_done(Side.CLIENT)
+
+    def _not_reading(self, side: Side) -> None:
+        """`side` left its write buffer full too long: 421, then abort its connection, as a
+        clean close would wait for it to read what is buffered."""
+        upstream = self.upstream.transport if self.upstream is not None else None
+        stuck = self.transport if side is Side.CLIENT else upstream
+        self.run(self.session.peer_not_reading(side, self.factory.config.control_send_timeout))
+        if stuck is not None:
+            stuck.abortConnection()  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
@@ -284,6 +295,7 @@ class ClientControl(Protocol):
         for timer in (self._login_timer, self._idle_timer, self._reply_timer):
             if timer is not None and timer.active():
                 timer.cancel()
+        self.flow.stop()
         self.factory.session_ended(self)
         self.run(self.session.client_lost())
 
@@ -313,6 +325,7 @@ class ClientControl(Protocol):
             case StartClientTLS():
                 self.reader.discard()
                 self._tls_switched = True
+                self.flow.tls_started(Side.CLIENT)
                 self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
             case StartUpstreamTLS(name):
                 assert self.upstream is not None
@@ -358,12 +371,24 @@ class ClientControl(Protocol):
             self.run(self.session.proxy_auth_result(False, throttled=True))
             return
 
-        def done(ok: bool) -> None:
-            if not ok:
+        def done(avatar: Any) -> None:
+            if avatar is None:
                 throttle.failed(self.peer.host, self.factory.reactor.seconds())
-            self.run(self.session.proxy_auth_result(ok))
+            self.proxy_identity = avatar
+            self.run(self.session.proxy_auth_result(avatar is not None))
 
-        self.factory.check_proxy_login(user, password).addCallback(done)
+        def unavailable(failure: Failure) -> None:
+            failure.trap(UserStoreUnavailable)
+            self.log.error(
+                "Proxy login for {user} could not be checked: {reason}",
+                client=str(self.peer),
+                user=user,
+                reason=str(failure.value),
+                event=Event.USER_STORE_UNAVAILABLE,
+            )
+            self.run(self.session.proxy_auth_result(False, unavailable=True))
+
+        self.factory.check_proxy_login(user, password).addCallbacks(done, unavailable)
 
     def _connect_upstream(self, host: str, port: int, implicit_tls: str | None) -> None:
         """Open the upstream control connection; with `implicit_tls` (the name to verify),
@@ -408,6 +433,7 @@ class ClientControl(Protocol):
         transport = upstream.transport
         upstream.local = _hostport(transport.getHost())  # type: ignore[union-attr]
         self.factory.outbound[upstream.local] = _hostport(transport.getPeer())  # type: ignore[union-attr]
+        self.flow.attach(Side.UPSTREAM, transport)
         self.run(
             self.session.upstream_connected(
                 upstream.local,
@@ -422,6 +448,7 @@ class ClientControl(Protocol):
         if upstream.local is not None:
             self.factory.outbound.pop(upstream.local, None)
         if upstream is self.upstream:
+            self.flow.detach(Side.UPSTREAM)
             self.upstream = None
             self.run(self.session.upstream_lost())
 
@@ -441,7 +468,8 @@ class ClientControl(Protocol):
             )
         assert self.upstream is not None and self.upstream.tls_options is not None
         control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
-        return DataTLS(ResumingClientCreator(self.upstream.tls_options, control), server=False)
+        creator = ResumingClientCreator(self.upstream.tls_options, control)
+        return DataTLS(creator, server=False, describe=creator.describe)
 
     def _listen(self, side: Side, tls: bool) -> None:
         config = self.factory.config
@@ -644,6 +672,14 @@ def _no_delay(transport: Any) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _tls_handle(transport: Any) -> Any:
+    """The OpenSSL connection under a TLS transport, while it is being torn down."""
+    try:
+        return transport.getHandle()
+    except AttributeError:
+        return None
+
+
 def _reason(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
@@ -676,7 +712,9 @@ class GatewayFactory(Factory):
             server_tls = server_options(
                 config.tls_certificate, config.tls_private_key, config.tls_min_version
             )
-        self.checkers = [strcred.makeChecker(description) for description in config.proxy_auth]
+        self.checkers = [
+            make_checker(description, config, self.reactor) for description in config.proxy_auth
+        ]
         self.policy = UpstreamPolicy(
             rules=config.upstream_rules, own_addresses=frozenset(self.listening)
         )
@@ -739,25 +777,31 @@ class GatewayFactory(Factory):
         else:
             self.sessions.pop(protocol.peer.host, None)
 
-    def check_proxy_login(self, user: str, password: str) -> Deferred[bool]:
-        """True when any configured twisted.cred checker accepts the credentials."""
-        # Checkers disagree on text or bytes (file: reads bytes, memory: keeps str): offer both.
-        offers = [
-            UsernamePassword(user.encode(), password.encode()),
-            UsernamePassword(user, password),  # type: ignore[arg-type]
-        ]
+    def check_proxy_login(self, user: str, password: str) -> Deferred[Any]:
+        """The avatar ID of the first configured twisted.cred checker that accepts the
+        credentials, or None. Fails with UserStoreUnavailable when none accepted and a user
+        store could not answer (the client should try later, not count it as a failure)."""
+        # Checkers disagree on text or bytes (file: reads bytes, memory: keeps str): offer both,
+        # except to user-store checkers, which take text and must see one attempt per login
+        # (one slow hash; one bind, which a directory may count towards a lockout).
+        text = UsernamePassword(user, password)  # type: ignore[arg-type]
+        both = [UsernamePassword(user.encode(), password.encode()), text]
 
-        async def check() -> bool:
+        async def check() -> Any:
+            unavailable: UserStoreUnavailable | None = None
             for checker in self.checkers:
                 if IUsernamePassword not in checker.credentialInterfaces:
                     continue
-                for credentials in offers:
+                for credentials in [text] if isinstance(checker, TextChecker) else both:
                     try:
-                        await maybeDeferred(checker.requestAvatarId, credentials)
+                        return await maybeDeferred(checker.requestAvatarId, credentials)
+                    except UserStoreUnavailable as e:
+                        unavailable = e
                     except Exception:
                         continue
-                    return True
-            return False
+            if unavailable is not None:
+                raise unavailable
+            return None
 
         return Deferred.fromCoroutine(check())
 
@@ -768,7 +812,7 @@ class GatewayFactory(Factory):
         return client_options(
             name,
             ca_file=config.upstream_ca_file,
-            pinned=config.upstream_fingerprint is not None,
+            pin=config.upstream_fingerprint,
             min_version=config.tls_min_version,
         )
 

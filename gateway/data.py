@@ -17,11 +17,15 @@ gateway knows how bytes move.
 
 from __future__ import annotations
 
+import fcntl
 import random
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -37,6 +41,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort
+from gateway.events import Event
+from gateway.transfer import ReceiverClose, download_delivered
 
 _log = Logger(namespace="gateway.data")
 
@@ -62,12 +68,18 @@ class DataTLS:
 
     `server` says which TLS role the gateway plays: server towards clients, client towards
     upstreams, whichever side opened the TCP connection. `require_reuse` refuses a client
-    whose handshake did not resume the control connection's session.
+    whose handshake did not resume the control connection's session. `describe` turns a
+    failed handshake into a sentence (why the upstream's certificate was refused).
     """
 
     options: Any
     server: bool
     require_reuse: bool = False
+    describe: Callable[[Failure, Any], str] | None = None
+
+
+class DataTLSFailed(Exception):
+    """A data connection's TLS handshake failed; the message says why."""
 
 
 class _PostHandshakeHold:
@@ -143,6 +155,10 @@ class DataConnection(Protocol):
         self.lost = False
         self._early: list[bytes] = []
         self._hold: _PostHandshakeHold | None = None
+        self._tls: Any = None  # the OpenSSL connection, once TLS started
+        #: How a client's protected data connection ended, seen at the socket (see
+        #: `_watch_peer_close`); None until then, and always for upstream connections.
+        self.peer_close: ReceiverClose | None = None
 
     def connectionMade(self) -> None:
         if self.tls is None:
@@ -155,11 +171,35 @@ class DataConnection(Protocol):
                 self._handshake_timeout, self._handshake_timed_out
             )
         self.transport.startTLS(self.tls.options, normal)  # type: ignore[union-attr]
+        self._tls = self.transport.getHandle()  # type: ignore[union-attr]
         if self.tls.server:
             # startTLS put a TLS layer between the socket and this protocol; its writes to
             # the socket go through the hold from now on.
             layer = self.transport.protocol  # type: ignore[union-attr]
             self._hold = layer.transport = _PostHandshakeHold(layer.transport)
+            self._watch_peer_close()
+
+    def _watch_peer_close(self) -> None:
+        """Record how the client ends this connection, before the socket is closed.
+
+        The TLS layer reports a peer that closed TCP without close_notify the same way whether
+        it closed with FIN or reset the connection, and only after the socket is gone. The
+        download rule (`transfer.download_delivered`) needs both, so the TCP transport's own
+        `connectionLost` takes the snapshot first.
+        """
+        tcp = self.transport
+        tcp_lost = tcp.connectionLost  # type: ignore[union-attr]
+
+        def lost(reason: Failure) -> None:
+            handle = tcp.getHandle()  # type: ignore[union-attr]
+            self.peer_close = ReceiverClose(
+                orderly=reason.check(error.ConnectionDone) is not None,
+                close_notify_sent=bool(handle.get_shutdown() & SSL.SENT_SHUTDOWN),
+                unacknowledged=_unacknowledged(tcp),
+            )
+            tcp_lost(reason)
+
+        tcp.connectionLost = lost  # type: ignore[union-attr]
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
@@ -218,6 +258,8 @@ class DataConnection(Protocol):
         self.lost = True
         self._stop_handshake_timer()
         if not self.ready.called:
+            if self.tls is not None and self.tls.describe is not None and self._tls is not None:
+                reason = Failure(DataTLSFailed(self.tls.describe(reason, self._tls)))
             self.ready.errback(reason)
         elif self.on_lost is not None:
             self.on_lost(self, reason)
@@ -225,6 +267,18 @@ class DataConnection(Protocol):
     def abort(self) -> None:
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _unacknowledged(tcp: Any) -> int | None:
+    """Bytes written to `tcp` that its peer has not acknowledged yet: what Twisted still
+    buffers plus the kernel's send queue (SIOCOUTQ, Linux: unsent and unacknowledged bytes).
+    None when either cannot be read."""
+    try:
+        buffered = len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
+        raw = fcntl.ioctl(tcp.socket.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except (AttributeError, OSError):
+        return None
+    return int(buffered + struct.unpack("i", raw)[0])
 
 
 def _session_reused(transport: Any) -> bool:
@@ -239,13 +293,15 @@ def relay(
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
 
     Succeeds only when the source ended cleanly and the sink's transport flushed and closed
-    cleanly; any reset, the sink going away first, or `stall` seconds without a byte moving,
-    fails the relay and aborts both sides.
+    cleanly (for a client receiving a protected download, `transfer.download_delivered` says
+    what "cleanly" means); any reset, the sink going away first, or `stall` seconds without a
+    byte moving, fails the relay and aborts both sides.
     """
     done: Deferred[RelayResult] = Deferred()
     count = 0
     seen = -1
     source_ended = False
+    ignored = _Ignored()
 
     def watchdog() -> None:
         nonlocal seen, timer
@@ -263,6 +319,7 @@ def relay(
         if timer.active():
             timer.cancel()
         if not done.called:
+            ignored.report(sink)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -285,12 +342,15 @@ def relay(
     def sink_lost(_: DataConnection, reason: Failure) -> None:
         if source_ended and reason.check(error.ConnectionDone):
             finish(True, f"{count} bytes")
+        elif source_ended and sink.peer_close is not None and download_delivered(sink.peer_close):
+            finish(True, f"{count} bytes (the client closed without TLS close_notify)")
         elif source_ended:
             finish(False, f"{_describe(reason)} while delivering the last bytes")
         else:
             finish(False, f"receiving side closed the connection after {count} bytes")
 
     source.attach(receive)
+    sink.attach(ignored.receive)
     source.on_lost = source_lost
     sink.on_lost = sink_lost
     sink.send()
@@ -299,6 +359,34 @@ def relay(
     sink.transport.resumeProducing()  # type: ignore[union-attr]
     source.transport.resumeProducing()  # type: ignore[union-attr]
     return done
+
+
+class _Ignored:
+    """Counts and drops what the receiving side of a transfer sends.
+
+    RFC 959 section 3.2 has data flow one way per transfer: the side the gateway writes to
+    has nothing to say on it, and the relay reads it only to notice a close or a reset. Bytes
+    it sends anyway are dropped as they arrive, never kept, so a peer writing into its own
+    download cannot grow the gateway. They are dropped rather than answered with 426: memory
+    stays bounded either way, and a stray byte (a keep-alive, a client's CRLF) should not
+    fail a transfer that delivered every byte. One log line per transfer says how many.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def receive(self, data: bytes) -> None:
+        self.bytes += len(data)
+
+    def report(self, sink: DataConnection) -> None:
+        if self.bytes:
+            peer = sink.transport.getPeer() if sink.transport is not None else None
+            _log.warn(
+                "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
+                ignored=self.bytes,
+                peer=str(getattr(peer, "host", "")),
+                event=Event.RELAY_IGNORED_BYTES,
+            )
 
 
 def _describe(reason: Failure) -> str:

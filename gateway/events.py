@@ -30,12 +30,24 @@ class Event(StrEnum):
     """The upstream refused a login (530 to USER, PASS or ACCT)."""
     REPLY_TIMEOUT = "reply_timeout"
     """The upstream left a command unanswered for `timeouts.reply` seconds."""
+    UNSOLICITED_REPLY = "unsolicited_reply"
+    """The upstream sent a reply to no command (dropped)."""
+    UNSOLICITED_REPLIES = "unsolicited_replies"
+    """At the session's end: how many unsolicited replies the upstream sent in all."""
+    CONTROL_NOT_READ = "control_not_read"
+    """A peer left its control connection unread too long; the session ends."""
 
     # Policy.
     PROXY_LOGIN_FAILED = "proxy_login_failed"
     """Forward mode: proxy credentials were refused."""
     REFUSED = "refused"
     """A request was refused by policy; `refused` names the kind (upstream, command, ...)."""
+    USER_STORE_UNAVAILABLE = "user_store_unavailable"
+    """Forward mode: a proxy login could not be checked (the user store did not answer)."""
+    HTPASSWD_UNUSABLE = "htpasswd_unusable"
+    """An htpasswd file cannot be used; proxy logins through it fail until it is fixed."""
+    LDAP_NOT_IN_GROUP = "ldap_not_in_group"
+    """An LDAP proxy user is not a member of the required group."""
 
     # Transfers.
     TRANSFER_FINISHED = "transfer_finished"
@@ -46,6 +58,8 @@ class Event(StrEnum):
     """Both data connections are up and bytes start to move."""
     RELAY_FINISHED = "relay_finished"
     """The byte relay ended; `bytes`, `seconds`, `direction` and `outcome` describe it."""
+    RELAY_IGNORED_BYTES = "relay_ignored_bytes"
+    """The receiving side of a transfer sent bytes; they were dropped."""
 
     # The process.
     LISTENING = "listening"

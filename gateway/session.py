@@ -76,6 +76,10 @@ from gateway.transfer import (
 #: Commands a client may send before AUTH TLS when TLS is required.
 _BEFORE_TLS = frozenset({"AUTH", "FEAT", "QUIT", "NOOP", "HELP", "SYST"})
 
+#: Unsolicited upstream replies a session tolerates (a server that answers an over-long line
+#: twice sends one now and then); past this the upstream is flooding and the session ends.
+MAX_UNSOLICITED_REPLIES = 8
+
 #: Commands answered before an upstream is chosen in forward mode.
 _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
 
@@ -119,6 +123,7 @@ class Session:
         #: Commands sent upstream so far; each expectation remembers its number, so a reply
         #: that was read before its command went out is recognised as unsolicited.
         self.sent = 0
+        self._unsolicited = 0
         #: Upstream replies paired with a command so far: the mark `awaiting_reply` gives the
         #: shell's reply timer, so a timer armed before the latest reply no longer counts.
         self._replies = 0
@@ -299,7 +304,7 @@ class Session:
             # RFC 959 section 4.2: 421 means the server is closing the control connection.
             return self._close(answer)
         if not self._expect or (horizon is not None and self._expect[0][0] >= horizon):
-            return [Log("warn", "Unsolicited upstream reply {reply}", {"reply": str(answer.code)})]
+            return self._unsolicited_reply(answer)
         handler = self._expect[0][1]
         self._replies += 1
         if answer.final:
@@ -319,6 +324,29 @@ class Session:
                 ]
             return [log, *self._close(Reply.of(421, f"Upstream server error: {e.message}"))]
 
+    def _unsolicited_reply(self, answer: Reply) -> list[Effect]:
+        """A reply no command asked for: dropped. The first is logged, the rest counted (the
+        count is logged when the session ends), and a flood ends the session with 421."""
+        self._unsolicited += 1
+        if self._unsolicited > MAX_UNSOLICITED_REPLIES:
+            text = "Upstream server error: too many unsolicited replies."
+            return self._close(Reply.of(421, text))
+        if self._unsolicited > 1:
+            return []
+        return [
+            Log(
+                "warn",
+                "Unsolicited upstream reply {reply}",
+                {"reply": str(answer.code), "event": Event.UNSOLICITED_REPLY},
+            )
+        ]
+
+    def _unsolicited_summary(self) -> list[Effect]:
+        if self._unsolicited <= 1:
+            return []
+        fields = {"count": self._unsolicited, "event": Event.UNSOLICITED_REPLIES}
+        return [Log("warn", "Upstream sent {count} unsolicited replies in all", fields)]
+
     def upstream_failed(self, error: ProtocolError) -> list[Effect]:
         """The upstream sent something that is not FTP (e.g. an endless reply)."""
         return [
@@ -337,7 +365,7 @@ class Session:
         if self.closed:
             return []
         self.closed = True
-        return [CloseData(), CloseUpstream()]
+        return [*self._unsolicited_summary(), CloseData(), CloseUpstream()]
 
     def _advertised_host(self, local: str) -> str:
         """The address a 227 reply names: the masquerade address, except for clients inside
@@ -583,8 +611,11 @@ class Session:
         self._busy = True
         return [Authenticate(user, password)]
 
-    def proxy_auth_result(self, ok: bool, *, throttled: bool = False) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+    def proxy_auth_result(
+        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+    ) -> list[Effect]:
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `unavailable`:
+        a user store (a directory) could not answer, which is no fault of the client."""
         login = self._login
         if login is None or self.closed:
             return []
@@ -598,6 +629,12 @@ class Session:
                 ),
                 *self._close(Reply.of(421, "Too many failed logins from your address; try later.")),
             ]
+        if unavailable:
+            return self._close(
+                Reply.of(
+                    421, "Proxy login cannot be checked now (user store unavailable); try later."
+                )
+            )
         if not ok:
             self._login = None
             return [
@@ -669,6 +706,17 @@ class Session:
         }[what]
         return [
             Log("info", "Session {what} timeout", {"what": what}),
+            *self._close(Reply.of(421, text)),
+        ]
+
+    def peer_not_reading(self, side: Side, seconds: float) -> list[Effect]:
+        """`side` left a full buffer of what the gateway sent it unread for `seconds`: 421 and
+        close (RFC 959 section 4.2), so a peer that never reads cannot hold the session."""
+        who = "client" if side is Side.CLIENT else "upstream"
+        fields = {"side": who, "seconds": seconds, "event": Event.CONTROL_NOT_READ}
+        text = f"The {who} did not read the control connection for {seconds:g} seconds; closing."
+        return [
+            Log("warn", "The {side} left its control connection unread for {seconds} s", fields),
             *self._close(Reply.of(421, text)),
         ]
 
@@ -1160,7 +1208,7 @@ class Session:
             return []
         self.closed = True
         effects: list[Effect] = [ToClient(last)] if last is not None else []
-        return [*effects, CloseData(), CloseClient(), CloseUpstream()]
+        return [*self._unsolicited_summary(), *effects, CloseData(), CloseClient(), CloseUpstream()]
 
 
 _COMMANDS: dict[str, Callable[[Session, Command], list[Effect]]] = {

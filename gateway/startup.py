@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.cred import strcred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from gateway import __version__
+from gateway.checkers import make_checker
 from gateway.config import SETTINGS, Config, ConfigError, build, load_file
 from gateway.events import Event
 from gateway.tls import TLSConfigError, server_options
@@ -74,7 +74,9 @@ def check(
                 problems.append(f"proxy_auth: cannot read the users file {argument}: {e.strerror}")
                 continue
         try:
-            strcred.makeChecker(description)
+            make_checker(description, config, reactor)
+        except ConfigError as e:
+            problems.append(str(e))
         except Exception as e:
             kind = description.partition(":")[0]
             problems.append(f"proxy_auth: cannot use the {kind!r} twisted.cred checker: {e}")

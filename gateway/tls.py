@@ -14,6 +14,7 @@ import hashlib
 import re
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -69,6 +70,8 @@ def fingerprint(certificate: crypto.X509) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+_UNVERIFIED = "the upstream's certificate could not be verified"
+
 #: OpenSSL X509_V_ERR codes and what to tell a person about them.
 _VERIFY_ERRORS = {
     9: "the upstream's certificate is not valid yet",
@@ -84,18 +87,29 @@ _VERIFY_ERRORS = {
 
 @implementer(IOpenSSLClientConnectionCreator)
 class UpstreamTLS:
-    """TLS client settings for one upstream session, recording why verification failed.
+    """TLS client settings for one upstream session, and the one place that decides whether
+    an upstream's certificate is trusted, on its control and on every data connection alike.
 
-    With a pinned fingerprint the chain is not checked against CAs and the name is not
-    checked; the caller compares the fingerprint after the handshake, before it sends
-    anything. Otherwise service-identity checks the name once the chain verified.
+    Every TLS connection to the upstream gets its `SSL.Connection` from
+    `clientConnectionForTLS` (data connections through `ResumingClientCreator`), and with it
+    the same check, made by OpenSSL during the handshake: with a pinned fingerprint
+    (`tls.upstream_fingerprint`) the leaf certificate's SHA-256 must be the pinned one (the
+    chain is not checked against CAs, the name is not checked); otherwise the chain must lead
+    to the system store or `tls.upstream_ca_file` and service-identity matches the name. A
+    refused certificate fails the handshake, so nothing is sent or accepted on that connection.
+    A data connection that resumes the control connection's session presents no certificate:
+    only the server verified on the control connection holds that session's secret.
     """
 
-    def __init__(self, hostname: str, context: SSL.Context | None, verify: Any) -> None:
+    def __init__(
+        self, hostname: str, context: SSL.Context | None, verify: Any, pin: str | None = None
+    ) -> None:
         self.hostname = hostname
-        self.verify_errors: list[int] = []
+        self.pin = pin
         self._context = context
         self._verify: ClientTLSOptions | None = verify
+        #: Why a connection's certificate was refused, per connection, for `describe`.
+        self._refusals: WeakKeyDictionary[SSL.Connection, str] = WeakKeyDictionary()
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         if self._verify is None:
@@ -104,45 +118,67 @@ class UpstreamTLS:
             connection.set_connect_state()
             if not re.fullmatch(r"[0-9.]+|.*:.*", self.hostname):
                 connection.set_tlsext_host_name(self.hostname.encode("idna"))
-            return connection
-        connection = self._verify.clientConnectionForTLS(tlsProtocol)
-        # Twisted's callback checks the chain and the name; wrap it to remember why a chain
-        # was refused, so the client hears "expired" rather than "verify failed".
-        check = _verifyCB(tlsProtocol, self._verify._hostnameIsDnsName, self._verify._hostnameASCII)
-
-        def record(
-            conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: bool
-        ) -> bool:
-            if not ok:
-                self.verify_errors.append(errno)
-            return check(conn, cert, errno, depth, ok)
-
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, record)
+            chain_and_name = None
+        else:
+            connection = self._verify.clientConnectionForTLS(tlsProtocol)
+            chain_and_name = _verifyCB(
+                tlsProtocol, self._verify._hostnameIsDnsName, self._verify._hostnameASCII
+            )
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._checker(chain_and_name)
+        )
         return connection
 
-    def describe(self, reason: Any) -> str:
-        """A sentence saying why the TLS handshake with the upstream failed."""
-        for errno in self.verify_errors:
-            if errno in _VERIFY_ERRORS:
-                return _VERIFY_ERRORS[errno]
+    def _checker(self, chain_and_name: Any) -> Any:
+        """The OpenSSL verify callback for one connection: the pin, or Twisted's chain and
+        name check, remembering why a certificate was refused so the client hears
+        "expired" or "not the pinned one" rather than "verify failed"."""
+
+        def check(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+            if self.pin is not None:
+                if depth != 0:
+                    return True  # only the leaf is pinned
+                seen = fingerprint(cert)
+                if seen == self.pin:
+                    return True
+                self._refusals.setdefault(conn, _not_pinned(seen))
+                return False
+            accepted = bool(chain_and_name(conn, cert, errno, depth, ok))
+            earlier = self._refusals.get(conn)
+            if not ok and (earlier is None or earlier.startswith(_UNVERIFIED)):
+                # OpenSSL may report several errors; a known one says more than a number.
+                self._refusals[conn] = _VERIFY_ERRORS.get(errno, f"{_UNVERIFIED} (error {errno})")
+            elif ok and not accepted:
+                self._refusals.setdefault(
+                    conn, f"the upstream's certificate does not match the name {self.hostname}"
+                )
+            return accepted
+
+        return check
+
+    def describe(self, reason: Any, connection: SSL.Connection | None = None) -> str:
+        """A sentence saying why the TLS handshake of `connection` with the upstream failed."""
+        if connection is not None and connection in self._refusals:
+            return self._refusals[connection]
         text = str(getattr(reason, "value", reason))
         if "VerificationError" in text or "hostname" in text.lower() or "match" in text.lower():
             return f"the upstream's certificate does not match the name {self.hostname}"
-        if self.verify_errors:
-            return (
-                f"the upstream's certificate could not be verified (error {self.verify_errors[0]})"
-            )
         return f"TLS handshake failed: {text}"
 
 
+def _not_pinned(seen: str) -> str:
+    return f"the upstream's certificate fingerprint {seen} is not the pinned one"
+
+
 def client_options(
-    hostname: str, *, ca_file: str | None, pinned: bool, min_version: str
+    hostname: str, *, ca_file: str | None, pin: str | None, min_version: str
 ) -> UpstreamTLS:
-    """TLS client settings for one upstream session's control and data connections."""
+    """TLS client settings for one upstream session's control and data connections; `pin`
+    is the SHA-256 fingerprint the upstream's certificate must have, if any."""
     extra: dict[str, Any] = {"raiseMinimumTo": _VERSIONS[min_version]}
-    if pinned:
+    if pin is not None:
         context = ssl.CertificateOptions(verify=False, **extra).getContext()
-        return UpstreamTLS(hostname, context, None)
+        return UpstreamTLS(hostname, context, None, pin)
     trust: Any = ssl.platformTrust()
     if ca_file:
         pem = _read(ca_file, "CA file")
@@ -162,6 +198,9 @@ class ResumingClientCreator:
     def __init__(self, base: UpstreamTLS, control: SSL.Connection) -> None:
         self._base = base
         self._control = control
+
+    def describe(self, reason: Any, connection: SSL.Connection | None = None) -> str:
+        return self._base.describe(reason, connection)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = self._base.clientConnectionForTLS(tlsProtocol)

@@ -129,3 +129,31 @@ def final_reply(transfer: Transfer) -> Reply | None:
     if not transfer.relay_started:
         return setup_failure(transfer)
     return Reply.of(426, f"Transfer failed: {detail}.")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverClose:
+    """How the receiving end of a protected download closed its data connection without TLS
+    close_notify, as the gateway's socket saw it at that moment."""
+
+    orderly: bool
+    """The peer ended TCP with FIN; a reset or an error is not orderly."""
+    close_notify_sent: bool
+    """The gateway had sent its own close_notify, so nothing was left to send after it."""
+    unacknowledged: int | None
+    """Bytes the gateway had written that the peer had not acknowledged (None: unknown)."""
+
+
+def download_delivered(close: ReceiverClose) -> bool:
+    """Whether a download whose receiving client skipped close_notify still reached it whole.
+
+    RFC 5246 section 7.2.1 (and RFC 8446 section 6.1) let a party close without waiting for
+    the peer's close_notify; what truncation protection needs is that the *sender* signals
+    the end, and here the sender is the gateway. Real clients (wget, whose GnuTLS bye is
+    disabled, and netkit ftp-ssl) read the gateway's close_notify and close TCP without
+    answering it. When the peer acknowledged every byte, including that close_notify, and
+    then closed with FIN, it has the whole file: a client that closes with unread data gets
+    its kernel to send a reset instead, which stays a failure. Uploads never use this rule:
+    there the client is the sender, and its missing close_notify may mean truncation.
+    """
+    return close.orderly and close.close_notify_sent and close.unacknowledged == 0

@@ -18,6 +18,12 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   replies 426.
 - DOUBLE_REPLY (NOOP): two final replies to one command, in one write; the second is
   unsolicited (pyftpdlib does much the same to a command line over 2,048 bytes).
+- ENDLESS_1XX_GREETING (greeting): single-line "120" replies, forever.
+- UNSOLICITED_FLOOD (NOOP): answers, then sends "200" replies nobody asked for, forever.
+- BIG_STAT (STAT): a 213 reply of `BIG_STAT_BYTES`, within the gateway's reply bound, to every
+  STAT: a large directory listed over the control connection.
+- JUNK_INTO_STOR (STOR): writes `JUNK_BYTES` into the upload's data connection, which must
+  carry nothing towards the gateway, over `JUNK_SECONDS` while reading the upload; then 226.
 - SILENT_PWD (PWD): never answers, and answers nothing after it.
 - SILENT_AFTER_RETR (RETR): sends 150 and the whole file, closes the data connection cleanly,
   and never sends the final reply (nor any reply after it).
@@ -36,6 +42,7 @@ fails its test instead of hanging it. `events` records what happened, for assert
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -51,6 +58,10 @@ TIMEOUT = 15.0
 ENDLESS_LIMIT = (30.0, 256 * 1024 * 1024)
 """An endless reply stops after this many seconds or bytes, whichever comes first."""
 LONG_LINE_BYTES = 64 * 1024
+BIG_STAT_BYTES = 240 * 1024
+JUNK_SECONDS = 4.0
+JUNK_BYTES = 160 * 1024 * 1024
+"""JUNK_INTO_STOR writes this much, evenly over `JUNK_SECONDS`."""
 
 
 class Mode(StrEnum):
@@ -64,6 +75,10 @@ class Mode(StrEnum):
     RESET_MID_RETR = "reset-mid-retr"
     EARLY_CLOSE_426 = "early-close-426"
     DOUBLE_REPLY = "double-reply"
+    ENDLESS_1XX_GREETING = "endless-1xx-greeting"
+    UNSOLICITED_FLOOD = "unsolicited-flood"
+    BIG_STAT = "big-stat"
+    JUNK_INTO_STOR = "junk-into-stor"
     SILENT_PWD = "silent-pwd"
     SILENT_AFTER_RETR = "silent-after-retr"
     STALL_AFTER_150 = "stall-after-150"
@@ -95,6 +110,8 @@ class HostileUpstream:
         self.payload = payload
         self.pasv_address = pasv_address
         self.events: list[str] = []
+        self.received = b""
+        """What the last STOR received."""
         self.data_peers: list[str] = []
         """Addresses data connections came from, in order."""
         self._listener = socket.create_server((HOST, 0))
@@ -172,6 +189,9 @@ class HostileUpstream:
                 if self.mode is Mode.ENDLESS_GREETING:
                     self._endless(conn, 220)
                     return
+                if self.mode is Mode.ENDLESS_1XX_GREETING:
+                    self._endless(conn, 120, multi_line=False)
+                    return
                 if self.mode is Mode.BAD_CODE:
                     conn.sendall(b"999 x\r\n")
                     self._event("sent 999 x")
@@ -212,6 +232,15 @@ class HostileUpstream:
                     elif verb == "NOOP" and self.mode is Mode.DOUBLE_REPLY:
                         conn.sendall(b"200 NOOP ok.\r\n200 Unsolicited second reply.\r\n")
                         self._event("answered NOOP twice")
+                    elif verb == "NOOP" and self.mode is Mode.UNSOLICITED_FLOOD:
+                        conn.sendall(b"200 NOOP ok.\r\n")
+                        self._endless(conn, 200, multi_line=False)
+                        return
+                    elif verb == "STAT" and self.mode is Mode.BIG_STAT:
+                        conn.sendall(_big_stat())
+                    elif verb == "STOR":
+                        self._stor(conn, data_listener)
+                        data_listener = None
                     elif verb == "PWD" and self.mode in _PWD_ATTACKS:
                         _PWD_ATTACKS[self.mode](self, conn)
                         self._drain(lines)
@@ -269,17 +298,20 @@ class HostileUpstream:
             pass
         self._event("gateway closed the control connection")
 
-    def _endless(self, conn: socket.socket, code: int) -> None:
-        """A multi-line reply that never ends, until the gateway closes or the limit is hit."""
+    def _endless(self, conn: socket.socket, code: int, *, multi_line: bool = True) -> None:
+        """A multi-line reply that never ends (or, not `multi_line`, single-line replies that
+        never end), until the gateway closes or the limit is hit."""
         seconds, most = ENDLESS_LIMIT
         deadline = time.monotonic() + seconds
         sent = 0
-        conn.sendall(f"{code}-an endless reply begins\r\n".encode())
+        prefix = " " if multi_line else f"{code} "
+        if multi_line:
+            conn.sendall(f"{code}-an endless reply begins\r\n".encode())
         try:
             number = 0
             while sent < most and time.monotonic() < deadline:
                 chunk = b"".join(
-                    f" line {number + i} of a reply that never ends {'.' * 40}\r\n".encode()
+                    f"{prefix}line {number + i} of a reply that never ends {'.' * 40}\r\n".encode()
                     for i in range(100)
                 )
                 number += 100
@@ -363,6 +395,54 @@ class HostileUpstream:
             data.shutdown(socket.SHUT_WR)
             data.close()
             conn.sendall(b"226 Transfer complete.\r\n")
+
+    def _stor(self, conn: socket.socket, listener: socket.socket | None) -> None:
+        if listener is None:
+            conn.sendall(b"425 Use EPSV or PASV first.\r\n")
+            return
+        with listener:
+            data, peer = listener.accept()
+        self._track(data)
+        self._event(f"data connection from {peer[0]}")
+        conn.sendall(b"150 Ok to send data.\r\n")
+        received = bytearray()
+        junk = b"junk from the receiving side\r\n" * 2048
+        sent = 0
+        data.setblocking(False)
+        started = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - started
+            writing = elapsed < JUNK_SECONDS and sent < JUNK_BYTES * elapsed / JUNK_SECONDS
+            readable, writable, _ = select.select([data], [data] if writing else [], [], 0.01)
+            if writable:
+                with contextlib.suppress(BlockingIOError):
+                    sent += data.send(junk)
+            if readable:
+                try:
+                    chunk = data.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                received += chunk
+        data.close()
+        self.received = bytes(received)
+        self._event(f"wrote {sent} bytes into the upload connection; received {len(received)}")
+        conn.sendall(b"226 Transfer complete.\r\n")
+
+
+def _big_stat() -> bytes:
+    lines = [b"213-Status of /:"]
+    size = 0
+    number = 0
+    while size < BIG_STAT_BYTES - 100:
+        name = f"file-{number:08d}-{'x' * 320}.bin"  # long names: fewer lines than the bound
+        line = f" -rw-r--r-- 1 ftp ftp 1024 Jan 01 00:00 {name}".encode()
+        lines.append(line)
+        size += len(line) + 2
+        number += 1
+    lines.append(b"213 End of status")
+    return b"\r\n".join(lines) + b"\r\n"
 
 
 _SIMPLE = {

@@ -42,6 +42,10 @@ class Pki:
     untrusted_cert: Path
     """Same names as `server_cert`, but signed by `untrusted_ca_cert`."""
     untrusted_key: Path
+    twin_cert: Path
+    """Same names and CA as `server_cert`, another key: only a pinned fingerprint tells them
+    apart."""
+    twin_key: Path
     server_sha256: str
     """SHA-256 of `server_cert` in DER form, lowercase hex without separators."""
 
@@ -158,6 +162,7 @@ def make_pki(directory: Path) -> Pki:
     wrong_name = _make_leaf(ca, [x509.DNSName("wrong.example")], now - _DAY, now + 30 * _DAY)
     untrusted_ca = _make_ca("ftp-gateway untrusted CA", now)
     untrusted = _make_leaf(untrusted_ca, loopback, now - _DAY, now + 30 * _DAY)
+    twin = _make_leaf(ca, loopback, now - _DAY, now + 30 * _DAY)
 
     ca_cert, ca_key = _write_pair(directory, "ca", ca)
     server_cert, server_key = _write_pair(directory, "server", server)
@@ -165,6 +170,7 @@ def make_pki(directory: Path) -> Pki:
     wrong_name_cert, wrong_name_key = _write_pair(directory, "wrong-name", wrong_name)
     untrusted_ca_cert, _ = _write_pair(directory, "untrusted-ca", untrusted_ca)
     untrusted_cert, untrusted_key = _write_pair(directory, "untrusted", untrusted)
+    twin_cert, twin_key = _write_pair(directory, "twin", twin)
     server_chain = _write(
         directory / "server-chain.crt", _cert_pem(server.cert) + _cert_pem(ca.cert)
     )
@@ -181,5 +187,7 @@ def make_pki(directory: Path) -> Pki:
         untrusted_ca_cert=untrusted_ca_cert,
         untrusted_cert=untrusted_cert,
         untrusted_key=untrusted_key,
+        twin_cert=twin_cert,
+        twin_key=twin_key,
         server_sha256=server.cert.fingerprint(hashes.SHA256()).hex(),
     )

@@ -334,6 +334,12 @@ BAD_REPLIES: list[tuple[dict[str, int], bytes]] = [
     ({"max_lines": 3}, b"226-a\r\nb\r\nc\r\n226 d\r\n"),
     ({"max_bytes": 64}, b"200 " + b"x" * 59 + b"\r\n"),  # 65 bytes
     ({"max_bytes": 64}, b"226-" + b"x" * 30 + b"\r\n" + b"x" * 30 + b"\r\n226 \r\n"),
+    # 1yz replies count towards the reply that ends the command (RFC 959 section 4.2).
+    ({"max_lines": 3}, b"150 a\r\n150 b\r\n150 c\r\n226 d\r\n"),
+    ({"max_lines": 3}, b"150 a\r\n150 b\r\n150 c\r\n150 d\r\n"),  # no final reply at all
+    ({"max_lines": 3}, b"150 a\r\n150 b\r\n226-c\r\n226 d\r\n"),
+    ({"max_lines": 3}, b"150-a\r\nb\r\n150 c\r\n226 d\r\n"),
+    ({"max_bytes": 64}, (b"150 " + b"x" * 26 + b"\r\n") * 2 + b"226 \r\n"),  # 70 bytes
 ]
 
 
@@ -357,6 +363,23 @@ def test_reply_reader_refuses(bounds: dict[str, int], wire: bytes) -> None:
 def test_reply_reader_accepts_up_to_its_bounds(bounds: dict[str, int], wire: bytes) -> None:
     for chunks in chunkings(wire):
         assert len(replies([*chunks, wire], **bounds)) == 2  # and the count starts again
+
+
+def test_reply_reader_counts_1yz_replies_per_command() -> None:
+    """Up to the bounds with 1yz replies, and the count starts again after each final reply;
+    an endless run of single-line 1yz replies is cut off at `max_lines`."""
+    wire = b"150 a\r\n150 b\r\n226 d\r\n"  # 3 lines, 24 bytes
+    for chunks in chunkings(wire):
+        assert [r.code for r in replies([*chunks, wire], max_lines=3, max_bytes=24)] == [
+            150,
+            150,
+            226,
+        ] * 2
+    reader = ReplyReader(max_lines=1000)
+    with pytest.raises(RemoteProtocolError) as caught:
+        for _ in range(1001):
+            reader.feed(b"120 Service ready soon.\r\n")
+    assert caught.value.reply_code == 421
 
 
 def test_reply_reader_bounds_a_mebibyte_without_lf() -> None:

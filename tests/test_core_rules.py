@@ -158,3 +158,20 @@ def test_feat_for_client_keeps_upstream_features_and_replaces_tls_and_data_ones(
 )
 def test_offers_auth_tls(lines: tuple[str, ...], code: int, offers: bool) -> None:
     assert features.offers_auth_tls(Reply(code, lines)) is offers
+
+
+@pytest.mark.parametrize(
+    ("orderly", "close_notify_sent", "unacknowledged", "delivered"),
+    [
+        (True, True, 0, True),  # FIN after acknowledging every byte and our close_notify
+        (False, True, 0, False),  # a reset is never a normal end
+        (True, False, 0, False),  # the gateway had not finished sending
+        (True, True, 1, False),  # bytes still unacknowledged: the client closed early
+        (True, True, None, False),  # unknown: keep the strict rule
+    ],
+)
+def test_download_without_client_close_notify_counts_only_when_everything_arrived(
+    orderly: bool, close_notify_sent: bool, unacknowledged: int | None, delivered: bool
+) -> None:
+    close = transfer.ReceiverClose(orderly, close_notify_sent, unacknowledged)
+    assert transfer.download_delivered(close) is delivered

@@ -658,10 +658,14 @@ def test_upstream_227_naming_a_third_host_is_not_followed(
     after_attack(base)
 
 
+_GREETING_ATTACKS = (Mode.ENDLESS_GREETING, Mode.ENDLESS_1XX_GREETING, Mode.BAD_CODE)
+
+
 @pytest.mark.parametrize(
     ("mode", "reason"),
     [
         (Mode.ENDLESS_GREETING, "reply of more than 1000 lines"),
+        (Mode.ENDLESS_1XX_GREETING, "reply of more than 1000 lines"),
         (Mode.ENDLESS_REPLY, "reply of more than 1000 lines"),
         (Mode.LONG_LINE, "reply line longer than 4096 bytes"),
         (Mode.BAD_CODE, "not an FTP reply"),
@@ -674,7 +678,7 @@ def test_upstream_breaking_the_reply_grammar_ends_the_session_with_421(
     base = before_attack(gateway, server)
     with HostileUpstream(mode) as up:
         ftp = connect(gateway)
-        if mode in (Mode.ENDLESS_GREETING, Mode.BAD_CODE):  # the greeting is the attack
+        if mode in _GREETING_ATTACKS:  # the greeting is the attack
             ftp.putcmd(f"USER anon@{up.host}:{up.port}")
         else:  # a reply in the middle of a session is
             ftp.login(f"anon@{up.host}:{up.port}", "secret")
@@ -687,7 +691,7 @@ def test_upstream_breaking_the_reply_grammar_ends_the_session_with_421(
         assert time.monotonic() - started < 10
         ftp.close()
         wait_for_log(gateway, f"Upstream protocol error: {reason}")
-        if mode in (Mode.ENDLESS_GREETING, Mode.ENDLESS_REPLY):
+        if mode in (Mode.ENDLESS_GREETING, Mode.ENDLESS_1XX_GREETING, Mode.ENDLESS_REPLY):
             deadline = time.monotonic() + 5
             while not any("cut off" in event for event in up.events):
                 assert time.monotonic() < deadline, f"the gateway kept reading: {up.events}"

@@ -23,7 +23,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.policy import Rule
-from gateway.session import Session
+from gateway.session import MAX_UNSOLICITED_REPLIES, Session
 
 CLIENT = HostPort.of("192.0.2.10", 40000)
 LOCAL = HostPort.of("192.0.2.1", 2121)
@@ -622,6 +622,24 @@ def test_transparent_mode_refuses_unredirected_and_denied_connections(
     assert code == 421 and words in text
     assert CloseClient() in effects
     assert not any(isinstance(e, ConnectUpstream) for e in effects)
+
+
+def test_unsolicited_replies_are_logged_once_and_a_flood_closes_with_421() -> None:
+    s = reverse()
+    logs: list[Log] = []
+    for _ in range(MAX_UNSOLICITED_REPLIES):
+        effects = s.upstream_reply(r(200, "nobody asked"))
+        assert to_client(effects) == []
+        logs += [e for e in effects if isinstance(e, Log)]
+    assert [log.fields.get("event") for log in logs] == ["unsolicited_reply"]
+    # The session still pairs replies with commands.
+    assert to_upstream(s.client_line(line("NOOP"))) == ["NOOP"]
+    assert to_client(s.upstream_reply(r(200, "NOOP ok"))) == [(200, "NOOP ok")]
+    effects = s.upstream_reply(r(200, "one too many"))
+    assert to_client(effects)[0][0] == 421
+    assert CloseClient() in effects and CloseUpstream() in effects
+    summary = [e for e in effects if isinstance(e, Log)]
+    assert [log.fields["count"] for log in summary] == [MAX_UNSOLICITED_REPLIES + 1]
 
 
 # ------------------------------------------------------- one final reply for every command

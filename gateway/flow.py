@@ -1,0 +1,130 @@
+"""Back-pressure between one session's two control connections.
+
+The gateway writes replies to the client and commands to the upstream. A peer that stops
+reading would make those writes pile up in the gateway's transport buffers without limit: a
+client that pipelines commands and reads nothing while the gateway answers them itself (501
+replies echoing a long argument before login), or while the upstream answers (STAT of a large
+directory, endless 1yz lines); an upstream that stops reading while the client sends commands.
+
+Twisted's producer/consumer does the work, as for data connections: each control transport
+gets a streaming producer registered, and the transport pauses it once its write buffer passes
+its bound (64 KiB) and resumes it once the buffer has drained. While the client's buffer is
+full the gateway reads neither the client (no new commands, so no new replies) nor the upstream
+(whose replies could not be delivered); while the upstream's buffer is full it does not read
+the client. A buffer that stays full for `timeout` seconds ends the session (`on_stuck`): a peer
+that never reads must not hold a session open for ever.
+
+One exception: during a TLS handshake the TLS layer holds what the gateway writes (a greeting)
+and pauses the producer until the handshake is done, which needs the peer's bytes read. So the
+client's own full buffer does not stop reading the client while its handshake runs (nothing is
+read as commands before it completes, so nothing more is written either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from zope.interface import implementer
+
+from gateway.effects import Side
+
+
+@implementer(IPushProducer)
+class _Full:
+    """What one side's transport pauses and resumes: tells `ControlFlow` its buffer is full."""
+
+    def __init__(self, flow: ControlFlow, side: Side) -> None:
+        self._flow = flow
+        self._side = side
+
+    def pauseProducing(self) -> None:
+        self._flow.full(self._side)
+
+    def resumeProducing(self) -> None:
+        self._flow.drained(self._side)
+
+    def stopProducing(self) -> None:
+        self._flow.drained(self._side)
+
+
+class ControlFlow:
+    """Which control connections the gateway reads, given which write buffers are full."""
+
+    def __init__(
+        self, clock: IReactorTime, timeout: float, on_stuck: Callable[[Side], None]
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._on_stuck = on_stuck
+        self._transports: dict[Side, Any] = {}
+        self._full: dict[Side, IDelayedCall] = {}
+        self._reading = {Side.CLIENT: True, Side.UPSTREAM: True}
+        self._handshaking: set[Side] = set()
+
+    def attach(self, side: Side, transport: Any) -> None:
+        """Watch `transport`'s write buffer, and pause its reading when the flow says so."""
+        self._transports[side] = transport
+        self._reading[side] = True
+        transport.registerProducer(_Full(self, side), True)
+        self._apply()
+
+    def detach(self, side: Side) -> None:
+        self._transports.pop(side, None)
+        self._cancel(side)
+        self._apply()
+
+    def stop(self) -> None:
+        """The session ended: no timer may outlive it."""
+        for side in list(self._full):
+            self._cancel(side)
+        self._transports.clear()
+
+    def tls_started(self, side: Side) -> None:
+        self._handshaking.add(side)
+
+    def tls_done(self, side: Side) -> None:
+        self._handshaking.discard(side)
+        self._apply()
+
+    @property
+    def blocked(self) -> frozenset[Side]:
+        """The sides whose write buffer is full right now."""
+        return frozenset(self._full)
+
+    def full(self, side: Side) -> None:
+        if side not in self._full and side in self._transports:
+            self._full[side] = self._clock.callLater(self._timeout, self._stuck, side)
+            self._apply()
+
+    def drained(self, side: Side) -> None:
+        if side in self._full:
+            self._cancel(side)
+            self._apply()
+
+    def _cancel(self, side: Side) -> None:
+        timer = self._full.pop(side, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _stuck(self, side: Side) -> None:
+        self._full.pop(side, None)
+        self._on_stuck(side)
+
+    def _apply(self) -> None:
+        # Any full buffer stops new client commands; a full client buffer also stops upstream
+        # replies, which could only be added to it.
+        handshaking = self._handshaking & {Side.CLIENT}
+        want = {
+            Side.CLIENT: not (self._full.keys() - handshaking),
+            Side.UPSTREAM: Side.CLIENT not in self._full,
+        }
+        for side, transport in self._transports.items():
+            if want[side] == self._reading[side]:
+                continue
+            self._reading[side] = want[side]
+            if want[side]:
+                transport.resumeProducing()
+            else:
+                transport.pauseProducing()

@@ -5,7 +5,6 @@ the cases where a missing close_notify or a reset must still fail the transfer."
 from __future__ import annotations
 
 import ftplib
-import os
 import re
 import socket
 import ssl
@@ -17,22 +16,11 @@ from pathlib import Path
 import pytest
 from clients import file_sha256, run, sha256
 from gateway_process import GatewayProcess, start_gateway
-from pki import Pki, make_pki
+from pki import Pki
 from servers import RunningServer, start_server
 from test_tls_e2e import ftps, gateway_config
 
-PAYLOAD_BYTES = 3 * 1024 * 1024 + 17
 NAMES = ("file.bin", "other.txt")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def payload() -> bytes:
-    return os.urandom(PAYLOAD_BYTES)
 
 
 @pytest.fixture(scope="module")

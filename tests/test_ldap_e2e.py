@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from clients import lftp
 from gateway_process import GatewayProcess, free_port, start_gateway
-from pki import Pki, make_pki
+from pki import Pki
 from servers import RunningServer, start_server
 from slapd import GROUP_DN, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, USERS, RunningSlapd, start_slapd
 
@@ -30,11 +30,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer
     (server.root / "f.txt").write_bytes(CONTENT)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

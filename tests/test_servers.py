@@ -266,6 +266,6 @@ def test_start_failure_reports_server_output(
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         port = busy.getsockname()[1]
-        monkeypatch.setattr(servers, "_free_port", lambda host: port)
+        monkeypatch.setattr(servers, "free_port", lambda host: port)
         with pytest.raises(servers.ServerStartError, match="could not bind"):
             start_server("vsftpd", tmp_path)

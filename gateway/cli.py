@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _usage_error(e)
     server.subCommand = "ftp-gateway"
     server.subOptions = options
+    # As twistd's own parsing would: the service reads --logfile/--syslog from its parent.
+    options.parent = server
     try:
         twistd.runApp(server)
     except StartupError as e:

@@ -21,6 +21,9 @@ from gateway.policy import Rule
 UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
 CLIENT_TLS_MODES = ("off", "optional", "required")
 UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
+DATA_RELAYS = ("auto", "splice", "copy")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -42,12 +45,14 @@ class Config:
     follow_pasv_address: bool = False
     allow_foreign_data_address: bool = False
     source_address: str | None = None
+    data_relay: str = "auto"
     login_timeout: float = 60.0
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
     stall_timeout: float = 300.0
     control_send_timeout: float = 60.0
     reply_timeout: float = 120.0
+    shutdown_timeout: float = 60.0
     max_line: int = 2048
     max_pending_commands: int = 32
     max_reply_lines: int = 1000
@@ -59,6 +64,7 @@ class Config:
     client_rules: tuple[Rule, ...] = ()
     max_sessions: int = 1000
     max_sessions_per_ip: int = 50
+    max_open_files: int = 0
     max_failed_logins: int = 5
     tls_certificate: str | None = None
     tls_private_key: str | None = None
@@ -70,6 +76,9 @@ class Config:
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    transfer_log: str | None = None
     ldap_url: str | None = None
     ldap_starttls: bool = False
     ldap_ca_file: str | None = None
@@ -81,6 +90,7 @@ class Config:
     ldap_filter: str = "(uid={user})"
     ldap_require_group: str | None = None
     ldap_timeout: float = 10.0
+    upstream_proxy_protocol: str = "off"
 
     @property
     def client_tls_available(self) -> bool:
@@ -120,9 +130,14 @@ def _listen(name: str, value: object) -> tuple[str, ...]:
             # Data connections, the client ACL and the bounce rules all need the client's IP.
             raise ConfigError(f"{name}: {endpoint!r}: FTP needs an IP listener, not a UNIX socket")
         if kind == "haproxy":
-            # Twisted's wrapper starts the session before the PROXY header names the client, so
-            # admission, bounce rules and data-connection checks would see the proxy instead.
-            raise ConfigError(f"{name}: {endpoint!r}: the PROXY protocol is not supported")
+            # The PROXY header comes first, in clear text (haproxy's doc/proxy-protocol.txt
+            # section 2): under it only a plain TCP listener, TLS starts later (AUTH TLS).
+            inner = endpoint.split(":", 2)[1].lower() if endpoint.count(":") >= 2 else ""
+            if inner not in ("tcp", "tcp6", "systemd"):
+                raise ConfigError(
+                    f"{name}: {endpoint!r}: the PROXY protocol needs a TCP listener under it, "
+                    "e.g. haproxy:tcp:2121 (clients use explicit FTPS, AUTH TLS, there)"
+                )
     return endpoints
 
 
@@ -319,6 +334,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Reverse mode: HOST:PORT every session goes to. Empty: forward mode (USER name@host).",
     ),
     Setting(
+        "upstream_proxy_protocol",
+        "upstream_proxy_protocol",
+        _choice("off", "v1", "v2"),
+        "Send the client's address first on upstream control connections: off, v1 or v2 "
+        "(HAProxy's PROXY protocol; the server must expect it).",
+    ),
+    Setting(
         "transparent",
         "transparent",
         _bool,
@@ -387,6 +409,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Concurrent sessions from one client IP; more get 421.",
     ),
     Setting(
+        "limits.max_open_files",
+        "max_open_files",
+        _integer(0, 1 << 30),
+        "Soft limit on open file descriptors to raise to at start. 0: the hard limit.",
+    ),
+    Setting(
         "limits.max_failed_logins",
         "max_failed_logins",
         _integer(1, 1000),
@@ -434,6 +462,12 @@ SETTINGS: tuple[Setting, ...] = (
         _ip,
         "Local IP for connections to upstreams. Empty: chosen by the system.",
     ),
+    Setting(
+        "data.relay",
+        "data_relay",
+        _choice(*DATA_RELAYS),
+        "How plain TCP data moves: auto (splice on Linux, else copy), splice or copy.",
+    ),
     Setting("timeouts.login", "login_timeout", _number(1, 86400), "Seconds to complete login."),
     Setting("timeouts.idle", "idle_timeout", _number(1, 86400), "Seconds without a command."),
     Setting(
@@ -460,6 +494,12 @@ SETTINGS: tuple[Setting, ...] = (
         "reply_timeout",
         _number(1, 86400),
         "Seconds to wait for any upstream reply before ending the transfer (426) or session (421).",
+    ),
+    Setting(
+        "timeouts.shutdown",
+        "shutdown_timeout",
+        _number(0, 86400),
+        "Seconds running transfers may finish after SIGTERM; keep below systemd's TimeoutStopSec.",
     ),
     Setting(
         "limits.max_line", "max_line", _integer(512, 65536), "Longest client command line, bytes."
@@ -610,6 +650,19 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_string,
         "Twisted endpoint to serve Prometheus metrics on (/metrics). Empty: not served.",
     ),
+    Setting(
+        "log.level",
+        "log_level",
+        _choice(*LOG_LEVELS),
+        "Least severe log level written: debug, info, warn or error.",
+    ),
+    Setting("log.format", "log_format", _choice(*LOG_FORMATS), "Log lines as text or json."),
+    Setting(
+        "log.transfer_log",
+        "transfer_log",
+        _optional_string,
+        "File to append one xferlog(5) line per transfer to; reopened on SIGUSR1. Empty: none.",
+    ),
 )
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -676,6 +729,11 @@ def build(*layers: Mapping[str, Any]) -> Config:
         )
     if config.proxy_auth and not config.forward:
         raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
+    if config.upstream_proxy_protocol != "off" and config.upstream_tls == "implicit":
+        # The header precedes everything, TLS too; implicit TLS starts with the first byte.
+        raise ConfigError(
+            "upstream_proxy_protocol: cannot be combined with tls.upstream = 'implicit'"
+        )
     if config.client_tls == "required" and config.tls_certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")
     if any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):

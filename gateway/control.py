@@ -8,7 +8,9 @@ connections; none of the decisions are made here.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
@@ -37,11 +39,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import proxyproto, splice
 from gateway.addresses import HostPort, is_ip_literal
 from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
-from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult, relay
+from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult
 from gateway.effects import (
     Authenticate,
     CloseClient,
@@ -64,6 +67,7 @@ from gateway.errors import RemoteProtocolError
 from gateway.events import Event
 from gateway.flow import ControlFlow
 from gateway.listeners import interface_addresses, listener_addresses
+from gateway.logs import SessionLogger
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
 from gateway.session import Session
 from gateway.tls import (
@@ -105,6 +109,12 @@ class UpstreamControl(Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        version = self.owner.factory.config.upstream_proxy_protocol
+        if version != "off":
+            # First on the connection, before the server's greeting is even read (haproxy's
+            # doc/proxy-protocol.txt, section 2): the client's real address for its logs.
+            local = _hostport(self.owner.transport.getHost())  # type: ignore[union-attr]
+            self.transport.write(proxyproto.header(version, self.owner.peer, local))  # type: ignore[union-attr]
         self.owner.upstream_made(self)
 
     def start_tls(self, options: Any) -> None:
@@ -172,6 +182,10 @@ class ClientControl(Protocol):
         self._data = _DataChannels()
         self._pending_upstream: list[bytes] = []
         self._tls_switched = False
+        #: The current transfer's relay: when it started and the bytes it moved, for the
+        #: transfer's log record (and so the transfer log).
+        self._relay_started: float | None = None
+        self._relay_bytes = 0
         self._refused = False
         self._reply_timer: IDelayedCall | None = None
         self._reply_mark: int | None = None
@@ -185,7 +199,9 @@ class ClientControl(Protocol):
         config = self.factory.config
         peer = _hostport(self.transport.getPeer())  # type: ignore[union-attr]
         local = _hostport(self.transport.getHost())  # type: ignore[union-attr]
-        self.log = Logger(namespace="gateway.session", source=self)
+        #: A short id on every line of this session, to pick them out of a busy log.
+        self.session_id = secrets.token_hex(4)
+        self.log = SessionLogger(self.session_id, namespace="gateway.session", source=self)
         self.peer = peer
         destination = _original_destination(self.transport) if config.transparent else None
         if self.factory.is_loop(peer, destination or local):
@@ -202,7 +218,13 @@ class ClientControl(Protocol):
             implicit_tls=ISSLTransport.providedBy(self.transport),
             destination=destination,
         )
-        self.log.info("Client {client} connected", client=str(peer), event=Event.SESSION_STARTED)
+        self.log.info(
+            "Session started: client {client}, {mode} mode, upstream {upstream}",
+            client=str(peer),
+            mode=self.session.mode,
+            upstream=self._upstream_name(),
+            event=Event.SESSION_STARTED,
+        )
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
@@ -285,12 +307,36 @@ class ClientControl(Protocol):
                 self._tls_switched = False
                 return
 
+    def _upstream_name(self) -> str:
+        session = self.session
+        if session.upstream_peer is not None:
+            return str(session.upstream_peer)
+        if session.fixed_upstream is not None:
+            host, port = session.fixed_upstream
+            return str(HostPort.of(host, port)) if is_ip_literal(host) else f"{host}:{port}"
+        return "not chosen yet"
+
+    @property
+    def ended(self) -> bool:
+        """Whether this connection has no session left to run (closed, or refused)."""
+        return self._refused or self.session.closed
+
+    def shutdown(self, *, immediate: bool) -> None:
+        """The gateway is stopping (`gateway.shutdown`)."""
+        if not self.ended:
+            self.run(self.session.shutdown(immediate=immediate))
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._refused:
             self.factory.session_ended(self)
             return
         self.log.info(
-            "Client {client} disconnected", client=str(self.peer), event=Event.SESSION_ENDED
+            "Session ended: client {client}, {mode} mode, upstream {upstream}, user {user}",
+            client=str(self.peer),
+            mode=self.session.mode,
+            upstream=self._upstream_name(),
+            user=self.session.user or "-",
+            event=Event.SESSION_ENDED,
         )
         for timer in (self._login_timer, self._idle_timer, self._reply_timer):
             if timer is not None and timer.active():
@@ -347,7 +393,29 @@ class ClientControl(Protocol):
                 if self.upstream is not None and self.upstream.transport is not None:
                     self.upstream.transport.loseConnection()
             case Log(level, fmt, fields):
+                if fields.get("event") in (Event.TRANSFER_FINISHED, Event.TRANSFER_ABORTED):
+                    fields = {**fields, **self._transfer_measures()}
                 getattr(self.log, level)(fmt, client=str(self.peer), **fields)
+
+    def _count_relayed(self, source: DataConnection) -> None:
+        """Count the bytes the relay takes from `source` as they pass, so a transfer cut short
+        (ABOR, shutdown) is recorded with what it moved before its relay reports."""
+        deliver = source.receiver
+        if deliver is None:
+            return
+
+        def counted(data: bytes) -> None:
+            self._relay_bytes += len(data)
+            deliver(data)
+
+        source.receiver = counted
+
+    def _transfer_measures(self) -> dict[str, float | int]:
+        """Bytes the finished transfer's relay moved and for how many seconds."""
+        started, self._relay_started = self._relay_started, None
+        moved, self._relay_bytes = self._relay_bytes, 0
+        seconds = 0.0 if started is None else self.factory.reactor.seconds() - started
+        return {"bytes": moved, "seconds": round(seconds, 3)}
 
     def _write_client(self, answer: Reply) -> None:
         self.log.debug("To client: {code}", code=answer.code)
@@ -487,6 +555,8 @@ class ClientControl(Protocol):
                 port_range=config.passive_ports,
                 tls=self._data_tls(side, tls),
                 on_failure=lambda reason: self._data_failed(channels, side, reason),
+                balancer=proxyproto.balancer_of(control) if side is Side.CLIENT else None,
+                log=self.log,
             )
         except error.CannotListenError as e:
             # A range with no free port, or an address that cannot be bound: the session
@@ -568,26 +638,37 @@ class ClientControl(Protocol):
         channels = self._data
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
         reactor = self.factory.reactor
-        stall = self.factory.config.stall_timeout
-        d = relay(channels.connections[source], channels.connections[sink], reactor, stall)
+        config = self.factory.config
+        d = splice.relay(
+            channels.connections[source],
+            channels.connections[sink],
+            reactor,
+            config.stall_timeout,
+            config.data_relay,
+        )
         channels.relay = d
         direction = "download" if source is Side.UPSTREAM else "upload"
         started = reactor.seconds()
         self.log.debug(
             "Transfer {direction} started", direction=direction, event=Event.RELAY_STARTED
         )
+        self._relay_started = started
+        self._relay_bytes = 0
+        self._count_relayed(channels.connections[source])
 
         def finished(result: RelayResult) -> None:
             self.log.info(
-                "Transfer {direction} {outcome}: {detail}",
+                "Transfer {direction} {outcome}: {detail} ({relay})",
                 direction=direction,
                 outcome="complete" if result.ok else "failed",
                 detail=result.detail,
                 bytes=result.bytes,
                 seconds=reactor.seconds() - started,
+                relay=result.path,
                 event=Event.RELAY_FINISHED,
             )
             if channels is self._data:
+                self._relay_bytes = max(self._relay_bytes, result.bytes)
                 self.run(self.session.relay_finished(result.ok, result.detail))
 
         d.addCallback(finished)
@@ -694,6 +775,10 @@ class GatewayFactory(Factory):
         self.reactor: IReactorTCP & IReactorTime & IReactorCore = reactor  # type: ignore[valid-type]
         self.sessions: dict[str, int] = {}
         self.active = 0
+        #: Every running session, so a shutdown can reach them (`gateway.shutdown`).
+        self.protocols: set[ClientControl] = set()
+        #: Called after each session ends (the shutdown waits on them).
+        self.on_session_ended: Callable[[ClientControl], None] | None = None
         #: The gateway's own upstream control connections, local end to peer: a client
         #: connecting from one of those local ends to that peer is the gateway itself.
         self.outbound: dict[HostPort, HostPort] = {}
@@ -738,6 +823,8 @@ class GatewayFactory(Factory):
         self.active += 1
         self.sessions[peer.host] = self.sessions.get(peer.host, 0) + 1
         protocol = super().buildProtocol(addr)
+        if isinstance(protocol, ClientControl):
+            self.protocols.add(protocol)
         return protocol
 
     def add_listener(self, address: HostPort) -> None:
@@ -770,6 +857,9 @@ class GatewayFactory(Factory):
         return is_own_address(frozenset(self.listening), ip_address(host), port)
 
     def session_ended(self, protocol: ClientControl) -> None:
+        self.protocols.discard(protocol)
+        if self.on_session_ended is not None:
+            self.on_session_ended(protocol)
         self.active -= 1
         left = self.sessions.get(protocol.peer.host, 1) - 1
         if left > 0:

@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from gateway.addresses import HostPort
 from gateway.events import Event
+from gateway.proxyproto import ForwardedData
 from gateway.transfer import ReceiverClose, download_delivered
 
 _log = Logger(namespace="gateway.data")
@@ -52,6 +53,7 @@ class RelayResult:
     ok: bool
     bytes: int
     detail: str
+    path: str = "copy"  # how the bytes moved: "copy" (through Python) or "splice" (kernel)
 
 
 class TLSReuseRequired(Exception):
@@ -151,6 +153,9 @@ class DataConnection(Protocol):
         self._handshake_timer: IDelayedCall | None = None
         self.receiver: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[DataConnection, Failure], None] | None = None
+        #: Called once before `abort` closes the socket: a relay that took the socket over
+        #: from the transport (`gateway.splice`) lets go of it first.
+        self.on_abort: Callable[[], None] | None = None
         self.ready: Deferred[DataConnection] = Deferred()
         self.lost = False
         self._early: list[bytes] = []
@@ -265,6 +270,9 @@ class DataConnection(Protocol):
             self.on_lost(self, reason)
 
     def abort(self) -> None:
+        if self.on_abort is not None:
+            release, self.on_abort = self.on_abort, None
+            release()
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -409,7 +417,9 @@ class PassiveListener:
     """A listener that accepts one connection, from one IP, within a timeout.
 
     Connections from any other address are dropped and logged (data-port theft, RFC 2577
-    section 5). After the first good connection, or the timeout, it stops listening.
+    section 5). After the first good connection, or the timeout, it stops listening. Behind a
+    load balancer (`balancer`), a connection from the balancer must start with a PROXY header
+    naming that IP (`proxyproto.ForwardedData`).
     """
 
     def __init__(
@@ -423,11 +433,16 @@ class PassiveListener:
         port_range: tuple[int, int] | None,
         tls: DataTLS | None,
         on_failure: Callable[[str], None],
+        balancer: str | None = None,
+        log: Logger = _log,
     ) -> None:
+        #: The session's logger, so a dropped connection is logged with its session id.
+        self._log = log
         self._reactor = reactor
         self._clock = clock
         self._timeout = timeout
         self._peer = peer_host
+        self._balancer = balancer
         self._tls = tls
         self._on_failure = on_failure
         self.connection: DataConnection | None = None
@@ -454,12 +469,23 @@ class PassiveListener:
         host = self._port.getHost()
         return HostPort.of(host.host, host.port)  # type: ignore[attr-defined]
 
-    def _accept(self, addr: object) -> Protocol | None:
+    def _accept(self, addr: object, forwarded: bool = False) -> Protocol | None:
         peer = getattr(addr, "host", None)
         if self.connection is not None:
             return None
+        if (
+            not forwarded
+            and self._balancer is not None
+            and peer is not None
+            and HostPort.of(peer, 1).host == self._balancer
+        ):
+            # Forwarded by the balancer that carried the control connection: the PROXY header
+            # names who connected, and that must be the client.
+            return ForwardedData(
+                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+            )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
-            _log.warn(
+            self._log.warn(
                 "Dropped data connection from {peer} on a listener for {expected} "
                 "(possible data-port theft)",
                 peer=peer,

@@ -18,6 +18,8 @@ from pyftpdlib.servers import FTPServer
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from gateway.logs import forward_stdlib_logger
+
 _log = Logger(namespace="gateway.demo")
 
 _README = """\
@@ -48,6 +50,11 @@ class DemoUpstream(Service):
 
     def startService(self) -> None:
         super().startService()
+        from twisted.internet import reactor
+
+        # pyftpdlib logs with the standard library; without this its ordinary lines would
+        # reach twistd's log through stderr, as errors.
+        forward_stdlib_logger("pyftpdlib", _log, reactor)
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"handle_exit": False}, daemon=True
         )

@@ -42,6 +42,7 @@ _REFUSAL_REASONS = (
     "max_sessions",
     "max_sessions_per_ip",
     "not_redirected",
+    "proxy_header",
 )
 _TRANSFER_VERBS = ("RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD")
 _TRANSFER_OUTCOMES = ("complete", "failed", "aborted")

@@ -85,6 +85,9 @@ _PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
 
 Handler = Callable[[Reply], list[Effect]]
 
+#: RFC 959 section 4.2: 421 when the service is shutting down.
+SHUTDOWN_TEXT = "Service shutting down."
+
 
 def reply(code: int, text: str) -> ToClient:
     return ToClient(Reply.of(code, text))
@@ -148,10 +151,40 @@ class Session:
         self._after_connect: Callable[[], list[Effect]] | None = None
         self.logged_in = False
         self.commands = CommandPolicy(config.denied_commands, config.read_only)
+        #: The user name last sent upstream (never the password), for the logs.
+        self.user: str | None = None
+        #: The representation type in force: "a" (ASCII, RFC 959's default) or "b" (binary).
+        self.transfer_type = "a"
+        self._shutting_down = False
 
     @property
     def transferring(self) -> bool:
         return self._transfer is not None
+
+    @property
+    def mode(self) -> str:
+        """How the upstream is chosen: "reverse", "forward" or "transparent"."""
+        if self.config.transparent:
+            return "transparent"
+        return "forward" if self.config.forward else "reverse"
+
+    def shutdown(self, *, immediate: bool = False) -> list[Effect]:
+        """The gateway is stopping. An idle session gets 421 and closes now (RFC 959 section
+        4.2); a running transfer may finish, after which the session gets 421 instead of
+        serving another command. With `immediate` (the grace period is over, or a second
+        signal), the transfer ends with 426, so the client knows its file is incomplete."""
+        if self.closed:
+            return []
+        self._shutting_down = True
+        transfer = self._transfer
+        if transfer is None:
+            return self._close(Reply.of(421, SHUTDOWN_TEXT))
+        if not immediate:
+            return []
+        transfer.aborted = True
+        return self._complete(
+            transfer, Reply.of(426, "Transfer aborted: the gateway is shutting down.")
+        )
 
     @property
     def awaiting_reply(self) -> int | None:
@@ -527,13 +560,25 @@ class Session:
     def _relay(self, command: Command) -> list[Effect]:
         """Send the command upstream and give the client every reply to it."""
         self._busy = True
+        if command.verb == "TYPE":
+            return self._send(command, lambda answer: self._type_reply(command.arg, answer))
         login = command.verb in ("USER", "PASS", "ACCT")
         return self._send(command, self._login_reply if login else self._relay_reply)
 
+    def _type_reply(self, arg: str, answer: Reply) -> list[Effect]:
+        if answer.code == 200:
+            # RFC 959 section 3.1.1: A (ASCII) or E are text; I and L 8 move bytes as they are.
+            self.transfer_type = "a" if arg[:1].upper() in ("A", "E") else "b"
+        return self._relay_reply(answer)
+
     def _relay_reply(self, answer: Reply) -> list[Effect]:
-        if answer.code == 230:
+        effects: list[Effect] = []
+        if answer.code == 230 and not self.logged_in:
             self.logged_in = True
-        return [ToClient(answer), *(self._finish() if answer.final else [])]
+            effects.append(
+                Log("info", "User {user} logged in", {"user": self.user, "event": Event.LOGGED_IN})
+            )
+        return [*effects, ToClient(answer), *(self._finish() if answer.final else [])]
 
     def _login_reply(self, answer: Reply) -> list[Effect]:
         """A reply to USER, PASS or ACCT; 530 (RFC 959 section 4.2: not logged in) is the
@@ -1155,6 +1200,9 @@ class Session:
                 "upstream": str(self.upstream_peer),
                 "code": answer.code,
                 "text": answer.lines[0],
+                "direction": "download" if transfer.source is Side.UPSTREAM else "upload",
+                "user": self.user,
+                "type": self.transfer_type,
                 "event": Event.TRANSFER_FINISHED,
             },
         )
@@ -1171,8 +1219,16 @@ class Session:
         # check `aborted`); the ABOR's own reply is swallowed here.
         record = Log(
             "info",
-            "Transfer {verb} aborted by client",
-            {"verb": transfer.command.verb, "event": Event.TRANSFER_ABORTED},
+            "Transfer {verb} {path} aborted by client",
+            {
+                "verb": transfer.command.verb,
+                "path": transfer.command.arg,
+                "upstream": str(self.upstream_peer),
+                "direction": "download" if transfer.source is Side.UPSTREAM else "upload",
+                "user": self.user,
+                "type": self.transfer_type,
+                "event": Event.TRANSFER_ABORTED,
+            },
         )
         effects: list[Effect] = [CloseData(), record]
         effects += self._send(Command("ABOR", ""), lambda r: [])
@@ -1185,13 +1241,18 @@ class Session:
     # ------------------------------------------------------------------------------ helpers
 
     def _send(self, command: Command, handler: Handler) -> list[Effect]:
+        if command.verb == "USER":
+            self.user = command.arg
         self.sent += 1
         self._expect.append((self.sent, handler))
         return [ToUpstream(command)]
 
     def _finish(self) -> list[Effect]:
-        """The client command in progress has its final reply: serve the queued ones."""
+        """The client command in progress has its final reply: serve the queued ones, or,
+        while the gateway shuts down, say so and close."""
         self._busy = False
+        if self._shutting_down:
+            return self._close(Reply.of(421, SHUTDOWN_TEXT))
         if self._draining:
             return []
         self._draining = True

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from gateway import __version__
+from gateway import __version__, proxyproto
 from gateway.checkers import make_checker
 from gateway.config import SETTINGS, Config, ConfigError, build, load_file
 from gateway.events import Event
@@ -127,15 +127,27 @@ def _cause(error: BaseException) -> str:
 
 class Listener(StreamServerEndpointService):
     """A listening endpoint whose failure to bind is one line naming its setting, and which
-    logs what it serves once it listens."""
+    logs what it serves once it listens. A `haproxy:` endpoint waits up to `header_timeout`
+    seconds for each connection's PROXY header before the factory sees it."""
 
     def __init__(
-        self, setting: str, description: str, factory: IProtocolFactory, reactor: Any, line: str
+        self,
+        setting: str,
+        description: str,
+        factory: IProtocolFactory,
+        reactor: Any,
+        line: str,
+        header_timeout: float = 60.0,
     ) -> None:
+        proxied, inner = proxyproto.split_endpoint(description)
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, inner)
         except Exception as e:
             raise StartupError(f"{setting}: {description!r}: {_cause(e)}") from None
+        if proxied:
+            # Our own wrapper, not Twisted's haproxy: endpoint: the session starts only once
+            # the PROXY header has named the client (see gateway/proxyproto.py).
+            factory = proxyproto.ProxyHeaderFactory(factory, reactor, header_timeout)
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.setting = setting

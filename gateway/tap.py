@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import sys
@@ -10,16 +11,19 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
-from gateway import __version__, startup
+from gateway import __version__, capacity, splice, startup
 from gateway.config import Config, ConfigError
 from gateway.control import GatewayFactory
 from gateway.events import Event
 from gateway.listeners import report_bound
+from gateway.logs import LogService, MainLog, check_transfer_log, install_main_observer
 from gateway.logtext import escape_event
 from gateway.metrics import MetricsService
+from gateway.shutdown import GracefulShutdown
 from gateway.tls import TLSConfigError
 
 _log = Logger(namespace="gateway.config")
@@ -46,6 +50,8 @@ class Options(usage.Options):
         ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
         ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
         ["source-address", None, None, "Local IP address for connections to upstreams."],
+        ["data-relay", None, None, "How plain TCP data moves: auto, splice or copy."],
+        ["log-level", None, None, "Least severe log level written: debug, info, warn, error."],
     ]
     optFlags = [
         ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
@@ -104,6 +110,8 @@ class Options(usage.Options):
             "data.passive_ports": self["passive-ports"],
             "data.masquerade_address": self["masquerade-address"],
             "data.source_address": self["source-address"],
+            "data.relay": self["data-relay"],
+            "log.level": self["log-level"],
             "transparent": True if self["transparent"] else None,
         }
         return {key: value for key, value in pairs.items() if value not in (None, [])}
@@ -135,7 +143,10 @@ class Options(usage.Options):
         )
         if config is None or problems:
             return config, problems
+        if config.data_relay == "splice" and not splice.available():
+            return None, ["data.relay: splice needs Linux (splice(2)); use auto or copy"]
         try:
+            check_transfer_log(config.transfer_log)
             return resolve_masquerade(config), []
         except ConfigError as e:
             return None, [str(e)]
@@ -178,7 +189,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Ahead of every log file: peer text is escaped in each event before any observer that
     # writes it runs (twistd adds its log observers after this, when logging begins).
     globalLogPublisher.addObserver(escape_event)
-    top = MultiService()
+    # twistd's own options (--logfile, --syslog, ...) name where the main log goes.
+    main_log = MainLog(config, getattr(options, "parent", None))
+    top = _Application(main_log)
+    LogService(main_log, config.transfer_log, reactor).setServiceParent(top)
     demo_upstream = None
     if options["demo"]:
         from gateway.demo import DemoUpstream
@@ -189,12 +203,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config = replace(config, upstream=demo_upstream)
     # First, so its observer counts the events of everything started after it.
     MetricsService(config.metrics_listen, reactor).setServiceParent(top)
+    raise_open_files(config)
     factory = GatewayFactory(config, reactor)
+    # Before the listeners: services stop in reverse order, so they stop accepting first.
+    GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
+    backlog = capacity.backlog_for(_somaxconn())
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
-        listener = startup.Listener("listen", endpoint, factory, reactor, line)
+        listener = startup.Listener(
+            "listen",
+            capacity.with_backlog(endpoint, backlog),
+            factory,
+            reactor,
+            line,
+            header_timeout=config.login_timeout,
+        )
+        listener.description = endpoint  # start-up lines name the endpoint as configured
         report_bound(listener, factory.add_listener)
-        listener.setServiceParent(top)
+        listener.setServiceParent(top.sessions)
+    top.sessions.setServiceParent(top)
 
     def load() -> Config:
         fresh = options.load()
@@ -202,6 +229,75 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     ReloadOnHangup(factory, load, reactor).setServiceParent(top)
     return top
+
+
+def _somaxconn() -> int | None:
+    """The kernel's cap on listen backlogs (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def raise_open_files(config: Config) -> int:
+    """Raise the soft RLIMIT_NOFILE to `limits.max_open_files` (0: the hard limit), log the
+    figure, and warn in one line when it cannot hold `limits.max_sessions` sessions. Many
+    systems start services with a soft limit of 1024, about 240 sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = capacity.open_files_target(soft, hard, config.max_open_files)
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            _log.warn("Cannot set the open files limit to {target}: {e}", target=target, e=str(e))
+    _log.info(
+        "Open files limit: {limit} (hard limit {hard})",
+        limit=soft,
+        hard=hard,
+        event=Event.OPEN_FILES_LIMIT,
+    )
+    supported = capacity.sessions_supported(soft)
+    if supported < config.max_sessions:
+        _log.warn(
+            "limits.max_sessions is {sessions} but {limit} open files hold about {supported} "
+            "sessions; raise the hard limit (LimitNOFILE=) or lower max_sessions",
+            sessions=config.max_sessions,
+            limit=soft,
+            supported=supported,
+            event=Event.OPEN_FILES_LIMIT,
+        )
+    return soft
+
+
+class _Application(MultiService):
+    """The gateway's top service; attached to twistd's application, it brings the main log
+    observer with it (twistd asks the application for one before building its own).
+
+    It stops in two steps: first `sessions` (the listeners, and the graceful shutdown that
+    waits for running transfers), then everything else, so the logs, the transfer log, the
+    metrics and the --demo upstream keep serving those transfers to their end.
+    """
+
+    def __init__(self, main_log: MainLog) -> None:
+        super().__init__()
+        self.main_log = main_log
+        self.sessions = MultiService()
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        first: Deferred[Any] = maybeDeferred(self.sessions.stopService)
+
+        def the_rest(_: object) -> Deferred[Any]:
+            others = [service for service in reversed(list(self)) if service is not self.sessions]
+            return DeferredList([maybeDeferred(service.stopService) for service in others])
+
+        return first.addBoth(the_rest)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        install_main_observer(parent, self.main_log)
+        return super().setServiceParent(parent)
 
 
 class ReloadOnHangup(Service):
@@ -245,6 +341,9 @@ class ReloadOnHangup(Service):
         for setting, value in (
             ("listen", running.listen),
             ("metrics_listen", running.metrics_listen),
+            ("log_level", running.log_level),
+            ("log_format", running.log_format),
+            ("transfer_log", running.transfer_log),
         ):
             if getattr(config, setting) != value:
                 _log.warn("Reload: {setting} changes only on restart", setting=setting)

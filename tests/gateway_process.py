@@ -14,6 +14,11 @@ from typing import Self
 
 PROJECT = Path(__file__).resolve().parent.parent
 
+#: `data.relay` for every gateway the tests start: FTP_GATEWAY_TEST_RELAY=copy runs the suite
+#: on the copy relay (CI runs the end-to-end tests once per relay); unset means the default,
+#: auto, which splices plain TCP data on Linux.
+RELAY = os.environ.get("FTP_GATEWAY_TEST_RELAY", "")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -76,29 +81,41 @@ class GatewayProcess:
 StartGateway = Callable[..., GatewayProcess]
 
 
-def start_gateway(workdir: Path, *args: str, host: str = "127.0.0.1") -> GatewayProcess:
-    """Start `python -m gateway` listening on a free loopback port; waits until it listens."""
-    port = free_port(host)
-    interface = host.replace(":", "\\:")
-    log_path = workdir / f"gateway-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "gateway",
-        f"--logfile={log_path}",
-        "--listen",
-        f"tcp:{port}:interface={interface}",
-        *args,
-    ]
-    env = dict(os.environ, PYTHONPATH=str(PROJECT))
-    proc = subprocess.Popen(
-        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    gateway = GatewayProcess(proc, host, port, log_path)
-    try:
-        wait_for_port(host, port, proc=proc)
-    except Exception:
-        gateway.stop()
-        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-        raise RuntimeError(f"gateway did not start: {output}\n{gateway.log()}") from None
-    return gateway
+def start_gateway(
+    workdir: Path, *args: str, host: str = "127.0.0.1", listen_prefix: str = ""
+) -> GatewayProcess:
+    """Start `python -m gateway` listening on a free loopback port; waits until it listens.
+    `listen_prefix="haproxy:"` makes it a PROXY-protocol listener.
+
+    The port is free when chosen but another process may take it before the gateway binds it
+    (a busy machine): then the gateway exits with "Address already in use" and a new port is
+    tried, a few times at most."""
+    for _attempt in range(5):
+        port = free_port(host)
+        interface = host.replace(":", "\\:")
+        log_path = workdir / f"gateway-{port}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "gateway",
+            f"--logfile={log_path}",
+            "--listen",
+            f"{listen_prefix}tcp:{port}:interface={interface}",
+            *([f"--data-relay={RELAY}"] if RELAY else []),
+            *args,
+        ]
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        proc = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        gateway = GatewayProcess(proc, host, port, log_path)
+        try:
+            wait_for_port(host, port, proc=proc)
+        except Exception:
+            gateway.stop()
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            if "Address already in use" in output + gateway.log():
+                continue
+            raise RuntimeError(f"gateway did not start: {output}\n{gateway.log()}") from None
+        return gateway
+    raise RuntimeError(f"gateway did not start: no free port on {host} after 5 attempts")

@@ -34,8 +34,13 @@ def test_shipped_file_states_every_setting_with_its_default() -> None:
         ({"proxy_auth": ["no such:x"]}, "proxy_auth: 'no such:x' is not a checker"),
         ({"commands.deny": ["ST OR"]}, "commands.deny: 'ST OR' is not an FTP command name"),
         ({"limits.max_line": 10}, "limits.max_line: expected a whole number"),
+        ({"data.relay": "zerocopy"}, "data.relay: expected one of auto, splice, copy"),
+        ({"limits.max_open_files": -1}, "limits.max_open_files: expected a whole number"),
         ({"listen": ["unix:/run/ftp.sock"]}, "listen: 'unix:/run/ftp.sock': FTP needs an IP"),
-        ({"listen": ["haproxy:tcp:2121"]}, "listen: 'haproxy:tcp:2121': the PROXY protocol"),
+        (
+            {"listen": ["haproxy:ssl:990"]},
+            "listen: 'haproxy:ssl:990': the PROXY protocol needs a TCP",
+        ),
         ({"transparent": True, "upstream": "ftp.example"}, "transparent: the upstream comes"),
         (
             {

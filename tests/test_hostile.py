@@ -425,7 +425,7 @@ def test_nul_and_non_utf8_bytes(gateway: GatewayProcess, server: RunningServer) 
     assert_download_works(ftp)
     ftp.quit()
     # The log still works after logging those bytes (it records the session's end).
-    wait_for_log(gateway, f"Client 127.0.0.1:{client_port} disconnected")
+    wait_for_log(gateway, f"Session ended: client 127.0.0.1:{client_port},")
     after_attack(base)
 
 
@@ -575,6 +575,8 @@ def test_second_host_on_pasv_port_is_dropped(
     assert received == HEALTH_DATA
     log = wait_for_log(gateway, "possible data-port theft")
     assert "127.0.0.2" in log
+    # Logged with the session's id, so the victim's session can be found.
+    assert re.search(r"#warn\] \[[0-9a-f]{8}\] Dropped data connection from 127\.0\.0\.2", log)
     assert_listener_closes(host, port)  # one connection per listener, then it closes
     ftp.quit()
     after_attack(base)
@@ -639,11 +641,25 @@ def test_hostile_upstream_harness_serves_a_normal_transfer(
         ftp.quit()
 
 
+def _third_host_listener() -> socket.socket:
+    """A listener on 127.0.0.2 whose port is also free on 127.0.0.1, where the hostile upstream
+    listens "at the same port" (another process on a busy machine may hold it there)."""
+    for _ in range(50):
+        third_host = socket.create_server(("127.0.0.2", 0))
+        try:
+            socket.create_server(("127.0.0.1", third_host.getsockname()[1])).close()
+        except OSError:
+            third_host.close()
+            continue
+        return third_host
+    raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
+
+
 def test_upstream_227_naming_a_third_host_is_not_followed(
     gateway: GatewayProcess, server: RunningServer
 ) -> None:
     base = before_attack(gateway, server)
-    with socket.create_server(("127.0.0.2", 0)) as third_host:
+    with _third_host_listener() as third_host:
         named = ("127.0.0.2", third_host.getsockname()[1])
         with HostileUpstream(Mode.THIRD_HOST_PASV, payload=PAYLOAD, pasv_address=named) as up:
             ftp = login_hostile(gateway, up)

@@ -18,19 +18,19 @@ import random
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-from gateway_process import GatewayProcess, start_gateway
+from gateway_process import GatewayProcess, StartGateway
 from hostile_upstream import BIG_STAT_BYTES, JUNK_SECONDS, HostileUpstream, Mode
 from servers import RunningServer
 from test_hostile import (
+    HEALTH,
+    HEALTH_DATA,
     RSS_SLACK_KIB,
     TIMEOUT,
     after_attack,
     before_attack,
-    ftpd,  # noqa: F401 (a fixture)
     login,
     login_hostile,
     read_until_closed,
@@ -54,14 +54,12 @@ ATTACK_SECONDS = 5.0
 ATTACK_BYTES = 160 * MIB
 
 
+SERVED = {HEALTH: HEALTH_DATA, BIG: BIG_DATA}
+
+
 @pytest.fixture
-def gateway(tmp_path: Path, ftpd: RunningServer) -> Iterator[GatewayProcess]:  # noqa: F811
-    (ftpd.root / BIG).write_bytes(BIG_DATA)
-    config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG)
-    gw = start_gateway(tmp_path, "--config", str(config))
-    yield gw
-    gw.stop()
+def gateway(gateways: StartGateway) -> GatewayProcess:
+    return gateways(config=CONFIG)
 
 
 class Peak:
@@ -132,14 +130,14 @@ def assert_closed_soon(sock: socket.socket, timeout: float = 10.0) -> None:
 
 def test_client_writing_into_its_download_connection_is_not_stored(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """RETR: the client's data connection carries nothing towards the gateway. A client that
     writes into it as fast as it can, while it reads nothing, does not grow the gateway; the
     download still completes, byte for byte, with 226."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
-    ftp = login(gateway, ftpd)
+    ftp = login(gateway, server)
     host, port = ftplib.parse227(ftp.sendcmd("PASV"))
     with socket.create_connection((host, port), timeout=TIMEOUT) as data:
         ftp.putcmd(f"RETR {BIG}")
@@ -159,11 +157,11 @@ def test_client_writing_into_its_download_connection_is_not_stored(
 
 def test_upstream_writing_into_its_upload_connection_is_not_stored(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """STOR: the upstream's data connection carries nothing towards the gateway; an upstream
     writing into it while the client uploads does not grow the gateway."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     upload = random.Random(959).randbytes(2 * MIB)
     with HostileUpstream(Mode.JUNK_INTO_STOR) as up:
@@ -196,12 +194,12 @@ def test_upstream_writing_into_its_upload_connection_is_not_stored(
 
 def test_client_not_reading_pre_login_replies_is_not_read_and_is_closed(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """Before any login, a client pipelines USER lines whose 501 replies echo their long
     argument, and reads nothing: the gateway stops reading it once its replies fill the
     buffer, and closes it after `timeouts.control_send`."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT) as sock:
         assert sock.recv(4096).startswith(b"220")
@@ -216,12 +214,12 @@ def test_client_not_reading_pre_login_replies_is_not_read_and_is_closed(
 
 def test_client_not_reading_large_stat_replies_pauses_the_upstream(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """A client that sends STAT after STAT and reads none of the large replies: the gateway
     stops reading the upstream and the client, holds about one reply, and ends the session
     after `timeouts.control_send`."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     with HostileUpstream(Mode.BIG_STAT) as up:
         ftp = login_hostile(gateway, up)
@@ -245,9 +243,9 @@ def test_client_not_reading_large_stat_replies_pauses_the_upstream(
 
 def test_unsolicited_reply_flood_ends_with_421_and_two_log_lines(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.UNSOLICITED_FLOOD) as up:
         ftp = login_hostile(gateway, up)
         assert ftp.sendcmd("NOOP").startswith("200")

@@ -103,6 +103,7 @@ class Site:
                 else f"{server.host}:{server.port}",
                 "--listen",
                 f"tcp6:{port6}:interface=\\:\\:1",
+                "--log-level=debug",  # UpstreamLog reads the commands sent upstream
                 *args,
             )
             self.gateways[key] = (gateway, port6)

@@ -98,7 +98,8 @@ def test_unredirected_connection_in_transparent_mode_is_logged_at_warn(tmp_path:
     lines = [line for line in log.splitlines() if "not redirected" in line]
     # One per connection: the start-up probe's and the client's.
     assert len(lines) == 2, log
-    assert all("#warn] Refused 127.0.0.1:" in line for line in lines)
+    # At warn, with the session's id (gateway.logs).
+    assert all(re.search(r"#warn\] \[[0-9a-f]{8}\] Refused 127\.0\.0\.1:", line) for line in lines)
 
 
 def test_auto_tls_meeting_an_untrusted_certificate_names_the_fix(tmp_path: Path, pki: Pki) -> None:

@@ -117,7 +117,7 @@ class RawClient:
 
 def sessions_started(gw: GatewayProcess) -> int:
     """Client sessions the gateway has started, from its log."""
-    return len(re.findall(r"Client \S+ connected", gw.log()))
+    return len(re.findall(r"Session started: client \S+,", gw.log()))
 
 
 def settled_sessions(gw: GatewayProcess, at_least: int = 1) -> int:
@@ -126,8 +126,8 @@ def settled_sessions(gw: GatewayProcess, at_least: int = 1) -> int:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         log = gw.log()
-        started = len(re.findall(r"Client \S+ connected", log))
-        if started >= at_least and started == log.count(" disconnected"):
+        started = len(re.findall(r"Session started: client \S+,", log))
+        if started >= at_least and started == log.count("Session ended: client "):
             return started
         time.sleep(0.05)
     raise AssertionError("sessions did not end within 10 s:\n" + gw.log())

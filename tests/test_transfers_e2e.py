@@ -239,7 +239,12 @@ def test_ipv4_client_to_ipv6_upstream(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["active", "pasv", "epsv", "client"])
 def test_upstream_data_modes(tmp_path: Path, vsftpd: RunningServer, mode: str) -> None:
     gw = start_gateway(
-        tmp_path, "--upstream", f"{vsftpd.host}:{vsftpd.port}", "--upstream-data-mode", mode
+        tmp_path,
+        "--upstream",
+        f"{vsftpd.host}:{vsftpd.port}",
+        "--upstream-data-mode",
+        mode,
+        "--log-level=debug",  # the commands sent upstream are debug lines
     )
     try:
         payload = (vsftpd.root / "eight.bin").read_bytes()

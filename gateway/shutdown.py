@@ -1,0 +1,121 @@
+"""Stopping without losing a transfer: what SIGTERM (systemctl stop, restart, upgrades) does.
+
+twistd answers SIGTERM with `reactor.stop()`, which stops the services before the reactor
+ends; a service whose `stopService` returns a Deferred holds the reactor until it fires. This
+one uses that to give running transfers `timeouts.shutdown` seconds:
+
+1. The listeners stop accepting (they are stopped alongside this service).
+2. Every session is told (`Session.shutdown`): idle ones answer 421 and close at once, ones
+   with a transfer let it finish, then answer 421.
+3. When the grace period ends, or on a second SIGTERM or SIGINT, the sessions still
+   transferring are ended: 426 for the transfer, 421 for the session.
+
+What each session answers is the pure session's decision; only the timing lives here.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gateway.control import ClientControl, GatewayFactory
+from gateway.events import Event
+
+_log = Logger(namespace="gateway.shutdown")
+
+#: Seconds the last replies get to reach clients before the connections are cut.
+_FLUSH = 5.0
+
+
+class GracefulShutdown(Service):
+    """Holds the reactor's shutdown until every session has ended, at most `grace` seconds
+    plus a short flush."""
+
+    def __init__(self, factory: GatewayFactory, grace: float, reactor: Any) -> None:
+        self.factory = factory
+        self.grace = grace
+        self.reactor = reactor
+        self._done: Deferred[None] | None = None
+        self._timer: Any = None
+        self._flush_timer: Any = None
+        self._ended_at_once = False
+        self._transfers_at_start = 0
+        self._aborted = 0
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        done: Deferred[None] = Deferred()
+        self._done = done
+        sessions = list(self.factory.protocols)
+        for protocol in sessions:
+            protocol.shutdown(immediate=False)
+        transferring = [p for p in self.factory.protocols if not p.ended]
+        _log.info(
+            "Shutting down: stopped accepting; {idle} idle sessions closed, {transfers} "
+            "transfers may run for up to {grace:g} s",
+            idle=len(sessions) - len(transferring),
+            transfers=len(transferring),
+            grace=self.grace,
+            event=Event.SHUTDOWN_STARTED,
+        )
+        self._transfers_at_start = len(transferring)
+        # A second SIGTERM or SIGINT ends the transfers at once (twistd's own handler would
+        # only call reactor.stop() again, which is already under way).
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.factory.on_session_ended = self._check
+        if transferring:
+            self._timer = self.reactor.callLater(self.grace, self._end_transfers, "grace")
+        self._check()
+        return done
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._end_transfers, "signal")
+
+    def _end_transfers(self, why: str) -> None:
+        if self._done is None or self._done.called or self._ended_at_once:
+            return
+        self._ended_at_once = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        remaining = [p for p in self.factory.protocols if not p.ended]
+        _log.warn(
+            "Shutdown: ending {count} transfers with 426 ({why})",
+            count=len(remaining),
+            why="grace period over" if why == "grace" else "second signal",
+            event=Event.SHUTDOWN_FORCED,
+        )
+        self._aborted = len(remaining)
+        for protocol in remaining:
+            protocol.shutdown(immediate=True)
+        # The replies are queued; a client that does not read them must not hold the exit.
+        self._flush_timer = self.reactor.callLater(_FLUSH, self._cut)
+        self._check()
+
+    def _cut(self) -> None:
+        for protocol in list(self.factory.protocols):
+            protocol.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _check(self, _: ClientControl | None = None) -> None:
+        done = self._done
+        if done is None or done.called or self.factory.protocols:
+            return
+        for timer in (self._timer, self._flush_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        _log.info(
+            "Shutdown complete: {finished} transfers ran to their end, {aborted} ended with 426",
+            finished=self._transfers_at_start - self._aborted,
+            aborted=self._aborted,
+            event=Event.SHUTDOWN_COMPLETE,
+        )
+        # twistd ends the process by re-raising the signal that stopped the reactor (exit
+        # status "killed by SIGTERM"); a stop that let every session end as it should is a
+        # clean exit, status 0, for supervisors and scripts that check it.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
+        done.callback(None)

@@ -1,0 +1,392 @@
+"""A zero-copy relay for plain TCP data connections on Linux: `splice(2)` through a pipe.
+
+The copy relay (`gateway.data.relay`) moves every byte through Python: the kernel copies it
+into a bytes object, Twisted queues it, and the kernel copies it out again. Here the bytes go
+from one socket into a pipe and from the pipe into the other socket without leaving the
+kernel. The reactor still drives everything (no threads): once both Twisted transports are
+paused, one small descriptor per socket is registered with `addReader`/`addWriter`, and when
+the relay ends the sockets go back to their Twisted transports to be closed (or aborted).
+
+The outcome is the copy relay's, case for case:
+
+- success only when the source ended cleanly (FIN), every byte went into the sink, the sink
+  was shut down for writing (SHUT_WR) and its peer then closed its side cleanly;
+- a reset or error on either side, the sink closing first, or `stall` seconds without a byte
+  moving fails the relay and aborts both connections;
+- backpressure: the source is read only while the pipe has room, and the pipe is drained only
+  while the sink's socket buffer has room, so a slow reader pauses a fast writer and memory
+  per transfer is bounded by the pipe and the two socket buffers;
+- bytes the receiving side sends (nothing should come that way) are read into one shared
+  scratch buffer and dropped, never stored.
+
+`relay()` chooses: splice for plain TCP on Linux when `data.relay` is "auto" or "splice", the
+copy relay for TLS data connections, other systems, "copy", and anything splice cannot take
+(bytes already read from the source, bytes queued for the sink, no pipe available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadWriteDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.data import DataConnection, RelayResult, _describe
+from gateway.data import relay as copy_relay
+from gateway.events import Event
+
+_log = Logger(namespace="gateway.data")
+
+RELAY_MODES = ("auto", "splice", "copy")
+
+#: Pipe capacity asked for (F_SETPIPE_SZ); the kernel's default of 64 KiB is kept when the
+#: request is refused. Larger pipes mean fewer system calls per byte, up to a point; this is
+#: also the most a transfer holds in the pipe.
+PIPE_SIZE = 256 * 1024
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+#: Bytes from a transfer's receiving side are read into this one buffer and dropped.
+_SCRATCH = bytearray(64 * 1024)
+
+
+def available() -> bool:
+    """Whether this system can splice between sockets (Linux, Python 3.10+)."""
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+def relay(
+    source: DataConnection,
+    sink: DataConnection,
+    clock: IReactorTime,
+    stall: float,
+    mode: str = "auto",
+) -> Deferred[RelayResult]:
+    """Move every byte from `source` to `sink`: spliced when `mode` and the connections
+    allow it, otherwise through the copy relay. Same outcome either way."""
+    if mode != "copy" and available() and _spliceable(source) and _spliceable(sink):
+        started = SpliceRelay.start(source, sink, clock, stall)
+        if started is not None:
+            return started
+    return copy_relay(source, sink, clock, stall)
+
+
+def _spliceable(connection: DataConnection) -> bool:
+    """Plain TCP with nothing read ahead or queued: the socket holds the whole state."""
+    transport: Any = connection.transport
+    if connection.tls is not None or connection.lost or connection._early:
+        return False
+    if getattr(transport, "TLS", False) or transport.dataBuffer or transport._tempDataBuffer:
+        return False
+    return isinstance(getattr(transport, "socket", None), socket.socket)
+
+
+def _pipe() -> tuple[int, int, int] | None:
+    """A non-blocking pipe and its capacity, or None when the process is out of descriptors."""
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        _log.warn("No pipe for a spliced transfer ({error}); copying instead", error=e.strerror)
+        return None
+    # Over pipe-user-pages-soft or pipe-max-size the default size works too.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end, fcntl.fcntl(write_end, _F_GETPIPE_SZ)
+
+
+@implementer(IReadWriteDescriptor)
+class _End:
+    """One socket of a spliced transfer, as the reactor sees it while the relay owns it."""
+
+    __slots__ = ("_fd", "_relay", "_source")
+
+    def __init__(self, relay: SpliceRelay, fd: int, source: bool) -> None:
+        self._relay = relay
+        self._fd = fd
+        self._source = source
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "SpliceRelay"
+
+    def doRead(self) -> None:
+        if self._source:
+            self._relay.pull()
+        else:
+            self._relay.drain_sink()
+
+    def doWrite(self) -> None:
+        self._relay.push()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._relay.lost(self._source, reason)
+
+
+class SpliceRelay:
+    """One spliced transfer: the source socket into a pipe, the pipe into the sink socket."""
+
+    __slots__ = (
+        "_clock",
+        "_discarded",
+        "_done",
+        "_in_pipe",
+        "_moved",
+        "_pipe_size",
+        "_reactor",
+        "_read_end",
+        "_reading",
+        "_seen",
+        "_shut",
+        "_sink",
+        "_sink_end",
+        "_source",
+        "_source_end",
+        "_source_ended",
+        "_stall",
+        "_timer",
+        "_write_end",
+        "_writing",
+        "count",
+    )
+
+    def __init__(
+        self,
+        source: DataConnection,
+        sink: DataConnection,
+        clock: IReactorTime,
+        stall: float,
+        pipe: tuple[int, int, int],
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._clock = clock
+        self._stall = stall
+        self._read_end, self._write_end, self._pipe_size = pipe
+        src: Any = source.transport
+        self._reactor: IReactorFDSet = src.reactor
+        self._source_end = _End(self, src.fileno(), source=True)
+        self._sink_end = _End(self, sink.transport.fileno(), source=False)  # type: ignore[union-attr]
+        self._done: Deferred[RelayResult] = Deferred()
+        self.count = 0  # bytes read from the source, as the copy relay counts them
+        self._moved = 0  # bytes moved either way, for the stall watchdog
+        self._seen = -1
+        self._in_pipe = 0
+        self._discarded = 0
+        self._reading = False
+        self._writing = False
+        self._source_ended = False
+        self._shut = False
+        self._timer = clock.callLater(0, self._watchdog)
+
+    @classmethod
+    def start(
+        cls, source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+    ) -> Deferred[RelayResult] | None:
+        pipe = _pipe()
+        if pipe is None:
+            return None
+        self = cls(source, sink, clock, stall, pipe)
+        # The Twisted transports stay paused (DataConnection pauses them when ready) and write
+        # nothing: from here until `_finish` this relay alone watches both sockets.
+        for connection in (source, sink):
+            connection.on_lost = _ignore
+            connection.on_abort = self._aborted
+            transport: Any = connection.transport
+            transport.stopReading()
+            transport.stopWriting()
+        # The sink is read too: that is how its close or reset is seen.
+        self._reactor.addReader(self._sink_end)
+        self._resume_source()
+        return self._done
+
+    # ------------------------------------------------------------------ moving bytes
+
+    def pull(self) -> None:
+        """The source is readable: fill the pipe from it, then drain the pipe."""
+        if self._done.called:
+            return
+        room = self._pipe_size - self._in_pipe
+        if room <= 0:  # splice(2) of 0 bytes returns 0, which would read as the source's end
+            self._pause_source()
+            return
+        try:
+            n = os.splice(self._source_end.fileno(), self._write_end, room, flags=_FLAGS)
+        except BlockingIOError:
+            if self._in_pipe:
+                # The pipe has no free slot even though it is not full by bytes.
+                self._pause_source()
+            return
+        except OSError as e:
+            self._fail(f"{_text(e)} after {self.count} bytes")
+            return
+        if n == 0:
+            self._source_ended = True
+            self._pause_source()
+        else:
+            self.count += n
+            self._moved += n
+            self._in_pipe += n
+        if not self._writing:  # else the sink's next write event drains the pipe
+            self.push()
+
+    def push(self) -> None:
+        """Drain the pipe into the sink as far as its socket buffer takes it."""
+        if self._done.called:
+            return
+        while self._in_pipe:
+            try:
+                n = os.splice(self._read_end, self._sink_end.fileno(), self._in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                self._want_write(True)
+                if self._in_pipe >= self._pipe_size:
+                    self._pause_source()
+                else:
+                    self._resume_source()
+                return
+            except OSError as e:
+                self._sink_failed(_text(e))
+                return
+            self._in_pipe -= n
+            self._moved += n
+        self._want_write(False)
+        if self._source_ended:
+            self._close_sink()
+        else:
+            self._resume_source()
+
+    def drain_sink(self) -> None:
+        """The sink is readable: its peer closed, reset, or sent bytes it should not have."""
+        if self._done.called:
+            return
+        try:
+            n = self._sink_socket().recv_into(_SCRATCH)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._sink_failed(_text(e))
+            return
+        if n == 0:
+            if self._shut:
+                self._finish(True, f"{self.count} bytes")
+            else:
+                self._sink_failed("connection closed")
+            return
+        self._discarded += n
+
+    def lost(self, source: bool, reason: Failure) -> None:
+        """The reactor saw a hang-up or error on one of the sockets."""
+        if self._done.called:
+            return
+        if source:
+            self._fail(f"{_describe(reason)} after {self.count} bytes")
+        else:
+            self._sink_failed(_describe(reason))
+
+    # ------------------------------------------------------------------ states
+
+    def _sink_failed(self, reason: str) -> None:
+        if self._source_ended:
+            self._fail(f"{reason} while delivering the last bytes")
+        else:
+            self._fail(f"receiving side closed the connection after {self.count} bytes")
+
+    def _close_sink(self) -> None:
+        """Every byte is in the sink's socket: send FIN and wait for the peer's close."""
+        if self._shut:
+            return
+        self._shut = True
+        try:
+            self._sink_socket().shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._fail(f"{_text(e)} while delivering the last bytes")
+
+    def _pause_source(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._reactor.removeReader(self._source_end)
+
+    def _resume_source(self) -> None:
+        if not self._reading and not self._source_ended:
+            self._reading = True
+            self._reactor.addReader(self._source_end)
+
+    def _want_write(self, on: bool) -> None:
+        if on and not self._writing:
+            self._reactor.addWriter(self._sink_end)
+        elif not on and self._writing:
+            self._reactor.removeWriter(self._sink_end)
+        self._writing = on
+
+    def _sink_socket(self) -> socket.socket:
+        return self._sink.transport.socket  # type: ignore[union-attr, no-any-return]
+
+    def _watchdog(self) -> None:
+        if self._done.called:
+            return
+        if self._moved == self._seen:
+            self._fail(f"no data moved for {self._stall:g} seconds after {self.count} bytes")
+            return
+        self._seen = self._moved
+        self._timer = self._clock.callLater(self._stall, self._watchdog)
+
+    def _aborted(self) -> None:
+        """The session closed a data connection during the transfer (ABOR, session end)."""
+        self._fail(f"transfer aborted after {self.count} bytes")
+
+    def _fail(self, detail: str) -> None:
+        self._finish(False, detail)
+
+    def _finish(self, ok: bool, detail: str) -> None:
+        """Give both sockets back to their transports, closed cleanly or aborted."""
+        if self._done.called:
+            return
+        if self._timer.active():
+            self._timer.cancel()
+        self._pause_source()
+        self._want_write(False)
+        self._reactor.removeReader(self._sink_end)
+        os.close(self._read_end)
+        os.close(self._write_end)
+        if self._discarded:
+            peer = self._sink.transport.getPeer()  # type: ignore[union-attr]
+            _log.warn(
+                "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
+                ignored=self._discarded,
+                peer=str(getattr(peer, "host", "")),
+                event=Event.RELAY_IGNORED_BYTES,
+            )
+        for connection in (self._source, self._sink):
+            connection.on_abort = None
+            if ok:
+                # Both peers have closed their side: close the sockets now (shutdown, close),
+                # through the transport so the connection is marked lost before the outcome is
+                # reported and a later abort() cannot turn the clean close into a reset.
+                transport: Any = connection.transport
+                transport.connectionLost(Failure(error.ConnectionDone()))
+            else:
+                connection.abort()
+        self._done.callback(RelayResult(ok, self.count, detail, path="splice"))
+
+
+def _ignore(connection: DataConnection, reason: Failure) -> None:
+    """The relay has already decided; the transport's own close report adds nothing."""
+
+
+def _text(e: OSError) -> str:
+    if e.errno in (errno.ECONNRESET, errno.EPIPE):
+        return "Connection to the other side was lost in a non-clean fashion: Connection lost."
+    return e.strerror or type(e).__name__

@@ -1,0 +1,38 @@
+"""The benchmark keeps working: its quick mode runs every part with tiny sizes. No figure is
+asserted (loopback on a shared machine says nothing about speed); what is asserted is that each
+part measured what it says, and that every session and transfer succeeded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(out.read_text())
+    for case in ("RETR passive", "RETR active", "STOR passive", "STOR active"):
+        for path in ("direct", "splice", "copy"):
+            assert results["throughput"][case][path]["median"] > 0
+    for case in ("RETR passive", "STOR passive"):
+        assert results["ftps"][case]["gateway"]["median"] > 0
+    assert results["setup"]["gateway"]["p90"] > 0
+    for level in results["concurrency"].values():
+        assert level["direct"]["successes"] == level["gateway"]["successes"] == 5
+        assert level["gateway"]["peak_rss_kib"] > 0
+    assert results["idle"]["30"]["logged_in"] == 30
+    for part in ("1. Throughput", "2. FTPS", "3. Session set-up", "4. Concurrency", "5. Idle"):
+        assert part in run.stdout

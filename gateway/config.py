@@ -12,18 +12,33 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from gateway.addresses import HostPort, parse_host_port
+from gateway.effects import LogLevel
 from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
 
-UPSTREAM_DATA_MODES = ("passive", "pasv", "epsv", "active", "client")
-CLIENT_TLS_MODES = ("off", "optional", "required")
-UPSTREAM_TLS_MODES = ("off", "auto", "required", "implicit", "match_client")
-DATA_RELAYS = ("auto", "splice", "copy")
-LOG_LEVELS = ("debug", "info", "warn", "error")
-LOG_FORMATS = ("text", "json")
+#: `data.upstream_mode`: how the gateway opens data connections to the upstream.
+UpstreamDataMode = Literal["passive", "pasv", "epsv", "active", "client"]
+#: `tls.client`: explicit FTPS (AUTH TLS) for clients.
+ClientTLSMode = Literal["off", "optional", "required"]
+#: `tls.upstream`: FTPS towards the upstream.
+UpstreamTLSMode = Literal["off", "auto", "required", "implicit", "match_client"]
+UPSTREAM_DATA_MODES: tuple[UpstreamDataMode, ...] = get_args(UpstreamDataMode)
+CLIENT_TLS_MODES: tuple[ClientTLSMode, ...] = get_args(ClientTLSMode)
+UPSTREAM_TLS_MODES: tuple[UpstreamTLSMode, ...] = get_args(UpstreamTLSMode)
+#: `log.level` (`gateway.effects.LogLevel`): the least important events the main log keeps.
+#: `log.format`: text lines or JSON lines.
+LogFormat = Literal["text", "json"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+#: `upstream_proxy_protocol`: the PROXY header sent first to the upstream, if any.
+ProxyProtocol = Literal["off", "v1", "v2"]
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
+#: `data.relay`: how data bytes move (`gateway.splice`).
+DataRelay = Literal["auto", "splice", "copy"]
+DATA_RELAYS: tuple[DataRelay, ...] = get_args(DataRelay)
 
 
 class ConfigError(ValueError):
@@ -38,14 +53,14 @@ class Config:
     upstream: tuple[str, int] | None = None
     transparent: bool = False
     upstream_rules: tuple[Rule, ...] = ()
-    upstream_data_mode: str = "passive"
+    upstream_data_mode: UpstreamDataMode = "passive"
     passive_ports: tuple[int, int] | None = None
     masquerade_address: str | None = None
     masquerade_except: tuple[IPv4Network | IPv6Network, ...] = ()
     follow_pasv_address: bool = False
     allow_foreign_data_address: bool = False
     source_address: str | None = None
-    data_relay: str = "auto"
+    data_relay: DataRelay = "auto"
     login_timeout: float = 60.0
     idle_timeout: float = 900.0
     data_connect_timeout: float = 30.0
@@ -68,16 +83,16 @@ class Config:
     max_failed_logins: int = 5
     tls_certificate: str | None = None
     tls_private_key: str | None = None
-    client_tls: str = "optional"
+    client_tls: ClientTLSMode = "optional"
     tls_min_version: str = "1.2"
     require_data_session_reuse: bool = False
-    upstream_tls: str = "auto"
+    upstream_tls: UpstreamTLSMode = "auto"
     upstream_ca_file: str | None = None
     upstream_fingerprint: str | None = None
     upstream_tls_name: str | None = None
     metrics_listen: str | None = None
-    log_level: str = "info"
-    log_format: str = "text"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
     transfer_log: str | None = None
     ldap_url: str | None = None
     ldap_starttls: bool = False
@@ -90,7 +105,7 @@ class Config:
     ldap_filter: str = "(uid={user})"
     ldap_require_group: str | None = None
     ldap_timeout: float = 10.0
-    upstream_proxy_protocol: str = "off"
+    upstream_proxy_protocol: ProxyProtocol = "off"
 
     @property
     def client_tls_available(self) -> bool:
@@ -336,7 +351,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "upstream_proxy_protocol",
         "upstream_proxy_protocol",
-        _choice("off", "v1", "v2"),
+        _choice(*PROXY_PROTOCOLS),
         "Send the client's address first on upstream control connections: off, v1 or v2 "
         "(HAProxy's PROXY protocol; the server must expect it).",
     ),

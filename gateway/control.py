@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import ip_address
@@ -96,7 +97,6 @@ class UpstreamControl(Protocol):
         self.tls_options = tls_options
         self.handshake_done = False
         self.local: HostPort | None = None
-        self._switched = False
         self.reader = self._new_reader()
 
     def _new_reader(self) -> ReplyReader:
@@ -119,7 +119,6 @@ class UpstreamControl(Protocol):
 
     def start_tls(self, options: Any) -> None:
         self.tls_options = options
-        self._switched = True
         self.reader = self._new_reader()
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
@@ -135,13 +134,8 @@ class UpstreamControl(Protocol):
         except RemoteProtocolError as e:
             self.owner.run(self.owner.session.upstream_failed(e))
             return
-        horizon = self.owner.session.sent + 1
-        for answer in replies:
-            self.owner.run(self.owner.session.upstream_reply(answer, horizon))
-            if self._switched:
-                # Anything that followed the 234 in clear text is not from the TLS peer.
-                self._switched = False
-                return
+        # The session drops what followed a 234 in the same read (RFC 4217 section 4).
+        self.owner.run(self.owner.session.upstream_replies(replies))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.tls_options is not None and not self.handshake_done:
@@ -169,6 +163,197 @@ class _DataChannels:
             connection.abort()
 
 
+class _DataSide:
+    """The data connections of one session: carries out `ListenData`, `ConnectData`,
+    `StartRelay` and `CloseData`, and reports what happened to the session. Connections of a
+    transfer that was closed meanwhile (stale channels) are aborted, never reported."""
+
+    def __init__(self, owner: ClientControl) -> None:
+        self._owner = owner
+        self.channels = _DataChannels()
+        #: The current transfer's relay: when it started and the bytes it moved, for the
+        #: transfer's log record (and so the transfer log).
+        self._relay_started: float | None = None
+        self._relay_bytes = 0
+
+    def close(self) -> None:
+        self.channels.close()
+        self.channels = _DataChannels()
+
+    def _control_transport(self, side: Side) -> Any:
+        return self._owner.transport if side is Side.CLIENT else self._owner.upstream.transport  # type: ignore[union-attr]
+
+    def _tls(self, side: Side, tls: bool) -> DataTLS | None:
+        if not tls:
+            return None
+        if side is Side.CLIENT:
+            return DataTLS(
+                self._owner.factory.server_tls,
+                server=True,
+                require_reuse=self._owner.factory.config.require_data_session_reuse,
+            )
+        assert self._owner.upstream is not None and self._owner.upstream.tls_options is not None
+        control = self._owner.upstream.transport.getHandle()  # type: ignore[union-attr]
+        creator = ResumingClientCreator(self._owner.upstream.tls_options, control)
+        return DataTLS(creator, server=False, describe=creator.describe)
+
+    def listen(self, side: Side, tls: bool) -> None:
+        config = self._owner.factory.config
+        control = self._control_transport(side)
+        local = _hostport(control.getHost())
+        peer = _hostport(control.getPeer())
+        channels = self.channels
+        try:
+            listener = PassiveListener(
+                self._owner.factory.reactor,
+                self._owner.factory.reactor,
+                bind_host=local.host,
+                peer_host=peer.host,
+                timeout=config.data_connect_timeout,
+                port_range=config.passive_ports,
+                tls=self._tls(side, tls),
+                on_failure=lambda reason: self._failed(channels, side, reason),
+                balancer=proxyproto.balancer_of(control) if side is Side.CLIENT else None,
+                log=self._owner.log,
+            )
+        except error.CannotListenError as e:
+            # A range with no free port, or an address that cannot be bound: the session
+            # answers the command with 425 and goes on.
+            reason = str(e.socketError)
+            self._owner.log.error("Cannot open a passive listener: {error}", error=reason)
+            self._owner.run(self._owner.session.data_failed(side, reason))
+            return
+        channels.listeners[side] = listener
+        listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
+        self._owner.run(self._owner.session.data_listening(side, listener.address))
+
+    def connect(self, side: Side, target: HostPort, tls: bool) -> None:
+        if self._owner.factory.is_self(target.host, target.port):
+            # Whichever peer named it: the gateway never opens a data connection to itself.
+            self._owner.log.warn(
+                "Refused a data connection to {target}: this gateway itself",
+                target=str(target),
+                event=Event.REFUSED,
+                refused="data_target",
+            )
+            self._owner.run(
+                self._owner.session.data_failed(side, "the data address is this gateway itself")
+            )
+            return
+        config = self._owner.factory.config
+        control = self._control_transport(side)
+        # Data connections leave from the same local address as their control connection, so
+        # the peer sees one IP for the whole session (servers check this; RFC 2577 section 5).
+        bind = (_hostport(control.getHost()).host, 0)
+        reactor = self._owner.factory.reactor
+        endpoint_type = TCP4ClientEndpoint if target.family == 4 else TCP6ClientEndpoint
+        endpoint = endpoint_type(
+            reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
+        )
+        channels = self.channels
+        connection = DataConnection(
+            self._tls(side, tls),
+            clock=reactor,
+            handshake_timeout=config.data_connect_timeout,
+        )
+        d = endpoint.connect(_one_shot(connection))
+        channels.pending.append(d)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(error.ConnectingCancelledError):
+                self._failed(channels, side, _reason(failure))
+
+        d.addCallbacks(lambda conn: self._watch(channels, side, conn), failed)
+
+    def _watch(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        """A data connection exists; it counts once `ready` fires (after any TLS)."""
+        if channels is not self.channels:  # a stale connection from a closed transfer
+            connection.abort()
+            return
+        channels.connections[side] = connection
+        self._owner.run(self._owner.session.data_opened(side))
+        connection.ready.addCallbacks(
+            lambda conn: self._made(channels, side, conn),
+            lambda failure: self._failed(channels, side, _reason(failure)),
+        )
+
+    def _made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
+        if channels is not self.channels:
+            connection.abort()
+            return
+        connection.on_lost = lambda conn, reason: self._early_loss(channels, side, reason)
+        self._owner.run(self._owner.session.data_connected(side))
+
+    def _early_loss(self, channels: _DataChannels, side: Side, reason: Failure) -> None:
+        # Lost before the relay took it over: a paused connection only notices a close once
+        # the relay resumes it, so this is mostly a reset seen while writing.
+        if channels is self.channels and channels.relay is None:
+            self._failed(channels, side, _reason(reason))
+
+    def _failed(self, channels: _DataChannels, side: Side, reason: str) -> None:
+        if channels is self.channels:
+            self._owner.run(self._owner.session.data_failed(side, reason))
+
+    def _count_relayed(self, source: DataConnection) -> None:
+        """Count the bytes the relay takes from `source` as they pass, so a transfer cut short
+        (ABOR, shutdown) is recorded with what it moved before its relay reports."""
+        deliver = source.receiver
+        if deliver is None:
+            return
+
+        def counted(data: bytes) -> None:
+            self._relay_bytes += len(data)
+            deliver(data)
+
+        source.receiver = counted
+
+    def transfer_measures(self) -> dict[str, float | int]:
+        """Bytes the finished transfer's relay moved and for how many seconds."""
+        started, self._relay_started = self._relay_started, None
+        moved, self._relay_bytes = self._relay_bytes, 0
+        seconds = 0.0 if started is None else self._owner.factory.reactor.seconds() - started
+        return {"bytes": moved, "seconds": round(seconds, 3)}
+
+    def start_relay(self, source: Side) -> None:
+        channels = self.channels
+        sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
+        reactor = self._owner.factory.reactor
+        config = self._owner.factory.config
+        d = splice.relay(
+            channels.connections[source],
+            channels.connections[sink],
+            reactor,
+            config.stall_timeout,
+            config.data_relay,
+        )
+        channels.relay = d
+        direction = "download" if source is Side.UPSTREAM else "upload"
+        started = reactor.seconds()
+        self._owner.log.debug(
+            "Transfer {direction} started", direction=direction, event=Event.RELAY_STARTED
+        )
+        self._relay_started = started
+        self._relay_bytes = 0
+        self._count_relayed(channels.connections[source])
+
+        def finished(result: RelayResult) -> None:
+            self._owner.log.info(
+                "Transfer {direction} {outcome}: {detail} ({relay})",
+                direction=direction,
+                outcome="complete" if result.ok else "failed",
+                detail=result.detail,
+                bytes=result.bytes,
+                seconds=reactor.seconds() - started,
+                relay=result.path,
+                event=Event.RELAY_FINISHED,
+            )
+            if channels is self.channels:
+                self._relay_bytes = max(self._relay_bytes, result.bytes)
+                self._owner.run(self._owner.session.relay_finished(result.ok, result.detail))
+
+        d.addCallback(finished)
+
+
 @implementer(IHandshakeListener)
 class ClientControl(Protocol):
     """One client session: the client control connection plus everything it owns."""
@@ -179,13 +364,11 @@ class ClientControl(Protocol):
         self.session: Session
         self.upstream: UpstreamControl | None = None
         self._upstream_connecting: Deferred[Any] | None = None
-        self._data = _DataChannels()
+        self._data = _DataSide(self)
         self._pending_upstream: list[bytes] = []
         self._tls_switched = False
-        #: The current transfer's relay: when it started and the bytes it moved, for the
-        #: transfer's log record (and so the transfer log).
-        self._relay_started: float | None = None
-        self._relay_bytes = 0
+        self._effects: deque[Effect] = deque()
+        self._running = False
         self._refused = False
         self._reply_timer: IDelayedCall | None = None
         self._reply_mark: int | None = None
@@ -348,74 +531,54 @@ class ClientControl(Protocol):
     # ---------------------------------------------------------------------- effects
 
     def run(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            self._do(effect)
+        """Carry out `effects` in order. Carrying one out may report back to the session at
+        once (a listener bound, a loop refused); the effects of that report are queued behind
+        the ones still to run, never run in the middle of them."""
+        self._effects.extend(effects)
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._effects:
+                self._do(self._effects.popleft())
+        finally:
+            self._running = False
         self._watch_replies()
 
     def _do(self, effect: Effect) -> None:
-        match effect:
-            case ToClient(answer):
-                self._write_client(answer)
-            case ToUpstream(command):
-                self.log.debug("To upstream: {command}", command=str(command))
-                if self.upstream is not None and self.upstream.transport is not None:
-                    self.upstream.transport.write(command.encode())
-                else:
-                    self._pending_upstream.append(command.encode())
-            case Authenticate(user, password):
-                self._authenticate(user, password)
-            case ResolveUpstream(host, port):
-                self._resolve(host, port)
-            case ConnectUpstream(host, port, implicit_tls, tls_name):
-                self._connect_upstream(host, port, tls_name if implicit_tls else None)
-            case StartClientTLS():
-                self.reader.discard()
-                self._tls_switched = True
-                self.flow.tls_started(Side.CLIENT)
-                self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
-            case StartUpstreamTLS(name):
-                assert self.upstream is not None
-                self.upstream.start_tls(self.factory.upstream_tls_options(name))
-            case ListenData(side, tls):
-                self._listen(side, tls)
-            case ConnectData(side, target, tls):
-                self._connect_data(side, target, tls)
-            case StartRelay(source):
-                self._start_relay(source)
-            case CloseData():
-                self._data.close()
-                self._data = _DataChannels()
-            case CloseClient():
-                self.transport.loseConnection()  # type: ignore[union-attr]
-            case CloseUpstream():
-                if self._upstream_connecting is not None:
-                    self._upstream_connecting.cancel()
-                if self.upstream is not None and self.upstream.transport is not None:
-                    self.upstream.transport.loseConnection()
-            case Log(level, fmt, fields):
-                if fields.get("event") in (Event.TRANSFER_FINISHED, Event.TRANSFER_ABORTED):
-                    fields = {**fields, **self._transfer_measures()}
-                getattr(self.log, level)(fmt, client=str(self.peer), **fields)
+        _CARRY_OUT[type(effect)](self, effect)
 
-    def _count_relayed(self, source: DataConnection) -> None:
-        """Count the bytes the relay takes from `source` as they pass, so a transfer cut short
-        (ABOR, shutdown) is recorded with what it moved before its relay reports."""
-        deliver = source.receiver
-        if deliver is None:
-            return
+    def _to_upstream(self, effect: ToUpstream) -> None:
+        self.log.debug("To upstream: {command}", command=str(effect.command))
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(effect.command.encode())
+        else:
+            self._pending_upstream.append(effect.command.encode())
 
-        def counted(data: bytes) -> None:
-            self._relay_bytes += len(data)
-            deliver(data)
+    def _start_client_tls(self, effect: StartClientTLS) -> None:
+        self.reader.discard()
+        self._tls_switched = True
+        self.flow.tls_started(Side.CLIENT)
+        self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
 
-        source.receiver = counted
+    def _start_upstream_tls(self, effect: StartUpstreamTLS) -> None:
+        assert self.upstream is not None
+        self.upstream.start_tls(self.factory.upstream_tls_options(effect.name))
 
-    def _transfer_measures(self) -> dict[str, float | int]:
-        """Bytes the finished transfer's relay moved and for how many seconds."""
-        started, self._relay_started = self._relay_started, None
-        moved, self._relay_bytes = self._relay_bytes, 0
-        seconds = 0.0 if started is None else self.factory.reactor.seconds() - started
-        return {"bytes": moved, "seconds": round(seconds, 3)}
+    def _close_data(self, effect: CloseData) -> None:
+        self._data.close()
+
+    def _close_upstream(self, effect: CloseUpstream) -> None:
+        if self._upstream_connecting is not None:
+            self._upstream_connecting.cancel()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def _log(self, effect: Log) -> None:
+        fields = effect.fields
+        if fields.get("event") in (Event.TRANSFER_FINISHED, Event.TRANSFER_ABORTED):
+            fields = {**fields, **self._data.transfer_measures()}
+        getattr(self.log, effect.level)(effect.format, client=str(self.peer), **fields)
 
     def _write_client(self, answer: Reply) -> None:
         self.log.debug("To client: {code}", code=answer.code)
@@ -520,170 +683,35 @@ class ClientControl(Protocol):
             self.upstream = None
             self.run(self.session.upstream_lost())
 
-    # ------------------------------------------------------------------------ data side
 
-    def _control_transport(self, side: Side) -> Any:
-        return self.transport if side is Side.CLIENT else self.upstream.transport  # type: ignore[union-attr]
-
-    def _data_tls(self, side: Side, tls: bool) -> DataTLS | None:
-        if not tls:
-            return None
-        if side is Side.CLIENT:
-            return DataTLS(
-                self.factory.server_tls,
-                server=True,
-                require_reuse=self.factory.config.require_data_session_reuse,
-            )
-        assert self.upstream is not None and self.upstream.tls_options is not None
-        control = self.upstream.transport.getHandle()  # type: ignore[union-attr]
-        creator = ResumingClientCreator(self.upstream.tls_options, control)
-        return DataTLS(creator, server=False, describe=creator.describe)
-
-    def _listen(self, side: Side, tls: bool) -> None:
-        config = self.factory.config
-        control = self._control_transport(side)
-        local = _hostport(control.getHost())
-        peer = _hostport(control.getPeer())
-        channels = self._data
-        try:
-            listener = PassiveListener(
-                self.factory.reactor,
-                self.factory.reactor,
-                bind_host=local.host,
-                peer_host=peer.host,
-                timeout=config.data_connect_timeout,
-                port_range=config.passive_ports,
-                tls=self._data_tls(side, tls),
-                on_failure=lambda reason: self._data_failed(channels, side, reason),
-                balancer=proxyproto.balancer_of(control) if side is Side.CLIENT else None,
-                log=self.log,
-            )
-        except error.CannotListenError as e:
-            # A range with no free port, or an address that cannot be bound: the session
-            # answers the command with 425 and goes on.
-            reason = str(e.socketError)
-            self.log.error("Cannot open a passive listener: {error}", error=reason)
-            self.run(self.session.data_failed(side, reason))
-            return
-        channels.listeners[side] = listener
-        listener.accepted.addCallback(lambda conn: self._watch(channels, side, conn))
-        self.run(self.session.data_listening(side, listener.address))
-
-    def _connect_data(self, side: Side, target: HostPort, tls: bool) -> None:
-        if self.factory.is_self(target.host, target.port):
-            # Whichever peer named it: the gateway never opens a data connection to itself.
-            self.log.warn(
-                "Refused a data connection to {target}: this gateway itself",
-                target=str(target),
-                event=Event.REFUSED,
-                refused="data_target",
-            )
-            self.run(self.session.data_failed(side, "the data address is this gateway itself"))
-            return
-        config = self.factory.config
-        control = self._control_transport(side)
-        # Data connections leave from the same local address as their control connection, so
-        # the peer sees one IP for the whole session (servers check this; RFC 2577 section 5).
-        bind = (_hostport(control.getHost()).host, 0)
-        reactor = self.factory.reactor
-        endpoint_type = TCP4ClientEndpoint if target.family == 4 else TCP6ClientEndpoint
-        endpoint = endpoint_type(
-            reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
-        )
-        channels = self._data
-        connection = DataConnection(
-            self._data_tls(side, tls),
-            clock=reactor,
-            handshake_timeout=config.data_connect_timeout,
-        )
-        d = endpoint.connect(_Reuse(connection))
-        channels.pending.append(d)
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(error.ConnectingCancelledError):
-                self._data_failed(channels, side, _reason(failure))
-
-        d.addCallbacks(lambda conn: self._watch(channels, side, conn), failed)
-
-    def _watch(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
-        """A data connection exists; it counts once `ready` fires (after any TLS)."""
-        if channels is not self._data:  # a stale connection from a closed transfer
-            connection.abort()
-            return
-        channels.connections[side] = connection
-        self.run(self.session.data_opened(side))
-        connection.ready.addCallbacks(
-            lambda conn: self._data_made(channels, side, conn),
-            lambda failure: self._data_failed(channels, side, _reason(failure)),
-        )
-
-    def _data_made(self, channels: _DataChannels, side: Side, connection: DataConnection) -> None:
-        if channels is not self._data:
-            connection.abort()
-            return
-        connection.on_lost = lambda conn, reason: self._early_loss(channels, side, reason)
-        self.run(self.session.data_connected(side))
-
-    def _early_loss(self, channels: _DataChannels, side: Side, reason: Failure) -> None:
-        # Lost before the relay took it over: a paused connection only notices a close once
-        # the relay resumes it, so this is mostly a reset seen while writing.
-        if channels is self._data and channels.relay is None:
-            self._data_failed(channels, side, _reason(reason))
-
-    def _data_failed(self, channels: _DataChannels, side: Side, reason: str) -> None:
-        if channels is self._data:
-            self.run(self.session.data_failed(side, reason))
-
-    def _start_relay(self, source: Side) -> None:
-        channels = self._data
-        sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
-        reactor = self.factory.reactor
-        config = self.factory.config
-        d = splice.relay(
-            channels.connections[source],
-            channels.connections[sink],
-            reactor,
-            config.stall_timeout,
-            config.data_relay,
-        )
-        channels.relay = d
-        direction = "download" if source is Side.UPSTREAM else "upload"
-        started = reactor.seconds()
-        self.log.debug(
-            "Transfer {direction} started", direction=direction, event=Event.RELAY_STARTED
-        )
-        self._relay_started = started
-        self._relay_bytes = 0
-        self._count_relayed(channels.connections[source])
-
-        def finished(result: RelayResult) -> None:
-            self.log.info(
-                "Transfer {direction} {outcome}: {detail} ({relay})",
-                direction=direction,
-                outcome="complete" if result.ok else "failed",
-                detail=result.detail,
-                bytes=result.bytes,
-                seconds=reactor.seconds() - started,
-                relay=result.path,
-                event=Event.RELAY_FINISHED,
-            )
-            if channels is self._data:
-                self._relay_bytes = max(self._relay_bytes, result.bytes)
-                self.run(self.session.relay_finished(result.ok, result.detail))
-
-        d.addCallback(finished)
+#: How the shell carries out each effect of the session.
+_CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
+    ToClient: lambda control, e: control._write_client(e.reply),
+    ToUpstream: ClientControl._to_upstream,
+    Authenticate: lambda control, e: control._authenticate(e.user, e.password),
+    ResolveUpstream: lambda control, e: control._resolve(e.host, e.port),
+    ConnectUpstream: lambda control, e: control._connect_upstream(
+        e.host, e.port, e.tls_name if e.implicit_tls else None
+    ),
+    StartClientTLS: ClientControl._start_client_tls,
+    StartUpstreamTLS: ClientControl._start_upstream_tls,
+    ListenData: lambda control, e: control._data.listen(e.side, e.tls),
+    ConnectData: lambda control, e: control._data.connect(e.side, e.target, e.tls),
+    StartRelay: lambda control, e: control._data.start_relay(e.source),
+    CloseData: ClientControl._close_data,
+    CloseClient: lambda control, e: control.transport.loseConnection(),
+    CloseUpstream: ClientControl._close_upstream,
+    Log: ClientControl._log,
+}
 
 
-class _Reuse(Factory):
-    """A factory that hands out one prepared protocol instance."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: IAddress) -> Protocol:
-        return self.protocol_instance
+def _one_shot(protocol: Protocol) -> Factory:
+    """A factory for one prepared protocol: what `endpoints.connectProtocol` builds, but
+    quiet, since that one logs "Starting factory" and "Stopping factory" for every data
+    connection."""
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    return factory
 
 
 class _Refuse(Protocol):

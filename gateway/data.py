@@ -290,6 +290,12 @@ def _unacknowledged(tcp: Any) -> int | None:
 
 
 def _session_reused(transport: Any) -> bool:
+    """Whether the TLS connection under `transport` resumed an earlier session.
+
+    The only use of private API on this side: pyOpenSSL exposes no `SSL_session_reused`, so
+    this calls OpenSSL through pyOpenSSL's own binding (`OpenSSL._util.lib`) on the raw `SSL *`
+    pointer of the connection (`Connection._ssl`). Without it `require_data_session_reuse`
+    cannot be enforced."""
     from OpenSSL._util import lib
 
     return bool(lib.SSL_session_reused(transport.getHandle()._ssl))

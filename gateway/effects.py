@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gateway.addresses import HostPort
 from gateway.codec import Command, Reply
+
+#: How much a log event matters; the names of `twisted.logger.Logger`'s methods.
+LogLevel = Literal["debug", "info", "warn", "error"]
 
 
 class Side(enum.Enum):
@@ -118,7 +121,7 @@ class CloseUpstream:
 class Log:
     """A log event from the core; `fields` are named values for `twisted.logger`."""
 
-    level: str  # "debug" | "info" | "warn" | "error"
+    level: LogLevel
     format: str
     fields: dict[str, Any] = field(default_factory=dict)
 

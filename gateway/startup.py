@@ -45,23 +45,38 @@ def check(
     except ConfigError as e:
         return None, [str(e)]
     layers.append(dict(overrides))
-    problems: list[str] = []
     # Each setting alone first, so every bad value is reported, not only the first.
-    for layer in layers:
-        for key, value in layer.items():
-            setting = _SETTINGS.get(key)
-            try:
-                if setting is None:
-                    raise ConfigError(f"{key}: unknown setting")
-                setting.parse(key, value)
-            except ConfigError as e:
-                problems.append(str(e))
+    problems = [problem for layer in layers for problem in _setting_problems(layer)]
     if problems:
         return None, problems
     try:
         config = build(*layers)
     except ConfigError as e:
         return None, [str(e)]
+    problems += _checker_problems(config, reactor)
+    if config.tls_certificate is not None:
+        try:
+            server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
+        except TLSConfigError as e:
+            problems.append(f"tls.certificate: {e}")
+    return config, problems + _endpoint_problems(config, reactor, dry_run=dry_run)
+
+
+def _setting_problems(layer: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for key, value in layer.items():
+        setting = _SETTINGS.get(key)
+        try:
+            if setting is None:
+                raise ConfigError(f"{key}: unknown setting")
+            setting.parse(key, value)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _checker_problems(config: Config, reactor: Any) -> list[str]:
+    problems: list[str] = []
     for description in config.proxy_auth:
         kind, _, argument = description.partition(":")
         if kind == "file":
@@ -78,23 +93,22 @@ def check(
         except ConfigError as e:
             problems.append(str(e))
         except Exception as e:
-            kind = description.partition(":")[0]
             problems.append(f"proxy_auth: cannot use the {kind!r} twisted.cred checker: {e}")
-    if config.tls_certificate is not None:
-        try:
-            server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
-        except TLSConfigError as e:
-            problems.append(f"tls.certificate: {e}")
+    return problems
+
+
+def _endpoint_problems(config: Config, reactor: Any, *, dry_run: bool) -> list[str]:
     endpoints = [("listen", endpoint) for endpoint in config.listen]
     if config.metrics_listen:
         endpoints.append(("metrics.listen", config.metrics_listen))
+    problems: list[str] = []
     for setting_key, description in endpoints:
         if dry_run and description.lower().startswith("systemd:"):
             continue
         problem = endpoint_problem(setting_key, description, reactor)
         if problem is not None:
             problems.append(problem)
-    return config, problems
+    return problems
 
 
 def endpoint_problem(setting: str, description: str, reactor: Any) -> str | None:

@@ -18,7 +18,6 @@ from weakref import WeakKeyDictionary
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet._sslverify import ClientTLSOptions, _verifyCB
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
@@ -107,7 +106,7 @@ class UpstreamTLS:
         self.hostname = hostname
         self.pin = pin
         self._context = context
-        self._verify: ClientTLSOptions | None = verify
+        self._verify: Any = verify  # Twisted's ClientTLSOptions; None when pinned
         #: Why a connection's certificate was refused, per connection, for `describe`.
         self._refusals: WeakKeyDictionary[SSL.Connection, str] = WeakKeyDictionary()
 
@@ -121,9 +120,7 @@ class UpstreamTLS:
             chain_and_name = None
         else:
             connection = self._verify.clientConnectionForTLS(tlsProtocol)
-            chain_and_name = _verifyCB(
-                tlsProtocol, self._verify._hostnameIsDnsName, self._verify._hostnameASCII
-            )
+            chain_and_name = _twisted_verify_callback(self._verify, tlsProtocol)
         connection.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._checker(chain_and_name)
         )
@@ -164,6 +161,18 @@ class UpstreamTLS:
         if "VerificationError" in text or "hostname" in text.lower() or "match" in text.lower():
             return f"the upstream's certificate does not match the name {self.hostname}"
         return f"TLS handshake failed: {text}"
+
+
+def _twisted_verify_callback(options: Any, tls_protocol: Any) -> Any:
+    """The certificate check Twisted installs for `optionsForClientTLS` (chain, then name).
+
+    The only use of private Twisted API (`twisted.internet._sslverify`): Twisted offers no
+    public hook to learn *why* verification failed, so the gateway installs Twisted's own
+    callback wrapped in one that records the OpenSSL error, rather than re-implementing the
+    name check."""
+    from twisted.internet._sslverify import _verifyCB
+
+    return _verifyCB(tls_protocol, options._hostnameIsDnsName, options._hostnameASCII)
 
 
 def _not_pinned(seen: str) -> str:

@@ -1,11 +1,12 @@
 """The pure rules the session is built from, each alone: transfer outcome and upstream data mode
-(`gateway.transfer`), proxy login styles (`gateway.proxy_login`), FEAT (`gateway.features`)."""
+(`gateway.transfer`), proxy login styles (`gateway.login`), FEAT (`gateway.features`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway import features, proxy_login, transfer
+from gateway import features, transfer
+from gateway import login as proxy_login
 from gateway.addresses import UserTarget
 from gateway.codec import Command, Reply
 from gateway.effects import Side
@@ -24,24 +25,38 @@ def a_transfer(**state: object) -> transfer.Transfer:
     return t
 
 
+RELAYING = transfer.TransferPhase.RELAYING
+RELAYED = transfer.TransferPhase.RELAYED
+FAILED = transfer.TransferPhase.FAILED
+OPENING = Reply.of(150, "Opening data connection.")
+
+
 @pytest.mark.parametrize(
     ("state", "code"),
     [
         ({}, None),  # nothing from the upstream yet
-        ({"upstream_final": OK, "relay_started": True}, None),  # 226 overtook the bytes
-        ({"upstream_final": OK, "preliminary_sent": True}, None),  # client still connecting
+        ({"upstream_final": OK, "phase": RELAYING}, None),  # 226 overtook the bytes
+        ({"upstream_final": OK, "preliminary": OPENING}, None),  # client still connecting
         ({"upstream_final": REFUSED}, 550),  # refused before any data: relayed as is
-        ({"upstream_final": OK, "relay_started": True, "relay_result": (True, "done")}, 226),
-        ({"upstream_final": OK, "relay_started": True, "relay_result": (False, "reset")}, 426),
-        ({"upstream_final": OK, "relay_result": (False, "no connection")}, 425),
-        ({"relay_started": True, "relay_result": (False, "reset")}, None),  # upstream owes a reply
-        ({"upstream_final": REFUSED, "relay_started": True, "relay_result": (True, "")}, 550),
+        ({"upstream_final": OK, "phase": RELAYED, "relay_result": (True, "done")}, 226),
+        ({"upstream_final": OK, "phase": RELAYED, "relay_result": (False, "reset")}, 426),
+        ({"upstream_final": OK, "phase": FAILED, "relay_result": (False, "no connection")}, 425),
+        ({"phase": RELAYED, "relay_result": (False, "reset")}, None),  # upstream owes a reply
+        ({"upstream_final": REFUSED, "phase": RELAYED, "relay_result": (True, "")}, 550),
         # 226 with no 1xx and no data connection at all: a transfer that never happened.
         ({"upstream_final": OK}, 451),
         # 226 with no 1xx, but the upstream's data connection exists (an empty transfer on
         # servers that skip the 1xx): the relay decides.
         ({"upstream_final": OK, "upstream_opened": True}, None),
-        ({"upstream_final": OK, "upstream_opened": True, "relay_result": (True, "0 b")}, 226),
+        (
+            {
+                "upstream_final": OK,
+                "upstream_opened": True,
+                "phase": RELAYED,
+                "relay_result": (True, "0 b"),
+            },
+            226,
+        ),
     ],
 )
 def test_final_reply_never_reports_an_incomplete_transfer_as_done(
@@ -59,9 +74,9 @@ def test_success_without_a_data_connection_says_nothing_was_transferred() -> Non
 
 
 def test_failed_relay_reply_says_why() -> None:
-    cut = a_transfer(upstream_final=OK, relay_started=True, relay_result=(False, "reset by peer"))
+    cut = a_transfer(upstream_final=OK, phase=RELAYED, relay_result=(False, "reset by peer"))
     assert transfer.final_reply(cut) == Reply.of(426, "Transfer failed: reset by peer.")
-    never = a_transfer(upstream_final=OK, relay_result=(False, "timed out"))
+    never = a_transfer(upstream_final=OK, phase=FAILED, relay_result=(False, "timed out"))
     assert transfer.final_reply(never) == Reply.of(425, "Cannot open data connection: timed out.")
 
 

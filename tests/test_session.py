@@ -19,6 +19,7 @@ from gateway.effects import (
     ResolveUpstream,
     Side,
     StartRelay,
+    StartUpstreamTLS,
     ToClient,
     ToUpstream,
 )
@@ -568,6 +569,26 @@ def test_upstream_active_mode_sends_the_command_once_when_the_server_connects_ea
     assert to_client(s.relay_finished(True, "1 byte")) == [(226, "Transfer complete.")]
 
 
+def test_upstream_active_mode_relay_that_starts_before_the_port_reply_still_ends_in_226() -> None:
+    """The client is already connected and pyftpdlib connects before answering PORT: the relay
+    starts before RETR goes out, and its outcome still decides the final reply."""
+    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s.client_line(line("PASV"))
+    s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
+    assert s.data_connected(Side.CLIENT) == []
+    s.client_line(line("RETR f"))
+    s.data_listening(Side.UPSTREAM, HostPort.of("198.51.100.1", 6000))
+    assert s.data_connected(Side.UPSTREAM) == [StartRelay(Side.UPSTREAM)]
+    assert to_upstream(s.upstream_reply(r(200, "PORT command successful"))) == ["RETR f"]
+    assert to_client(s.upstream_reply(r(150, "Opening data connection."))) == [
+        (150, "Opening data connection.")
+    ]
+    assert to_client(s.relay_finished(True, "1 byte")) == []
+    assert to_client(s.upstream_reply(r(226, "Transfer complete."))) == [
+        (226, "Transfer complete.")
+    ]
+
+
 def test_auto_tls_upstream_that_offers_auth_but_refuses_it_is_used_in_clear_text() -> None:
     """pure-ftpd without a certificate lists AUTH TLS in FEAT and answers AUTH TLS with 500."""
     s = Session(Config(upstream=("ftp.test", 21)), client_peer=CLIENT, client_local=LOCAL)
@@ -591,6 +612,27 @@ def test_required_tls_upstream_that_refuses_auth_is_closed_with_421() -> None:
     effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
     assert to_client(effects)[0][0] == 421
     assert CloseClient() in effects
+
+
+def test_replies_read_with_the_234_are_dropped_and_none_answers_a_later_command() -> None:
+    """RFC 4217 section 4: what followed 234 in the same clear-text read is not from the TLS
+    peer. The session, not the shell, drops it; and no reply of that read can answer the PBSZ
+    sent after it (the horizon)."""
+    config = Config(upstream=("ftp.test", 21), upstream_tls="required")
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    s.start()
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    assert to_upstream(s.upstream_reply(r(220, "ready"))) == ["AUTH TLS"]
+    effects = s.upstream_replies([r(234, "go ahead"), r(200, "injected before the handshake")])
+    assert effects == [StartUpstreamTLS("ftp.test")]
+    assert to_upstream(s.upstream_tls_ready()) == ["PBSZ 0"]
+    # Read before PROT went out: the second reply cannot be PROT's.
+    effects = s.upstream_replies([r(200, "PBSZ=0"), r(200, "early")])
+    assert to_upstream(effects) == ["PROT P"] and to_client(effects) == []
+    assert [e.format for e in effects if isinstance(e, Log)] == [
+        "Unsolicited upstream reply {reply}"
+    ]
+    assert to_client(s.upstream_replies([r(200, "PROT ok")])) == [(220, "ready")]
 
 
 def test_transparent_mode_connects_to_the_original_destination() -> None:

@@ -164,20 +164,20 @@ class LdapSettings:
     def from_config(cls, config: Config) -> LdapSettings:
         """Raises ConfigError (one line, naming the setting) for what `config.build` cannot
         check without reading files: the URL's parts and the service password file."""
-        url = urlsplit(config.ldap_url or "")
+        url = urlsplit(config.ldap.url or "")
         if url.scheme not in ("ldap", "ldaps") or not url.hostname:
             raise ConfigError("ldap.url: expected ldaps://HOST[:PORT] or ldap://HOST[:PORT]")
         if url.path not in ("", "/") or url.query or url.username:
             raise ConfigError("ldap.url: only ldap[s]://HOST[:PORT] is supported")
         ldaps = url.scheme == "ldaps"
-        password = config.ldap_bind_password
-        if config.ldap_bind_password_file is not None:
+        password = config.ldap.bind_password
+        if config.ldap.bind_password_file is not None:
             try:
-                password = Path(config.ldap_bind_password_file).read_text().strip()
+                password = Path(config.ldap.bind_password_file).read_text().strip()
             except OSError as e:
                 raise ConfigError(
                     f"ldap.bind_password_file: cannot read "
-                    f"{config.ldap_bind_password_file}: {e.strerror}"
+                    f"{config.ldap.bind_password_file}: {e.strerror}"
                 ) from None
         try:
             port = url.port or (636 if ldaps else 389)
@@ -187,15 +187,15 @@ class LdapSettings:
             host=url.hostname,
             port=port,
             ldaps=ldaps,
-            starttls=config.ldap_starttls,
-            ca_file=config.ldap_ca_file,
-            user_dn_template=config.ldap_user_dn_template,
-            bind_dn=config.ldap_bind_dn,
+            starttls=config.ldap.starttls,
+            ca_file=config.ldap.ca_file,
+            user_dn_template=config.ldap.user_dn_template,
+            bind_dn=config.ldap.bind_dn,
             bind_password=password,
-            base_dn=config.ldap_base_dn,
-            filter=config.ldap_filter,
-            require_group=config.ldap_require_group,
-            timeout=config.ldap_timeout,
+            base_dn=config.ldap.base_dn,
+            filter=config.ldap.filter,
+            require_group=config.ldap.require_group,
+            timeout=config.ldap.timeout,
         )
 
     def tls_options(self) -> Any:

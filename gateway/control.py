@@ -43,7 +43,7 @@ from zope.interface import implementer
 from gateway import proxyproto, splice
 from gateway.addresses import HostPort, is_ip_literal
 from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
-from gateway.codec import DEFAULT_MAX_LINE, CommandReader, Reply, ReplyReader
+from gateway.codec import MAX_REPLY_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
 from gateway.data import DataConnection, DataTLS, PassiveListener, RelayResult
 from gateway.effects import (
@@ -102,9 +102,9 @@ class UpstreamControl(Protocol):
     def _new_reader(self) -> ReplyReader:
         config = self.owner.factory.config
         return ReplyReader(
-            max_line=max(config.max_line, DEFAULT_MAX_LINE),
-            max_lines=config.max_reply_lines,
-            max_bytes=config.max_reply_bytes,
+            max_line=max(config.limits.max_line, MAX_REPLY_LINE),
+            max_lines=config.limits.max_reply_lines,
+            max_bytes=config.limits.max_reply_bytes,
         )
 
     def connectionMade(self) -> None:
@@ -190,7 +190,7 @@ class _DataSide:
             return DataTLS(
                 self._owner.factory.server_tls,
                 server=True,
-                require_reuse=self._owner.factory.config.require_data_session_reuse,
+                require_reuse=self._owner.factory.config.tls.require_data_session_reuse,
             )
         assert self._owner.upstream is not None and self._owner.upstream.tls_options is not None
         control = self._owner.upstream.transport.getHandle()  # type: ignore[union-attr]
@@ -209,8 +209,8 @@ class _DataSide:
                 self._owner.factory.reactor,
                 bind_host=local.host,
                 peer_host=peer.host,
-                timeout=config.data_connect_timeout,
-                port_range=config.passive_ports,
+                timeout=config.timeouts.data_connect,
+                port_range=config.data.passive_ports,
                 tls=self._tls(side, tls),
                 on_failure=lambda reason: self._failed(channels, side, reason),
                 balancer=proxyproto.balancer_of(control) if side is Side.CLIENT else None,
@@ -248,13 +248,17 @@ class _DataSide:
         reactor = self._owner.factory.reactor
         endpoint_type = TCP4ClientEndpoint if target.family == 4 else TCP6ClientEndpoint
         endpoint = endpoint_type(
-            reactor, target.host, target.port, timeout=config.data_connect_timeout, bindAddress=bind
+            reactor,
+            target.host,
+            target.port,
+            timeout=config.timeouts.data_connect,
+            bindAddress=bind,
         )
         channels = self.channels
         connection = DataConnection(
             self._tls(side, tls),
             clock=reactor,
-            handshake_timeout=config.data_connect_timeout,
+            handshake_timeout=config.timeouts.data_connect,
         )
         d = endpoint.connect(_one_shot(connection))
         channels.pending.append(d)
@@ -323,8 +327,8 @@ class _DataSide:
             channels.connections[source],
             channels.connections[sink],
             reactor,
-            config.stall_timeout,
-            config.data_relay,
+            config.timeouts.stall,
+            config.data.relay,
         )
         channels.relay = d
         direction = "download" if source is Side.UPSTREAM else "upload"
@@ -392,7 +396,7 @@ class ClientControl(Protocol):
             return
         if local not in self.factory.listening:
             self.factory.add_listener(local)
-        self.reader = CommandReader(max_line=config.max_line)
+        self.reader = CommandReader(max_line=config.limits.max_line)
         self.session = Session(
             config,
             client_peer=peer,
@@ -411,12 +415,12 @@ class ClientControl(Protocol):
         _urgent_inline(self.transport)
         _no_delay(self.transport)
         clock = self.factory.reactor
-        self.flow = ControlFlow(clock, config.control_send_timeout, self._not_reading)
+        self.flow = ControlFlow(clock, config.timeouts.control_send, self._not_reading)
         if self.session.client_tls:
             self.flow.tls_started(Side.CLIENT)  # implicit TLS: the handshake comes first
         self.flow.attach(Side.CLIENT, self.transport)
-        self._login_timer = clock.callLater(config.login_timeout, self._timer, "login")
-        self._idle_timer = clock.callLater(config.idle_timeout, self._timer, "idle")
+        self._login_timer = clock.callLater(config.timeouts.login, self._timer, "login")
+        self._idle_timer = clock.callLater(config.timeouts.idle, self._timer, "idle")
         self.run(self.session.start())
 
     def _refuse_loop(self) -> None:
@@ -438,7 +442,7 @@ class ClientControl(Protocol):
         self.run(self.session.timed_out(what))
         if what == "idle" and not self.session.closed:
             self._idle_timer = self.factory.reactor.callLater(
-                self.factory.config.idle_timeout, self._timer, "idle"
+                self.factory.config.timeouts.idle, self._timer, "idle"
             )
 
     def _watch_replies(self) -> None:
@@ -457,7 +461,7 @@ class ClientControl(Protocol):
             timer.cancel()
         self._reply_mark = mark
         self._reply_timer = self.factory.reactor.callLater(
-            self.factory.config.reply_timeout, self._reply_timed_out, mark
+            self.factory.config.timeouts.reply, self._reply_timed_out, mark
         )
 
     def _reply_timed_out(self, mark: int) -> None:
@@ -472,7 +476,7 @@ class ClientControl(Protocol):
         clean close would wait for it to read what is buffered."""
         upstream = self.upstream.transport if self.upstream is not None else None
         stuck = self.transport if side is Side.CLIENT else upstream
-        self.run(self.session.peer_not_reading(side, self.factory.config.control_send_timeout))
+        self.run(self.session.peer_not_reading(side, self.factory.config.timeouts.control_send))
         if stuck is not None:
             stuck.abortConnection()  # type: ignore[attr-defined]
 
@@ -480,7 +484,7 @@ class ClientControl(Protocol):
         if self._refused:
             return
         if self._idle_timer.active():
-            self._idle_timer.reset(self.factory.config.idle_timeout)
+            self._idle_timer.reset(self.factory.config.timeouts.idle)
         for event in self.reader.feed(data):
             if self.session.closed:
                 return
@@ -813,7 +817,7 @@ class GatewayFactory(Factory):
         #: Every address the gateway listens on (`add_listener`): never an upstream or a data
         #: target.
         self.listening: set[HostPort] = set()
-        self.login_throttle = LoginThrottle(limit=config.max_failed_logins, window=60.0)
+        self.login_throttle = LoginThrottle(limit=config.limits.max_failed_logins, window=60.0)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -821,17 +825,17 @@ class GatewayFactory(Factory):
         keep the configuration and policy they started with; the login throttle keeps its
         count of failures."""
         server_tls: Any = None
-        if config.tls_certificate is not None:
+        if config.tls.certificate is not None:
             server_tls = server_options(
-                config.tls_certificate, config.tls_private_key, config.tls_min_version
+                config.tls.certificate, config.tls.private_key, config.tls.min_version
             )
         self.checkers = [
             make_checker(description, config, self.reactor) for description in config.proxy_auth
         ]
         self.policy = UpstreamPolicy(
-            rules=config.upstream_rules, own_addresses=frozenset(self.listening)
+            rules=config.upstream_policy_rules, own_addresses=frozenset(self.listening)
         )
-        self.login_throttle.limit = config.max_failed_logins
+        self.login_throttle.limit = config.limits.max_failed_logins
         self.server_tls = server_tls
         self.config = config
 
@@ -869,12 +873,12 @@ class GatewayFactory(Factory):
 
     def _admission(self, peer: HostPort) -> tuple[str, str] | None:
         """Why a new client may not start a session (a short key and a sentence), or None."""
-        decision = check_client(self.config.client_rules, peer.host)
+        decision = check_client(self.config.client_policy_rules, peer.host)
         if not decision.allowed:
             return "client_policy", "Access denied by the gateway's client policy."
-        if self.active >= self.config.max_sessions:
+        if self.active >= self.config.limits.max_sessions:
             return "max_sessions", "Too many sessions on this gateway; try again later."
-        if self.sessions.get(peer.host, 0) >= self.config.max_sessions_per_ip:
+        if self.sessions.get(peer.host, 0) >= self.config.limits.max_sessions_per_ip:
             return "max_sessions_per_ip", "Too many sessions from your address; try again later."
         return None
 
@@ -929,13 +933,13 @@ class GatewayFactory(Factory):
         config = self.config
         return client_options(
             name,
-            ca_file=config.upstream_ca_file,
-            pin=config.upstream_fingerprint,
-            min_version=config.tls_min_version,
+            ca_file=config.tls.upstream_ca_file,
+            pin=config.tls.upstream_fingerprint,
+            min_version=config.tls.min_version,
         )
 
     def client_endpoint(self, host: str, port: int) -> Any:
-        bind = (self.config.source_address, 0) if self.config.source_address else None
+        bind = (self.config.data.source_address, 0) if self.config.data.source_address else None
         if not is_ip_literal(host):
             # Reverse mode names its upstream; HostnameEndpoint tries IPv6 and IPv4 (RFC 8305).
             return HostnameEndpoint(self.reactor, host, port, timeout=30, bindAddress=bind)

@@ -146,13 +146,13 @@ class MainLog:
                 out = sys.stdout
             else:
                 self.file = out = LogFile.fromFullPath(name or "twistd.log")
-            formatter = format_json if config.log_format == "json" else format_text
+            formatter = format_json if config.log.format == "json" else format_text
             base = FileLogObserver(out, formatter)  # type: ignore[arg-type]
         self.observer = FilteringLogObserver(
             base,
             [
-                LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.log_level]),
-                _noise_filter(config.log_level),
+                LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.log.level]),
+                _noise_filter(config.log.level),
             ],
         )
 

@@ -96,8 +96,8 @@ class Session:
         self.fixed_upstream = config.upstream
         if config.transparent and destination is not None:
             self.fixed_upstream = (destination.host, destination.port)
-        self.policy = policy or UpstreamPolicy(rules=config.upstream_rules)
-        self.commands = CommandPolicy(config.denied_commands, config.read_only)
+        self.policy = policy or UpstreamPolicy(rules=config.upstream_policy_rules)
+        self.commands = CommandPolicy(config.commands.deny, config.commands.read_only)
         self.client_peer = client_peer
         self.client_local = client_local
         self.phase = Phase.LOGIN
@@ -187,7 +187,7 @@ class Session:
         if isinstance(event, Command) and event.verb == "ABOR" and self.transferring:
             return self.transfers.abort()
         if self._in_progress or self._queue or self.phase not in ACCEPTS_COMMANDS:
-            if len(self._queue) >= self.config.max_pending_commands:
+            if len(self._queue) >= self.config.limits.max_pending_commands:
                 text = "Too many commands sent without waiting for replies; closing."
                 return self.close(Reply.of(421, text))
             self._queue.append(event)

@@ -73,8 +73,8 @@ class Upstream:
 
     def _tls_name(self) -> str:
         """The name the upstream's certificate must carry."""
-        if self._host.config.upstream_tls_name:
-            return self._host.config.upstream_tls_name
+        if self._host.config.tls.upstream_name:
+            return self._host.config.tls.upstream_name
         if self._host.fixed_upstream is not None:
             return self._host.fixed_upstream[0]
         target = self._host.login.target
@@ -83,7 +83,7 @@ class Upstream:
 
     def connect(self, host: str, port: int) -> list[Effect]:
         """Open the connection to `host`, an address policy approved (or the configured name)."""
-        if self._host.config.upstream_tls != "implicit":
+        if self._host.config.tls.upstream != "implicit":
             return [ConnectUpstream(host, port)]
         return [ConnectUpstream(host, port, implicit_tls=True, tls_name=self._tls_name())]
 
@@ -98,7 +98,7 @@ class Upstream:
         return [log, *self._host.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
 
     def tls_failed(self, reason: str) -> list[Effect]:
-        if self._host.config.upstream_tls == "auto" and "certificate" in reason:
+        if self._host.config.tls.upstream == "auto" and "certificate" in reason:
             # An administrator meets this first with a self-signed upstream: name the fix.
             reason += (
                 "; to trust it set tls.upstream_ca_file or tls.upstream_fingerprint, "
@@ -158,7 +158,7 @@ class Upstream:
         follows it into TLS, if it is connected and not protected yet; client commands wait
         until it is."""
         if (
-            self._host.config.upstream_tls != "match_client"
+            self._host.config.tls.upstream != "match_client"
             or self.peer is None
             or self.ftps.active
         ):
@@ -248,7 +248,7 @@ class Upstream:
     def reply_timed_out(self) -> list[Effect]:
         """The upstream left a command unanswered for `timeouts.reply` seconds: a transfer
         ends with 426, anything else ends the session with 421 (221 after QUIT)."""
-        seconds = f"{self._host.config.reply_timeout:g}"
+        seconds = f"{self._host.config.timeouts.reply:g}"
         log = Log(
             "warn",
             "Upstream {peer} sent no reply within {seconds} seconds",

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport, _FakePort
 from twisted.python.failure import Failure
 
-from gateway.config import Config
+from gateway.config import Config, Data, Tls
 from gateway.control import GatewayFactory
 
 CLIENT_IP = "127.0.0.5"
@@ -166,13 +166,13 @@ class MemoryGateway:
 
 
 def reverse_config(**overrides: Any) -> Config:
-    """Reverse mode to a fixed upstream IP, plain text upstream, a passive port range."""
+    """Reverse mode to a fixed upstream IP, plain text upstream, a passive port range;
+    `overrides` replace whole tables (`tls=Tls(...)`) or top-level settings."""
     values: dict[str, Any] = {
         "upstream": (UPSTREAM_IP, 21),
-        "upstream_tls": "off",
-        "passive_ports": (30000, 30009),
+        "tls": Tls(upstream="off"),
         # The in-memory transports have no socket to splice: bytes go through Python.
-        "data_relay": "copy",
+        "data": Data(passive_ports=(30000, 30009), relay="copy"),
     }
     values.update(overrides)
     return Config(**values)

@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from gateway.codec import Reply
-from gateway.config import Config
+from gateway.config import Config, Limits, Timeouts, Tls
 from gateway.control import ClientControl, GatewayFactory
 from gateway.effects import ConnectUpstream, ToClient
 
@@ -24,8 +24,9 @@ from gateway.effects import ConnectUpstream, ToClient
 def tls_config(pki: Pki, **overrides: object) -> MemoryGateway:
     return MemoryGateway(
         reverse_config(
-            tls_certificate=str(pki.server_cert),
-            tls_private_key=str(pki.server_key),
+            tls=Tls(
+                upstream="off", certificate=str(pki.server_cert), private_key=str(pki.server_key)
+            ),
             **overrides,
         )
     )
@@ -94,7 +95,7 @@ def test_client_bytes_sent_after_auth_tls_in_clear_text_are_discarded(pki: Pki) 
 def test_upstream_replies_after_its_234_in_clear_text_are_discarded() -> None:
     # RFC 4217 section 4, the other way round: what followed the upstream's 234 in the same
     # clear-text read was not sent by the TLS peer.
-    gateway = MemoryGateway(reverse_config(upstream_tls="required"))
+    gateway = MemoryGateway(reverse_config(tls=Tls(upstream="required")))
     client = gateway.connect_client()
     upstream = gateway.accept_outgoing()
     upstream.send(b"220 upstream ready\r\n")
@@ -112,7 +113,7 @@ def test_upstream_replies_after_its_234_in_clear_text_are_discarded() -> None:
 
 
 def test_reply_timer_ends_the_session_when_the_upstream_stays_silent() -> None:
-    config = reverse_config(reply_timeout=20.0)
+    config = reverse_config(timeouts=Timeouts(reply=20.0))
     gateway = MemoryGateway(config)
     client, upstream = gateway.logged_in()
     client.send(b"CWD /a\r\n")
@@ -136,7 +137,7 @@ def test_reply_timer_ends_the_session_when_the_upstream_stays_silent() -> None:
 
 
 def test_each_upstream_reply_restarts_the_reply_timer() -> None:
-    gateway = MemoryGateway(reverse_config(reply_timeout=20.0))
+    gateway = MemoryGateway(reverse_config(timeouts=Timeouts(reply=20.0)))
     client, upstream = gateway.logged_in()
     client.send(b"CWD /a\r\nCWD /b\r\n")
     gateway.reactor.advance(15.0)
@@ -148,7 +149,7 @@ def test_each_upstream_reply_restarts_the_reply_timer() -> None:
 
 
 def test_login_timer_ends_a_session_that_does_not_log_in() -> None:
-    gateway = MemoryGateway(reverse_config(login_timeout=30.0))
+    gateway = MemoryGateway(reverse_config(timeouts=Timeouts(login=30.0)))
     client, _ = gateway.reverse_session()
     client.received()
     gateway.reactor.advance(29.0)
@@ -302,7 +303,7 @@ def test_client_leaving_closes_the_upstream_and_frees_its_session_slot() -> None
 
 @pytest.mark.parametrize("limit", [1, 2])
 def test_sessions_beyond_the_per_ip_limit_get_421_and_no_session(limit: int) -> None:
-    gateway = MemoryGateway(reverse_config(max_sessions_per_ip=limit))
+    gateway = MemoryGateway(reverse_config(limits=Limits(max_sessions_per_ip=limit)))
     for _ in range(limit):
         gateway.connect_client()
     refused = gateway.connect_client()

@@ -23,6 +23,7 @@ from gateway.codec import DEFAULT_MAX_LINE
 from gateway.effects import LogLevel
 from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
+from gateway.rates import DIRECTIONS, UNLIMITED, Rate, parse_rate
 
 #: `data.upstream_mode`: how the gateway opens data connections to the upstream.
 UpstreamDataMode = Literal["passive", "pasv", "epsv", "active", "client"]
@@ -257,6 +258,26 @@ def _checkers(name: str, value: object) -> tuple[str, ...]:
     return descriptions
 
 
+def _rate(name: str, value: object) -> Rate:
+    """Bytes per second for both directions, or a table { download = ..., upload = ... } with
+    either or both; 0 or a missing direction is unlimited (`gateway.rates.parse_rate`)."""
+    try:
+        if not isinstance(value, dict):
+            rate = parse_rate(value)
+            return Rate(download=rate, upload=rate)
+        unknown = set(value) - set(DIRECTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown key {sorted(unknown)[0]!r}; a table takes download and upload"
+            )
+        return Rate(
+            download=parse_rate(value.get("download", 0)),
+            upload=parse_rate(value.get("upload", 0)),
+        )
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
 def _fingerprint(name: str, value: object) -> str | None:
     text = _optional_string(name, value)
     if text is None:
@@ -326,6 +347,22 @@ class Limits:
         _integer(1, 1000),
         5,
         "Failed proxy logins per client IP per minute before refusing with 421.",
+    )
+    rate_per_session: Rate = setting(
+        _rate,
+        UNLIMITED,
+        "Bytes per second one session's transfers may move ('512k', '1M', or a table "
+        "{ download = ..., upload = ... }). 0: unlimited.",
+    )
+    rate_per_user: Rate = setting(
+        _rate,
+        UNLIMITED,
+        "Bytes per second shared by all sessions of one proxy user or login name. 0: unlimited.",
+    )
+    rate_total: Rate = setting(
+        _rate,
+        UNLIMITED,
+        "Bytes per second for all transfers through the gateway together. 0: unlimited.",
     )
     max_line: int = setting(
         _integer(512, 65536),

@@ -70,6 +70,7 @@ from gateway.flow import ControlFlow
 from gateway.listeners import interface_addresses, listener_addresses
 from gateway.logs import SessionLogger
 from gateway.policy import LoginThrottle, UpstreamPolicy, check_client, is_own_address
+from gateway.rates import Direction, RateLimits
 from gateway.session import Session
 from gateway.tls import (
     ResumingClientCreator,
@@ -220,7 +221,11 @@ class _DataSide:
             # A range with no free port, or an address that cannot be bound: the session
             # answers the command with 425 and goes on.
             reason = str(e.socketError)
-            self._owner.log.error("Cannot open a passive listener: {error}", error=reason)
+            self._owner.log.error(
+                "Cannot open a passive listener: {error}",
+                error=reason,
+                event=Event.PASSIVE_LISTEN_FAILED,
+            )
             self._owner.run(self._owner.session.data_failed(side, reason))
             return
         channels.listeners[side] = listener
@@ -323,15 +328,17 @@ class _DataSide:
         sink = Side.CLIENT if source is Side.UPSTREAM else Side.UPSTREAM
         reactor = self._owner.factory.reactor
         config = self._owner.factory.config
+        direction: Direction = "download" if source is Side.UPSTREAM else "upload"
         d = splice.relay(
             channels.connections[source],
             channels.connections[sink],
             reactor,
             config.timeouts.stall,
             config.data.relay,
+            log=self._owner.log,
+            draw=self._owner.rates.draw(direction, self._owner.session.login_name),
         )
         channels.relay = d
-        direction = "download" if source is Side.UPSTREAM else "upload"
         started = reactor.seconds()
         self._owner.log.debug(
             "Transfer {direction} started", direction=direction, event=Event.RELAY_STARTED
@@ -405,6 +412,7 @@ class ClientControl(Protocol):
             implicit_tls=ISSLTransport.providedBy(self.transport),
             destination=destination,
         )
+        self.rates = self.factory.rates.session()
         self.log.info(
             "Session started: client {client}, {mode} mode, upstream {upstream}",
             client=str(peer),
@@ -576,7 +584,7 @@ class ClientControl(Protocol):
         if self._upstream_connecting is not None:
             self._upstream_connecting.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.loseConnection()
+            self.flow.close(Side.UPSTREAM, self.upstream.transport)
 
     def _log(self, effect: Log) -> None:
         fields = effect.fields
@@ -629,7 +637,12 @@ class ClientControl(Protocol):
         """Open the upstream control connection; with `implicit_tls` (the name to verify),
         TLS starts with the first byte (port 990 style)."""
         if self.factory.is_self(host, port):
-            self.log.warn("Refused a connection loop to {host}:{port}", host=host, port=port)
+            self.log.warn(
+                "Refused a connection loop to {host}:{port}",
+                host=host,
+                port=port,
+                event=Event.UPSTREAM_LOOP_REFUSED,
+            )
             self.run(
                 self.session.upstream_connect_failed("that is this gateway (a connection loop)")
             )
@@ -703,7 +716,7 @@ _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
     ConnectData: lambda control, e: control._data.connect(e.side, e.target, e.tls),
     StartRelay: lambda control, e: control._data.start_relay(e.source),
     CloseData: ClientControl._close_data,
-    CloseClient: lambda control, e: control.transport.loseConnection(),
+    CloseClient: lambda control, e: control.flow.close(Side.CLIENT, control.transport),
     CloseUpstream: ClientControl._close_upstream,
     Log: ClientControl._log,
 }
@@ -818,6 +831,7 @@ class GatewayFactory(Factory):
         #: target.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.limits.max_failed_logins, window=60.0)
+        self.rates = self._rate_limits(config)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -836,8 +850,24 @@ class GatewayFactory(Factory):
             rules=config.upstream_policy_rules, own_addresses=frozenset(self.listening)
         )
         self.login_throttle.limit = config.limits.max_failed_logins
+        rates = (
+            config.limits.rate_per_session,
+            config.limits.rate_per_user,
+            config.limits.rate_total,
+        )
+        if not self.rates.same_settings(*rates):
+            # Changed limits apply to new sessions; running ones keep their buckets.
+            self.rates = self._rate_limits(config)
         self.server_tls = server_tls
         self.config = config
+
+    def _rate_limits(self, config: Config) -> RateLimits:
+        return RateLimits(
+            per_session=config.limits.rate_per_session,
+            per_user=config.limits.rate_per_user,
+            total=config.limits.rate_total,
+            clock=self.reactor.seconds,
+        )
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         peer = _hostport(addr)

@@ -43,6 +43,8 @@ from zope.interface import implementer
 from gateway.addresses import HostPort
 from gateway.events import Event
 from gateway.proxyproto import ForwardedData
+from gateway.rates import Draw
+from gateway.throttle import ThrottledSource
 from gateway.transfer import ReceiverClose, download_delivered
 
 _log = Logger(namespace="gateway.data")
@@ -302,9 +304,17 @@ def _session_reused(transport: Any) -> bool:
 
 
 def relay(
-    source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+    source: DataConnection,
+    sink: DataConnection,
+    clock: IReactorTime,
+    stall: float,
+    log: Logger = _log,
+    draw: Draw | None = None,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink` until `source` ends, then close `sink`.
+
+    With a `draw` (bandwidth limits), the source reads only what the draw's buckets grant
+    (`gateway.throttle.ThrottledSource`), and the draw is closed when the source ends.
 
     Succeeds only when the source ended cleanly and the sink's transport flushed and closed
     cleanly (for a client receiving a protected download, `transfer.download_delivered` says
@@ -316,6 +326,8 @@ def relay(
     seen = -1
     source_ended = False
     ignored = _Ignored()
+    throttle = None if draw is None else ThrottledSource(source.transport, draw, clock)
+    producer: Any = source.transport if throttle is None else throttle
 
     def watchdog() -> None:
         nonlocal seen, timer
@@ -332,8 +344,10 @@ def relay(
     def finish(ok: bool, detail: str) -> None:
         if timer.active():
             timer.cancel()
+        if throttle is not None:
+            throttle.stop()
         if not done.called:
-            ignored.report(sink)
+            ignored.report(sink, log)
             if not ok:
                 source.abort()
                 sink.abort()
@@ -343,10 +357,14 @@ def relay(
         nonlocal count
         count += len(data)
         sink.transport.write(data)  # type: ignore[union-attr]
+        if throttle is not None:
+            throttle.received(len(data))
 
     def source_lost(_: DataConnection, reason: Failure) -> None:
         nonlocal source_ended
         source_ended = True
+        if throttle is not None:
+            throttle.stop()
         if reason.check(error.ConnectionDone):
             sink.transport.unregisterProducer()  # type: ignore[union-attr]
             sink.transport.loseConnection()  # type: ignore[union-attr]
@@ -368,10 +386,10 @@ def relay(
     source.on_lost = source_lost
     sink.on_lost = sink_lost
     sink.send()
-    sink.transport.registerProducer(source.transport, True)  # type: ignore[union-attr]
+    sink.transport.registerProducer(producer, True)  # type: ignore[union-attr]
     # The sink never sends anything meaningful; reading it lets us see it close or reset.
     sink.transport.resumeProducing()  # type: ignore[union-attr]
-    source.transport.resumeProducing()  # type: ignore[union-attr]
+    producer.resumeProducing()
     return done
 
 
@@ -392,10 +410,11 @@ class _Ignored:
     def receive(self, data: bytes) -> None:
         self.bytes += len(data)
 
-    def report(self, sink: DataConnection) -> None:
+    def report(self, sink: DataConnection, log: Logger) -> None:
+        """One line, on the session's logger `log` so it carries the session id."""
         if self.bytes:
             peer = sink.transport.getPeer() if sink.transport is not None else None
-            _log.warn(
+            log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self.bytes,
                 peer=str(getattr(peer, "host", "")),
@@ -488,7 +507,10 @@ class PassiveListener:
             # Forwarded by the balancer that carried the control connection: the PROXY header
             # names who connected, and that must be the client.
             return ForwardedData(
-                lambda source: self._accept(source, forwarded=True), self._clock, self._timeout
+                lambda source: self._accept(source, forwarded=True),
+                self._clock,
+                self._timeout,
+                log=self._log,
             )
         if self._peer is not None and peer is not None and HostPort.of(peer, 1).host != self._peer:
             self._log.warn(
@@ -496,6 +518,7 @@ class PassiveListener:
                 "(possible data-port theft)",
                 peer=peer,
                 expected=self._peer,
+                event=Event.DATA_CONNECTION_DROPPED,
             )
             return None
         self.connection = DataConnection(

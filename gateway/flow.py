@@ -14,6 +14,11 @@ full the gateway reads neither the client (no new commands, so no new replies) n
 the client. A buffer that stays full for `timeout` seconds ends the session (`on_stuck`): a peer
 that never reads must not hold a session open for ever.
 
+Closing goes through the flow too (`close`): a transport does not close while a producer is
+registered on it (ITransport.loseConnection; a TLS transport does not even start its shutdown),
+so the producer is unregistered first, and a peer that reads nothing would still keep the
+connection open while the last replies wait in its buffer: it is aborted after `timeout`.
+
 One exception: during a TLS handshake the TLS layer holds what the gateway writes (a greeting)
 and pauses the producer until the handshake is done, which needs the peer's bytes read. So the
 client's own full buffer does not stop reading the client while its handshake runs (nothing is
@@ -60,6 +65,7 @@ class ControlFlow:
         self._on_stuck = on_stuck
         self._transports: dict[Side, Any] = {}
         self._full: dict[Side, IDelayedCall] = {}
+        self._closing: dict[Side, IDelayedCall] = {}
         self._reading = {Side.CLIENT: True, Side.UPSTREAM: True}
         self._handshaking: set[Side] = set()
 
@@ -71,14 +77,29 @@ class ControlFlow:
         self._apply()
 
     def detach(self, side: Side) -> None:
+        """`side`'s connection is gone."""
         self._transports.pop(side, None)
         self._cancel(side)
+        self._cancel_close(side)
         self._apply()
 
+    def close(self, side: Side, transport: Any) -> None:
+        """Close `side`'s connection once what is buffered for it is sent, or abort it if that
+        has not happened within `timeout`."""
+        if self._transports.get(side) is transport:
+            del self._transports[side]
+            self._cancel(side)
+            transport.unregisterProducer()
+        transport.loseConnection()
+        if side not in self._closing:
+            self._closing[side] = self._clock.callLater(self._timeout, self._abort, side, transport)
+
     def stop(self) -> None:
-        """The session ended: no timer may outlive it."""
+        """The client connection is gone: no timer of the session may outlive it, except the
+        one that aborts an upstream connection still closing (`detach` cancels that one)."""
         for side in list(self._full):
             self._cancel(side)
+        self._cancel_close(Side.CLIENT)
         self._transports.clear()
 
     def tls_started(self, side: Side) -> None:
@@ -107,6 +128,15 @@ class ControlFlow:
         timer = self._full.pop(side, None)
         if timer is not None and timer.active():
             timer.cancel()
+
+    def _cancel_close(self, side: Side) -> None:
+        timer = self._closing.pop(side, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _abort(self, side: Side, transport: Any) -> None:
+        self._closing.pop(side, None)
+        transport.abortConnection()
 
     def _stuck(self, side: Side) -> None:
         self._full.pop(side, None)

@@ -126,6 +126,8 @@ class Login:
     def __init__(self, view: LoginView, *, proxy_auth: bool) -> None:
         self._view = view
         self.proxy_ok = not proxy_auth
+        #: The proxy user the gateway accepted, once it has.
+        self.proxy_user: str | None = None
         self._pending: ProxyLogin | None = None
         #: The upstream the client chose, once chosen.
         self.target: UserTarget | None = None
@@ -235,6 +237,7 @@ class Login:
             )
             return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
         self.proxy_ok = True
+        self.proxy_user = login.proxy_user
         self._view.enter(Phase.LOGIN)
         effects: list[Effect] = [Log("info", "Proxy user {user} authenticated", fields)]
         target = login.target

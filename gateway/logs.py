@@ -59,12 +59,16 @@ _LEVELS = {
 }
 
 #: Lines Twisted writes for every listening port it opens and closes (legacy `log.msg`, always
-#: at info): one pair per passive data connection. Debug detail, not operations news.
+#: at info): one pair per passive data connection, and `GatewayFactory starting on 2121` for
+#: each listener, which the start-up line (`Listening on ...: reverse mode, ...`) says better.
+#: Debug detail, not operations news.
 _NOISE = (
-    re.compile(r"_OneShotFactory starting on \d+"),
-    re.compile(r"\((TCP|UDP) Port \d+ Closed\)"),
+    re.compile(r"\S+ starting on \S+"),
+    re.compile(r"\((TCP|UDP) Port \S+ Closed\)"),
     re.compile(r"(Starting|Stopping) factory .*"),
 )
+#: The same from factories logging through `twisted.logger` (Factory.doStart/doStop).
+_NOISE_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
 
 
 class SessionLogger(Logger):
@@ -82,7 +86,11 @@ class SessionLogger(Logger):
 
 def _noise_filter(level: str) -> Callable[[LogEvent], PredicateResult]:
     def predicate(event: LogEvent) -> PredicateResult:
-        if level == "debug" or event.get("log_namespace") != "log_legacy":
+        if level == "debug":
+            return PredicateResult.maybe
+        if event.get("log_format") in _NOISE_FORMATS:
+            return PredicateResult.no
+        if event.get("log_namespace") != "log_legacy":
             return PredicateResult.maybe
         text = formatEvent(event)
         if any(pattern.fullmatch(text) for pattern in _NOISE):

@@ -208,6 +208,16 @@ class MetricsObserver:
         self.reloads.labels(result=event.get("result", "ok")).inc()
 
 
+class _ScrapeSite(Site):
+    """The metrics site: a scraper asks every few seconds, so a request is not worth a log
+    line (Twisted's `Site` writes an access-log line per request to the main log)."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
 class MetricsService(MultiService):
     """Counts events while running; serves them on `endpoint` when one is given."""
 
@@ -218,8 +228,7 @@ class MetricsService(MultiService):
         if endpoint:
             root = Resource()
             root.putChild(b"metrics", MetricsResource(registry=self.registry))
-            site = Site(root)
-            site.noisy = False
+            site = _ScrapeSite(root)
             Listener(
                 "metrics.listen", endpoint, site, reactor, "Prometheus metrics at /metrics"
             ).setServiceParent(self)

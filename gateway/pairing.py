@@ -25,6 +25,13 @@ from gateway.effects import Effect, ToUpstream
 Handler = Callable[[Reply], list[Effect]]
 
 
+#: Replies the upstream may owe at once. Commands go upstream one at a time, a transfer adding
+#: a few of its own (EPSV or PASV, PORT, REST) and ABOR one more; only ABOR is sent without
+#: waiting, so a client aborting transfer after transfer while the upstream answers (or reads)
+#: nothing would have the gateway send, and remember, commands without bound.
+MAX_OWED_REPLIES = 32
+
+
 def ignore(answer: Reply) -> list[Effect]:
     """The handler of a reply nobody needs (the reply to ABOR, to a dropped command)."""
     return []
@@ -94,6 +101,11 @@ class Pairing:
     def waiting(self) -> bool:
         """Whether some command (or the greeting) still waits for its final reply."""
         return bool(self._waiting)
+
+    @property
+    def owed(self) -> int:
+        """How many final replies the upstream owes (the greeting included)."""
+        return len(self._waiting)
 
     @property
     def horizon(self) -> int:

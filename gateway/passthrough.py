@@ -38,6 +38,8 @@ class PassThrough:
         self._host = host
         #: An upstream 230 was passed to the client (the login timer stops counting).
         self.logged_in = False
+        #: The USER name of that first 230.
+        self.logged_in_as: str | None = None
         #: The representation type in force: ASCII (RFC 959's default) or binary.
         self.transfer_type: TransferType = "a"
 
@@ -69,6 +71,7 @@ class PassThrough:
             effects.append(Log("warn", "Upstream {upstream} refused the login: {text}", refused))
         if answer.code == 230 and not self.logged_in:
             self.logged_in = True
+            self.logged_in_as = self._host.user
             fields = {"user": self._host.user, "event": Event.LOGGED_IN}
             effects.append(Log("info", "User {user} logged in", fields))
         if answer.code == 230 and self._host.phase is Phase.LOGIN:

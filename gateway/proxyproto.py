@@ -189,6 +189,8 @@ class ProxyHeaderFactory(WrappingFactory):
     """
 
     protocol = ProxyHeaderProtocol
+    # No `Starting factory <...ProxyHeaderFactory object at 0x...>` line per listener.
+    noisy = False
 
     def __init__(self, wrapped: IProtocolFactory, clock: IReactorTime, timeout: float) -> None:
         super().__init__(wrapped)
@@ -219,10 +221,13 @@ class ForwardedData(Protocol):
         accept: Callable[[IAddress], Protocol | None],
         clock: IReactorTime,
         timeout: float,
+        log: Logger = _data_log,
     ) -> None:
         self._accept = accept
         self._clock = clock
         self._timeout = timeout
+        #: The session's logger, so a dropped connection is logged with its session id.
+        self._log = log
         self._reader = HeaderReader()
         self._timer: IDelayedCall | None = None
 
@@ -262,10 +267,11 @@ class ForwardedData(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        _data_log.warn(
+        self._log.warn(
             "Dropped forwarded data connection from {peer}: {reason}",
             peer=_describe(self.transport.getPeer()),  # type: ignore[union-attr]
             reason=reason,
+            event=Event.DATA_CONNECTION_DROPPED,
         )
         self.transport.abortConnection()  # type: ignore[union-attr]
 

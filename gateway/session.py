@@ -51,14 +51,14 @@ from gateway.errors import ProtocolError
 from gateway.events import Event
 from gateway.ftps import ClientFTPS
 from gateway.login import Login, check_destination
-from gateway.pairing import Handler, Pairing, ignore
+from gateway.pairing import MAX_OWED_REPLIES, Handler, Pairing, ignore
 from gateway.passthrough import PassThrough
 from gateway.policy import CommandPolicy, UpstreamPolicy
 from gateway.transfer import TransferDriver, TransferType
 from gateway.upstream import MAX_UNSOLICITED_REPLIES, Upstream
 from gateway.view import ACCEPTS_COMMANDS, Phase
 
-__all__ = ["MAX_UNSOLICITED_REPLIES", "SHUTDOWN_TEXT", "Session"]
+__all__ = ["MAX_OWED_REPLIES", "MAX_UNSOLICITED_REPLIES", "SHUTDOWN_TEXT", "Session"]
 
 #: RFC 959 section 4.2: 421 when the service is shutting down.
 SHUTDOWN_TEXT = "Service shutting down."
@@ -120,6 +120,12 @@ class Session:
     def logged_in(self) -> bool:
         """An upstream 230 was passed to the client (the login timer stops counting)."""
         return self.passing.logged_in
+
+    @property
+    def login_name(self) -> str | None:
+        """Whose transfers these are for `limits.rate_per_user`: the proxy user after a proxy
+        login, otherwise the USER name of the upstream's first 230; None before either."""
+        return self.login.proxy_user or self.passing.logged_in_as
 
     @property
     def transfer_type(self) -> TransferType:
@@ -185,6 +191,8 @@ class Session:
         if self.closed:
             return []
         if isinstance(event, Command) and event.verb == "ABOR" and self.transferring:
+            if self._pairing.owed >= MAX_OWED_REPLIES:
+                return self._upstream_not_answering()
             return self.transfers.abort()
         if self._in_progress or self._queue or self.phase not in ACCEPTS_COMMANDS:
             if len(self._queue) >= self.config.limits.max_pending_commands:
@@ -342,6 +350,15 @@ class Session:
 
     def answer(self, reply: Reply, *then: Effect) -> list[Effect]:
         return self._answer(reply, *then)
+
+    def _upstream_not_answering(self) -> list[Effect]:
+        """ABOR while the upstream owes `MAX_OWED_REPLIES` replies: it reads or answers nothing,
+        and sending on would only pile up commands (RFC 959 section 4.2: 421, closing)."""
+        owed = self._pairing.owed
+        fields = {"owed": owed, "event": Event.UPSTREAM_NOT_ANSWERING}
+        text = f"The upstream server left {owed} commands unanswered; closing."
+        log = Log("warn", "The upstream left {owed} commands unanswered", fields)
+        return [log, *self.close(Reply.of(421, text))]
 
     def close(self, last: Reply | None) -> list[Effect]:
         """End the session: `last` to the client, then close everything."""

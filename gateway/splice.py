@@ -44,6 +44,8 @@ from zope.interface import implementer
 from gateway.data import DataConnection, RelayResult, _describe
 from gateway.data import relay as copy_relay
 from gateway.events import Event
+from gateway.rates import Draw
+from gateway.throttle import Pacer
 
 _log = Logger(namespace="gateway.data")
 
@@ -73,14 +75,18 @@ def relay(
     clock: IReactorTime,
     stall: float,
     mode: str = "auto",
+    log: Logger = _log,
+    draw: Draw | None = None,
 ) -> Deferred[RelayResult]:
     """Move every byte from `source` to `sink`: spliced when `mode` and the connections
-    allow it, otherwise through the copy relay. Same outcome either way."""
+    allow it, otherwise through the copy relay. Same outcome either way. `log` is the
+    session's logger, so the relay's own lines carry the session id. With a `draw`
+    (bandwidth limits) either relay moves only what the draw's buckets grant."""
     if mode != "copy" and available() and _spliceable(source) and _spliceable(sink):
-        started = SpliceRelay.start(source, sink, clock, stall)
+        started = SpliceRelay.start(source, sink, clock, stall, log, draw)
         if started is not None:
             return started
-    return copy_relay(source, sink, clock, stall)
+    return copy_relay(source, sink, clock, stall, log, draw)
 
 
 def _spliceable(connection: DataConnection) -> bool:
@@ -144,7 +150,9 @@ class SpliceRelay:
         "_discarded",
         "_done",
         "_in_pipe",
+        "_log",
         "_moved",
+        "_pacer",
         "_pipe_size",
         "_reactor",
         "_read_end",
@@ -170,7 +178,12 @@ class SpliceRelay:
         clock: IReactorTime,
         stall: float,
         pipe: tuple[int, int, int],
+        log: Logger = _log,
+        draw: Draw | None = None,
     ) -> None:
+        self._log = log
+        #: Bandwidth limits: how much may be spliced now, and a wake-up when nothing may.
+        self._pacer = None if draw is None else Pacer(draw, clock, self._resume_source)
         self._source = source
         self._sink = sink
         self._clock = clock
@@ -194,12 +207,18 @@ class SpliceRelay:
 
     @classmethod
     def start(
-        cls, source: DataConnection, sink: DataConnection, clock: IReactorTime, stall: float
+        cls,
+        source: DataConnection,
+        sink: DataConnection,
+        clock: IReactorTime,
+        stall: float,
+        log: Logger = _log,
+        draw: Draw | None = None,
     ) -> Deferred[RelayResult] | None:
         pipe = _pipe()
         if pipe is None:
             return None
-        self = cls(source, sink, clock, stall, pipe)
+        self = cls(source, sink, clock, stall, pipe, log, draw)
         # The Twisted transports stay paused (DataConnection pauses them when ready) and write
         # nothing: from here until `_finish` this relay alone watches both sockets.
         for connection in (source, sink):
@@ -223,6 +242,13 @@ class SpliceRelay:
         if room <= 0:  # splice(2) of 0 bytes returns 0, which would read as the source's end
             self._pause_source()
             return
+        if self._pacer is not None:
+            # Bandwidth limits: never take more from the source than may be forwarded now.
+            allowed = self._pacer.allowance()
+            if not allowed:
+                self._pause_source()  # the pacer resumes it when the buckets have refilled
+                return
+            room = min(room, allowed)
         try:
             n = os.splice(self._source_end.fileno(), self._write_end, room, flags=_FLAGS)
         except BlockingIOError:
@@ -236,10 +262,15 @@ class SpliceRelay:
         if n == 0:
             self._source_ended = True
             self._pause_source()
+            if self._pacer is not None:
+                self._pacer.stop()
         else:
             self.count += n
             self._moved += n
             self._in_pipe += n
+            pacer = self._pacer
+            if pacer is not None and not (pacer.moved(n) or pacer.allowance()):
+                self._pause_source()
         if not self._writing:  # else the sink's next write event drains the pipe
             self.push()
 
@@ -320,9 +351,12 @@ class SpliceRelay:
             self._reactor.removeReader(self._source_end)
 
     def _resume_source(self) -> None:
-        if not self._reading and not self._source_ended:
-            self._reading = True
-            self._reactor.addReader(self._source_end)
+        if self._reading or self._source_ended or self._done.called:
+            return
+        if self._pacer is not None and not self._pacer.allowance():
+            return  # the buckets are empty; the pacer calls again when they are not
+        self._reading = True
+        self._reactor.addReader(self._source_end)
 
     def _want_write(self, on: bool) -> None:
         if on and not self._writing:
@@ -356,6 +390,8 @@ class SpliceRelay:
             return
         if self._timer.active():
             self._timer.cancel()
+        if self._pacer is not None:
+            self._pacer.stop()
         self._pause_source()
         self._want_write(False)
         self._reactor.removeReader(self._sink_end)
@@ -363,7 +399,7 @@ class SpliceRelay:
         os.close(self._write_end)
         if self._discarded:
             peer = self._sink.transport.getPeer()  # type: ignore[union-attr]
-            _log.warn(
+            self._log.warn(
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self._discarded,
                 peer=str(getattr(peer, "host", "")),

@@ -57,7 +57,8 @@ class Options(usage.Options):
         "clients choose the server with USER name@host[:port] (forward mode). Options override "
         "the configuration file; see etc/ftp-gateway.toml for every setting. twistd's own "
         "--logfile=, --pidfile=, --syslog, --uid=, --gid=, --umask=, --prefix= and --reactor= "
-        "may be mixed in (write them with '=')."
+        "may be mixed in (write them with '='). To add a proxy user to an htpasswd file or change "
+        "a password: ftp-gateway passwd FILE USER (see ftp-gateway passwd --help)."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
@@ -125,15 +126,20 @@ class Options(usage.Options):
         config, problems = startup.check(
             self["config"], self.overrides(), reactor, dry_run=bool(self["check-config"])
         )
-        if config is None or problems:
+        if config is None:
             return config, problems
+        # These too, beside the problems found so far: one line per problem, all at once.
         if config.data.relay == "splice" and not splice.available():
-            return None, ["data.relay: splice needs Linux (splice(2)); use auto or copy"]
+            problems.append("data.relay: splice needs Linux (splice(2)); use auto or copy")
         try:
             check_transfer_log(config.log.transfer_log)
-            return resolve_masquerade(config), []
         except ConfigError as e:
-            return None, [str(e)]
+            problems.append(str(e))
+        try:
+            config = resolve_masquerade(config)
+        except ConfigError as e:
+            problems.append(str(e))
+        return config, problems
 
     def load(self) -> Config:
         """The checked configuration; raises ConfigError naming the first problem."""

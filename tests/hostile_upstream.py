@@ -19,6 +19,7 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
 - DOUBLE_REPLY (NOOP): two final replies to one command, in one write; the second is
   unsolicited (pyftpdlib does much the same to a command line over 2,048 bytes).
 - ENDLESS_1XX_GREETING (greeting): single-line "120" replies, forever.
+- ENDLESS_1XX_REPLY (PWD): single-line "150" replies, forever, and never a final reply.
 - UNSOLICITED_FLOOD (NOOP): answers, then sends "200" replies nobody asked for, forever.
 - BIG_STAT (STAT): a 213 reply of `BIG_STAT_BYTES`, within the gateway's reply bound, to every
   STAT: a large directory listed over the control connection.
@@ -31,6 +32,10 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   either connection.
 - SUCCESS_WITHOUT_DATA (RETR): accepts PORT/EPRT (and PASV/EPSV, whose listener it closes
   without accepting) and answers RETR with 226 at once: no 150, no data connection.
+- ANSWERS_WITHOUT_READING (TYPE): answers the TYPE that ends `login_hostile`, then stops
+  reading its control connection but sends "200" each time the test calls `allow_reply()`.
+- DEAF_AFTER_LOGIN (TYPE): answers the TYPE that ends `login_hostile`, then stops reading
+  its control connection and answers nothing more, holding the connection open.
 - TLS_DATA_STALL (RETR): an FTPS server (AUTH TLS with `tls_context`, PROT P) that accepts
   the data connection, sends 150 and never answers the TLS handshake on it; once the gateway
   closes the data connection it replies 426.
@@ -84,6 +89,9 @@ class Mode(StrEnum):
     STALL_AFTER_150 = "stall-after-150"
     SUCCESS_WITHOUT_DATA = "success-without-data"
     TLS_DATA_STALL = "tls-data-stall"
+    DEAF_AFTER_LOGIN = "deaf-after-login"
+    ANSWERS_WITHOUT_READING = "answers-without-reading"
+    ENDLESS_1XX_REPLY = "endless-1xx-reply"
 
 
 class HostileUpstream:
@@ -122,6 +130,7 @@ class HostileUpstream:
         self._threads: list[threading.Thread] = []
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._replies_allowed = threading.Semaphore(0)
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -142,6 +151,10 @@ class HostileUpstream:
         self._listener.close()
         for thread in list(self._threads):
             thread.join(timeout=5)
+
+    def allow_reply(self) -> None:
+        """ANSWERS_WITHOUT_READING: send one more "200" reply."""
+        self._replies_allowed.release()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -225,6 +238,15 @@ class HostileUpstream:
                         if self.mode in (Mode.SILENT_AFTER_RETR, Mode.STALL_AFTER_150):
                             self._drain(lines)
                             return
+                    elif verb == "TYPE" and self.mode is Mode.ANSWERS_WITHOUT_READING:
+                        conn.sendall(_SIMPLE["TYPE"])
+                        self._answer_without_reading(conn)
+                        return
+                    elif verb == "TYPE" and self.mode is Mode.DEAF_AFTER_LOGIN:
+                        conn.sendall(_SIMPLE["TYPE"])
+                        self._event("stopped reading")
+                        self._stopping.wait(ENDLESS_LIMIT[0])
+                        return
                     elif verb == "PWD" and self.mode is Mode.SILENT_PWD:
                         self._event("left PWD unanswered")
                         self._drain(lines)
@@ -321,6 +343,21 @@ class HostileUpstream:
             self._event(f"endless reply cut off after {sent} bytes: {e!r}")
             return
         self._event(f"endless reply NOT cut off after {sent} bytes")
+
+    def _answer_without_reading(self, conn: socket.socket) -> None:
+        self._event("stopped reading")
+        seconds, _ = ENDLESS_LIMIT
+        deadline = time.monotonic() + seconds
+        answered = 0
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline and not self._stopping.is_set():
+                if self._replies_allowed.acquire(timeout=0.2):
+                    conn.sendall(b"200 NOOP ok.\r\n")
+                    answered += 1
+        self._event(f"answered {answered} commands without reading them")
+
+    def _endless_1xx(self, conn: socket.socket) -> None:
+        self._endless(conn, 150, multi_line=False)
 
     def _long_line(self, conn: socket.socket) -> None:
         conn.sendall(b"257 " + b"A" * LONG_LINE_BYTES + b"\r\n")
@@ -458,5 +495,6 @@ _SIMPLE = {
 _PWD_ATTACKS = {
     Mode.ENDLESS_REPLY: HostileUpstream._endless_pwd,
     Mode.LONG_LINE: HostileUpstream._long_line,
+    Mode.ENDLESS_1XX_REPLY: HostileUpstream._endless_1xx,
     Mode.GARBAGE_REPLY: HostileUpstream._garbage,
 }

@@ -5,6 +5,7 @@ Every case starts the real process (`python -m gateway`, the same code as `ftp-g
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -77,6 +78,49 @@ def test_help_names_ftp_gateway_and_twistd_pass_through_options() -> None:
         assert option in result.stdout
 
 
+def readme_section(title: str) -> str:
+    """README's text from the heading `## title` to the next `## ` heading."""
+    readme = (PROJECT / "README.md").read_text()
+    start = readme.index(f"\n## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end != -1 else None]
+
+
+def test_readme_usage_table_lists_every_option_of_help() -> None:
+    """An administrator reads README's table, not the source: every option `--help` prints
+    (with its short form) is a row there, and so is the `passwd` command it mentions."""
+    result = gateway("--help")
+    assert result.returncode == 0
+    table = "\n".join(
+        line for line in readme_section("Usage").splitlines() if line.startswith("| `")
+    )
+    options = re.findall(r"^\s+(?:(-\w), )?(--[\w-]+)", result.stdout, re.MULTILINE)
+    assert len(options) >= 15, result.stdout
+    for short, long in options:
+        assert f"`{long}" in table, f"{long} is missing from README's usage table"
+        if short:
+            assert f"`{short}`, `{long}" in table, f"{short} is missing beside {long}"
+    assert "ftp-gateway passwd FILE USER" in " ".join(result.stdout.split())
+    assert "`ftp-gateway passwd FILE USER`" in table
+
+
+def test_readme_names_every_package_install_test_deps_installs() -> None:
+    """README's test section says what the script changes before anyone runs it: every
+    Debian package the script installs by name (shared libraries aside) is listed there."""
+    script = (PROJECT / "scripts" / "install-test-deps").read_text()
+    commands = re.findall(r"^apt-get install ((?:[^\n]*\\\n)*[^\n]*)", script, re.MULTILINE)
+    packages = {
+        word
+        for command in commands
+        for word in command.replace("\\\n", " ").split()
+        if not word.startswith(("-", ">", "lib", "zlib")) and "=" not in word
+    }
+    assert {"vsftpd", "haproxy", "logrotate", "wget", "ftp-ssl"} <= packages, packages
+    section = readme_section("Run the tests")
+    for package in sorted(packages):
+        assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", section), package
+
+
 def test_bad_flag_is_a_short_message_and_status_2() -> None:
     result = gateway("--no-such-flag")
     assert result.returncode == 2
@@ -118,6 +162,24 @@ def test_check_config_reports_every_problem_one_line_each(tmp_path: Path) -> Non
     assert one_line_failure(result) == (
         "ftp-gateway: configuration error: listen: 'tcpp:2121': Unknown endpoint type: 'tcpp'"
     )
+
+
+def test_check_config_reports_the_transfer_log_beside_other_problems(tmp_path: Path) -> None:
+    """An administrator fixing a file wants every problem in one run, the transfer log's
+    included, not one more after each fix."""
+    config = tmp_path / "several.toml"
+    config.write_text(
+        'listen = ["tcpp:2121"]\nupstream = "127.0.0.1:21"\n'
+        f'[tls]\ncertificate = "{tmp_path / "no-cert.pem"}"\n'
+        f'[log]\ntransfer_log = "{tmp_path / "no-such-dir" / "xferlog"}"\n'
+    )
+    result = gateway("--check-config", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert all(line.startswith("ftp-gateway: configuration error: ") for line in lines)
+    for setting in ("tls.certificate:", "listen:", "log.transfer_log:"):
+        assert sum(setting in line for line in lines) == 1, (setting, lines)
 
 
 def test_check_config_tries_certificates_and_cred_checkers(tmp_path: Path) -> None:
@@ -314,6 +376,11 @@ def test_twistd_plugin_still_starts(tmp_path: Path) -> None:
     )
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
+        # twistd opens the port before the reactor runs and installs its signal handlers: a
+        # SIGTERM in between ends the process before it logs anything. Wait for the line.
+        deadline = time.monotonic() + TIMEOUT
+        while "Listening on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)

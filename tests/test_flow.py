@@ -86,3 +86,23 @@ def test_an_upstream_attached_while_the_client_is_full_starts_paused() -> None:
     flow.detach(Side.UPSTREAM)
     client.producer.resumeProducing()
     assert client.producerState == "producing"
+
+
+def test_closing_unregisters_the_producer_and_aborts_a_peer_that_never_reads() -> None:
+    """A transport with a producer registered does not close (a TLS one never starts its
+    shutdown), and one whose peer reads nothing never finishes sending: `close` unregisters
+    the producer, and aborts the connection if it is still open after the timeout."""
+    rig = Rig()
+    flow, clock, client, upstream = rig.flow, rig.clock, rig.client, rig.upstream
+    assert client.producer is not None
+    client.producer.pauseProducing()  # the client stopped reading
+    flow.close(Side.CLIENT, client)
+    assert client.producer is None and client.disconnecting
+    clock.advance(TIMEOUT)
+    assert client.disconnected  # aborted: StringTransport.abortConnection
+    flow.close(Side.UPSTREAM, upstream)
+    assert upstream.producer is None and upstream.disconnecting
+    flow.detach(Side.UPSTREAM)  # it closed in time
+    flow.stop()
+    assert clock.getDelayedCalls() == []
+    assert rig.stuck == []

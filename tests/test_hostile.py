@@ -715,6 +715,35 @@ def test_upstream_breaking_the_reply_grammar_ends_the_session_with_421(
     after_attack(base)
 
 
+def test_endless_1xx_replies_to_a_command_end_the_session_with_421(
+    gateway: GatewayProcess, ftpd: RunningServer
+) -> None:
+    """Single-line 1yz replies count towards the bounds of the reply to the same command, as
+    in the greeting: an upstream answering PWD with "150" lines forever is cut off at
+    `limits.max_reply_lines`, though the client is shown the 1yz lines that came before."""
+    base = before_attack(gateway, ftpd)
+    with HostileUpstream(Mode.ENDLESS_1XX_REPLY) as up:
+        ftp = login_hostile(gateway, up)
+        ftp.putcmd("PWD")
+        started = time.monotonic()
+        preliminary = 0
+        while (answer := ftp.getline()).startswith("1"):
+            preliminary += 1
+            assert preliminary <= 1000, "more 1yz lines than limits.max_reply_lines"
+            assert time.monotonic() - started < 10
+        reason = "reply of more than 1000 lines"
+        assert answer.startswith("421") and reason in answer, answer
+        with pytest.raises((EOFError, ConnectionResetError)):
+            ftp.getline()  # and the session is closed
+        ftp.close()
+        wait_for_log(gateway, f"Upstream protocol error: {reason}")
+        deadline = time.monotonic() + 5
+        while not any("cut off" in event for event in up.events):
+            assert time.monotonic() < deadline, f"the gateway kept reading: {up.events}"
+            time.sleep(0.05)
+    after_attack(base)
+
+
 def test_upstream_reset_mid_retr_gives_426_not_its_226(
     gateway: GatewayProcess, server: RunningServer
 ) -> None:

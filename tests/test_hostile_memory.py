@@ -7,6 +7,8 @@ several seconds while the gateway's RSS is sampled.
 - a client that pipelines commands and reads none of the replies, whether the gateway answers
   them itself before login or a large STAT reply comes from the upstream: the gateway stops
   reading it and closes the session once `timeouts.control_send` has passed;
+- an upstream that stops reading (and answering) its control connection while a client
+  aborts transfer after transfer: 421 once it owes too many replies, not a growing backlog;
 - an upstream flooding replies nobody asked for: 421, and two log lines, not one per reply.
 """
 
@@ -17,11 +19,13 @@ import ftplib
 import random
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from gateway_process import GatewayProcess, StartGateway
+from gateway_process import GatewayProcess, StartGateway, start_gateway
 from hostile_upstream import BIG_STAT_BYTES, JUNK_SECONDS, HostileUpstream, Mode
 from servers import RunningServer
 from test_hostile import (
@@ -236,6 +240,94 @@ def test_client_not_reading_large_stat_replies_pauses_the_upstream(
         assert len(stats) < 20, f"the upstream was asked {len(stats)} times"
     wait_for_log(gateway, "left its control connection unread")
     after_attack(base)
+
+
+def test_aborts_while_the_upstream_stops_reading_end_with_421(
+    gateway: GatewayProcess,
+    server: RunningServer,
+) -> None:
+    """After login the upstream stops reading its control connection and answers nothing. The
+    client starts a transfer and aborts it, over and over, reading every reply: each cycle
+    has the gateway send EPSV and ABOR upstream and answer the client at once (200, 426,
+    226). The gateway must not keep sending, and remembering, commands that are never
+    answered: once the upstream owes a few dozen replies the session ends with 421."""
+    base = before_attack(gateway, server)
+    peak = Peak(gateway, base.rss_kib)
+    with HostileUpstream(Mode.DEAF_AFTER_LOGIN) as up:
+        ftp = login_hostile(gateway, up)
+        sock = ftp.sock
+        assert sock is not None
+        replies = bytearray()
+
+        def read_replies() -> None:
+            with contextlib.suppress(OSError):
+                while (chunk := sock.recv(1 << 16)) and len(replies) < 1 << 20:
+                    replies.extend(chunk)
+
+        reader = threading.Thread(target=read_replies, daemon=True)
+        reader.start()
+        cycle = b"PORT 127,0,0,1,200,1\r\nRETR file\r\nABOR\r\n" * 64
+        sent, closed = 0, False
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - started < ATTACK_SECONDS and reader.is_alive():
+                sock.sendall(cycle)
+                sent += 1
+                peak.sample()
+        reader.join(timeout=10)
+        closed = not reader.is_alive()
+        assert closed, f"the gateway kept the session after {sent * 64} aborted transfers"
+        text = bytes(replies).decode("latin-1")
+        assert "421 The upstream server left" in text, text[-300:]
+        peak.check()
+        ftp.close()
+    wait_for_log(gateway, "commands unanswered")
+    after_attack(base)
+
+
+def test_upstream_answering_without_reading_stops_the_client_being_read(
+    tmp_path: Path,
+    server: RunningServer,
+) -> None:
+    """After login the upstream stops reading its control connection but still answers each
+    command (as the test allows it, once the gateway has sent that command). A client that
+    keeps sending 64 KiB NOOP lines would have the gateway write them towards the upstream
+    without bound; instead, once 64 KiB wait unsent, the gateway stops reading the client, and
+    after `timeouts.control_send` the session ends with 421."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG + "[limits]\nmax_line = 65536\n")
+    gw = start_gateway(tmp_path, "--config", str(config))
+    try:
+        base = before_attack(gw, server)
+        peak = Peak(gw, base.rss_kib)
+        with HostileUpstream(Mode.ANSWERS_WITHOUT_READING) as up:
+            ftp = login_hostile(gw, up)
+            sock = ftp.sock
+            assert sock is not None
+            noop = b"NOOP " + b"x" * (65536 - 8) + b"\r\n"
+            depth = 4  # commands sent ahead, so the next is queued when a reply arrives
+            sock.sendall(noop * depth)
+            time.sleep(0.5)  # the gateway has sent the first one on
+            up.allow_reply()
+            sent, answered, last = depth, 0, ""
+            started = time.monotonic()
+            while time.monotonic() - started < ATTACK_SECONDS + CONTROL_SEND_TIMEOUT + 5:
+                last = ftp.getline()
+                peak.sample()
+                if not last.startswith("200"):
+                    break
+                answered += 1
+                up.allow_reply()  # the gateway sent the next command before this reply
+                if sent * len(noop) < ATTACK_BYTES:
+                    sock.sendall(noop)
+                    sent += 1
+            assert last.startswith("421"), f"{answered} of {sent} answered, then {last!r}"
+            peak.check()
+            ftp.close()
+        wait_for_log(gw, "The upstream left its control connection unread")
+        after_attack(base)
+    finally:
+        gw.stop()
 
 
 # --------------------------------------------------------------------- unsolicited replies

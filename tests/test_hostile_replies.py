@@ -282,6 +282,24 @@ def test_client_data_tls_handshake_that_never_completes_gets_425(
         gw.stop()
 
 
+def test_tls_session_the_gateway_ends_is_closed_not_left_open(tmp_path: Path, pki: Pki) -> None:
+    """A session the gateway ends with 421 is closed, also under TLS: a registered producer
+    (control-channel back-pressure) must not keep the transport open after the 421, where it
+    would hold the client's connection and session slot for as long as the client stays."""
+    tls = f'[tls]\ncertificate = "{pki.server_chain}"\nprivate_key = "{pki.server_key}"\n'
+    gw = run_gateway(tmp_path, "login = 2\n" + tls)  # CONFIG ends inside [timeouts]
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        ftp = ftplib.FTP_TLS(context=context, timeout=TIMEOUT)
+        ftp.connect("localhost", gw.port)
+        ftp.auth()
+        assert ftp.getline().startswith("421 Login timed out")
+        assert_closed(ftp)
+        wait_for_log(gw, "Session ended")
+    finally:
+        gw.stop()
+
+
 def test_upstream_data_tls_handshake_that_never_completes_gets_425(
     tmp_path: Path, pki: Pki
 ) -> None:

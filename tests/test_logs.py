@@ -13,10 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-from gateway_process import PROJECT, GatewayProcess, start_gateway
+from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway
 from servers import RunningServer
 
 TIMEOUT = 30.0
@@ -32,9 +33,11 @@ def reverse_gateway(tmp_path: Path, server: RunningServer, config: str) -> Gatew
     return start_gateway(tmp_path, "--config", str(path))
 
 
-def download_and_upload(gateway: GatewayProcess, server: RunningServer, name: str) -> None:
-    """One passive download and one passive upload with ftplib, then QUIT."""
-    ftp = ftplib.FTP(timeout=TIMEOUT)
+def download_and_upload(
+    gateway: GatewayProcess, server: RunningServer, name: str, source: str = "127.0.0.1"
+) -> None:
+    """One passive download and one passive upload with ftplib from `source`, then QUIT."""
+    ftp = ftplib.FTP(timeout=TIMEOUT, source_address=(source, 0))
     ftp.connect(gateway.host, gateway.port)
     ftp.login(server.user, server.password)
     received = io.BytesIO()
@@ -80,6 +83,36 @@ def test_info_level_has_no_debug_lines_nor_listener_noise(
     assert "#debug" not in log, log
     assert "_OneShotFactory" not in log, log
     assert not re.search(r"\(TCP Port \d+ Closed\)", log), log
+
+
+def test_info_level_has_no_twisted_lines_per_listener_nor_per_scrape(
+    tmp_path: Path, server: RunningServer
+) -> None:
+    """A `haproxy:` listener and the metrics listener, each started, scraped and stopped: the
+    start-up lines name them, and Twisted's own `... starting on PORT`, `Starting factory`,
+    `Stopping factory` and per-request access lines stay out of an info log."""
+    metrics_port = free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'upstream = "{server.host}:{server.port}"\n'
+        f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
+    )
+    gateway = start_gateway(tmp_path, "--config", str(path), listen_prefix="haproxy:")
+    try:
+        wait_for(gateway, "Prometheus metrics at /metrics")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        for _ in range(2):
+            with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+                assert b"ftp_gateway_sessions" in response.read()
+    finally:
+        gateway.stop()
+    assert gateway.proc.returncode == 0
+    log = gateway.log()
+    assert "Shutdown complete" in log  # the stop's own lines were written
+    assert f"Listening on haproxy:tcp:{gateway.port}" in log, log
+    assert f"Listening on tcp:{metrics_port}" in log, log
+    for noise in ("starting on", "Starting factory", "Stopping factory", "GET /metrics"):
+        assert noise not in log, log
 
 
 def test_debug_level_shows_replies_and_listener_lines(
@@ -196,11 +229,16 @@ def xferlog_lines(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()]
 
 
+#: The clients of the transfer-log test connect from here; the gateway reaches the upstream
+#: from 127.0.0.1, so the remote-host field tells the two apart.
+CLIENT = "127.0.0.5"
+
+
 def check_xferlog_fields(fields: list[str], server: RunningServer) -> None:
     assert len(fields) == 18, fields  # the time is 5 fields: "Sat Nov 28 08:48:51 2026"
     time.strptime(" ".join(fields[:5]), "%a %b %d %H:%M:%S %Y")
     assert int(fields[5]) >= 1  # transfer-time, whole seconds
-    assert fields[6] == "127.0.0.1"  # the client, not the gateway's upstream address
+    assert fields[6] == CLIENT  # the client, not the gateway's upstream address
     assert fields[10] == "_"
     assert fields[12] == "r" and fields[13] == server.user
     assert fields[14:17] == ["ftp", "0", "*"]
@@ -212,8 +250,8 @@ def test_transfer_log_has_one_xferlog_line_per_file_transfer(
     xferlog = tmp_path / "xferlog"
     gateway = reverse_gateway(tmp_path, server, f'[log]\ntransfer_log = "{xferlog}"\n')
     try:
-        download_and_upload(gateway, server, "xfer up.txt")
-        ftp = ftplib.FTP(timeout=TIMEOUT)
+        download_and_upload(gateway, server, "xfer up.txt", source=CLIENT)
+        ftp = ftplib.FTP(timeout=TIMEOUT, source_address=(CLIENT, 0))
         ftp.connect(gateway.host, gateway.port)
         ftp.login(server.user, server.password)
         with pytest.raises(ftplib.error_perm):

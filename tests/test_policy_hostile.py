@@ -301,6 +301,9 @@ def test_read_only_gateway_refuses_every_way_to_set_a_time(
             "MFCT 20000101000000 f.txt",
             "SITE UTIME f.txt 20000101000000",
             "SITE CHMOD 777 f.txt",
+            "mfmt 20000101000000 f.txt",  # verbs in any case
+            "Mdtm 20000101000000 f.txt",
+            "site utime f.txt 20000101000000",
         ):
             with pytest.raises(ftplib.error_perm, match=r"^550 .*read-only"):
                 ftp.sendcmd(command)

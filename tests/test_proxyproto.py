@@ -14,13 +14,15 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 
 from gateway.addresses import HostPort
 from gateway.config import ConfigError, build
 from gateway.control import ClientControl, GatewayFactory
+from gateway.data import PassiveListener
+from gateway.logs import SessionLogger
 from gateway.proxyproto import ForwardedData, ProxyHeaderFactory, header, split_endpoint
 
 BALANCER = IPv4Address("TCP", "127.0.0.9", 40000)
@@ -362,3 +364,38 @@ def test_forwarded_data_without_header_in_time_is_dropped() -> None:
     clock.advance(10.1)
     assert transport.disconnecting
     assert accept.asked == []
+
+
+def test_dropped_forwarded_data_is_logged_with_the_session_id() -> None:
+    """A session's passive listener behind the balancer: a forwarded connection whose header
+    names someone else is logged as that session's line (its id, an event name), as every
+    other line of the session is."""
+    reactor = MemoryReactorClock()
+    listener = PassiveListener(
+        reactor,
+        reactor,
+        bind_host=GATEWAY.host,
+        peer_host="192.0.2.5",
+        timeout=10,
+        port_range=None,
+        tls=None,
+        on_failure=lambda reason: None,
+        balancer=BALANCER.host,
+        log=SessionLogger("5e55101d", namespace="gateway.session"),
+    )
+    [(_, factory, _, _)] = reactor.tcpServers
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        protocol = factory.buildProtocol(BALANCER)
+        transport = StringTransport(hostAddress=GATEWAY, peerAddress=BALANCER)
+        transport.protocol = protocol  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        protocol.dataReceived(V1.replace(b"192.0.2.5", b"192.0.2.66"))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert transport.disconnecting
+    assert listener.connection is None
+    [dropped] = [e for e in seen if e.get("event") == "data_connection_dropped"]
+    assert dropped["session"] == "5e55101d"
+    assert dropped["log_level"] is LogLevel.warn

@@ -101,18 +101,24 @@ def test_units_command_lines_check_and_run_the_shipped_configuration(tmp_path: P
     port = free_port()
     start_args = shlex.split(start.replace(INSTALL, str(install)).replace(CONFIG, str(shipped)))
     # The shipped file listens on 2121; a test must not assume that port is free.
-    proc = subprocess.Popen(
-        [*start_args, "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    out = tmp_path / "journal.txt"  # what the journal would get: standard output and error
+    with out.open("wb") as journal:
+        proc = subprocess.Popen(
+            [*start_args, "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=tmp_path,
+            stdout=journal,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
+        # The port answers before the reactor runs; the start-up line follows (bounded wait).
+        deadline = time.monotonic() + TIMEOUT
+        while b"Listening on" not in out.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proc.terminate()
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    assert f"configuration file {shipped}" in output.decode()
+        proc.wait(timeout=TIMEOUT)
+    assert f"configuration file {shipped}" in out.read_text()
 
 
 def plugin_caches() -> dict[Path, float]:

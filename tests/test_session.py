@@ -24,7 +24,7 @@ from gateway.effects import (
     ToUpstream,
 )
 from gateway.policy import Rule
-from gateway.session import MAX_UNSOLICITED_REPLIES, Session
+from gateway.session import MAX_OWED_REPLIES, MAX_UNSOLICITED_REPLIES, Session
 
 CLIENT = HostPort.of("192.0.2.10", 40000)
 LOCAL = HostPort.of("192.0.2.1", 2121)
@@ -276,6 +276,22 @@ def test_abor_while_upstream_reply_pending_keeps_pairing() -> None:
     assert s.upstream_reply(r(225, "no transfer")) == []
     s.client_line(line("NOOP"))
     assert to_client(s.upstream_reply(r(200, "noop"))) == [(200, "noop")]
+
+
+def test_aborts_an_upstream_never_answers_end_the_session_with_421() -> None:
+    """Only ABOR sends upstream without waiting for a reply: a client aborting transfer after
+    transfer while the upstream answers nothing must not pile up commands without bound."""
+    s = reverse()
+    for _ in range(MAX_OWED_REPLIES):
+        s.client_line(line("PORT 192,0,2,10,156,64"))
+        assert to_upstream(s.client_line(line("RETR f"))) == ["EPSV"]  # never answered
+        effects = s.client_line(line("ABOR"))
+        if s.closed:
+            break
+    assert s.closed and to_upstream(effects) == []
+    ((code, text),) = to_client(effects)
+    assert code == 421 and "commands unanswered" in text
+    assert CloseUpstream() in effects
 
 
 def test_rest_is_held_and_sent_right_before_the_transfer_command() -> None:
@@ -862,3 +878,30 @@ def test_untrusted_upstream_certificate_in_auto_mode_names_the_settings(
     assert all(name in text for name in named) is hint
     [log] = [e for e in effects if isinstance(e, Log)]
     assert ("tls.upstream_ca_file" in log.fields["reason"]) is hint
+
+
+def test_login_name_is_the_user_the_upstream_accepted() -> None:
+    """`limits.rate_per_user` counts a session's transfers against this name."""
+    s = reverse()
+    s.client_line(line("USER alice"))
+    s.upstream_reply(r(331, "password please"))
+    s.client_line(line("PASS wrong"))
+    s.upstream_reply(r(530, "no"))
+    assert s.login_name is None  # refused: nobody's yet
+    s.client_line(line("USER bob"))
+    s.upstream_reply(r(331, "password please"))
+    s.client_line(line("PASS right"))
+    s.upstream_reply(r(230, "welcome"))
+    assert s.login_name == "bob"
+
+
+def test_login_name_after_a_proxy_login_is_the_proxy_user() -> None:
+    s = forward(AUTH)
+    s.client_line(line("USER site@proxy@127.0.0.1:2100"))
+    s.client_line(line("PASS sitepw@secret"))
+    s.proxy_auth_result(True)
+    assert s.login_name == "proxy"
+    greet(s)
+    s.upstream_reply(r(331, "password"))
+    s.upstream_reply(r(230, "in"))
+    assert s.logged_in and s.login_name == "proxy"  # not the site user "site"

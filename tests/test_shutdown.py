@@ -78,10 +78,13 @@ def gateway_for(tmp_path: Path, upstream: int, grace: float) -> GatewayProcess:
     return start_gateway(tmp_path, "--config", str(config))
 
 
-def logged_in(gateway: GatewayProcess) -> ftplib.FTP:
+def logged_in(gateway: GatewayProcess, passive: bool = True) -> ftplib.FTP:
+    """A logged-in ftplib client; `passive=False`: active mode (PORT), the client that once
+    printed its own 421 and kept a truncated file."""
     ftp = ftplib.FTP(timeout=TIMEOUT)
     ftp.connect(gateway.host, gateway.port)
     ftp.login("user", "secret")
+    ftp.set_pasv(passive)
     return ftp
 
 
@@ -146,13 +149,17 @@ def codes(replies: list[str]) -> list[str]:
     return [line[:3] for line in replies if line[:3].isdigit() and line[3:4] == " "]
 
 
+MODES = pytest.mark.parametrize("passive", [True, False], ids=["passive", "active"])
+
+
+@MODES
 def test_running_transfer_completes_and_idle_session_gets_421(
-    tmp_path: Path, upstream: int
+    tmp_path: Path, upstream: int, passive: bool
 ) -> None:
     gateway = gateway_for(tmp_path, upstream, grace=60)
     try:
         idle = logged_in(gateway)
-        download = Download(logged_in(gateway), "small.bin")
+        download = Download(logged_in(gateway, passive), "small.bin")
         download.start()
         gateway.proc.send_signal(signal.SIGTERM)
         # The idle session is told at once and closed.
@@ -177,10 +184,13 @@ def test_running_transfer_completes_and_idle_session_gets_421(
     assert record[7:9] == [str(len(SMALL)), "small.bin"] and record[-1] == "c"
 
 
-def test_transfer_outlasting_the_grace_gets_426_then_421(tmp_path: Path, upstream: int) -> None:
+@MODES
+def test_transfer_outlasting_the_grace_gets_426_then_421(
+    tmp_path: Path, upstream: int, passive: bool
+) -> None:
     gateway = gateway_for(tmp_path, upstream, grace=1)
     try:
-        download = Download(logged_in(gateway), "large.bin")
+        download = Download(logged_in(gateway, passive), "large.bin")
         download.start()
         gateway.proc.send_signal(signal.SIGTERM)
         download.join()
@@ -198,14 +208,17 @@ def test_transfer_outlasting_the_grace_gets_426_then_421(tmp_path: Path, upstrea
     assert 0 < int(record[7]) < len(LARGE)  # what moved before the cut
 
 
-def test_second_sigterm_ends_transfers_at_once(tmp_path: Path, upstream: int) -> None:
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_second_sigterm_ends_transfers_at_once(
+    tmp_path: Path, upstream: int, second: signal.Signals
+) -> None:
     gateway = gateway_for(tmp_path, upstream, grace=600)
     try:
         download = Download(logged_in(gateway), "large.bin")
         download.start()
         gateway.proc.send_signal(signal.SIGTERM)
         wait_log(gateway, "Shutting down")
-        gateway.proc.send_signal(signal.SIGTERM)
+        gateway.proc.send_signal(second)
         download.join()
         assert wait_exit(gateway) == 0
     finally:

@@ -716,12 +716,12 @@ def test_upstream_breaking_the_reply_grammar_ends_the_session_with_421(
 
 
 def test_endless_1xx_replies_to_a_command_end_the_session_with_421(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
     """Single-line 1yz replies count towards the bounds of the reply to the same command, as
     in the greeting: an upstream answering PWD with "150" lines forever is cut off at
     `limits.max_reply_lines`, though the client is shown the 1yz lines that came before."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.ENDLESS_1XX_REPLY) as up:
         ftp = login_hostile(gateway, up)
         ftp.putcmd("PWD")

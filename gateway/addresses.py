@@ -9,6 +9,7 @@ ends up as a connection the gateway makes or a hole in a policy check.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -34,8 +35,13 @@ _EPRT_SYNTAX = "Syntax error in EPRT argument; expected |af|address|port|."
 _UNSUPPORTED_AF = "Network protocol not supported, use (1,2)."
 
 
+@functools.lru_cache(maxsize=1024)
 def _normal_ip(text: str) -> str:
-    """The canonical text of an IP literal; IPv4-mapped IPv6 becomes IPv4. Raises ValueError."""
+    """The canonical text of an IP literal; IPv4-mapped IPv6 becomes IPv4. Raises ValueError.
+
+    Cached: a session checks the same few addresses (its client's, the upstream's, its own)
+    a dozen times as it starts, and parsing one costs more than the rest of the check. A
+    failed parse raises, which the cache does not keep, so it holds valid addresses only."""
     address = ipaddress.ip_address(text)
     if isinstance(address, ipaddress.IPv6Address):
         if address.scope_id is not None:

@@ -16,14 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 from gateway.addresses import HostPort, parse_host_port
+from gateway.backends import BALANCE_POLICIES, USER_POLICIES, Backend
 from gateway.codec import DEFAULT_MAX_LINE
 from gateway.effects import LogLevel
 from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
 from gateway.rates import DIRECTIONS, UNLIMITED, Rate, parse_rate
+from gateway.routes import Route, RouteError, load_routes_file, parse_routes
 
 #: `data.upstream_mode`: how the gateway opens data connections to the upstream.
 UpstreamDataMode = Literal["passive", "pasv", "epsv", "active", "client"]
@@ -288,6 +290,75 @@ def _fingerprint(name: str, value: object) -> str | None:
     return digits
 
 
+_BACKEND_KEYS = frozenset(
+    {
+        "address",
+        "name",
+        "weight",
+        "group",
+        "tls_upstream",
+        "tls_upstream_ca_file",
+        "tls_upstream_fingerprint",
+        "tls_upstream_name",
+    }
+)
+
+
+def _backends(name: str, value: object) -> tuple[Backend, ...]:
+    """[[backends]] tables: address, and optional name, weight, group and TLS settings (named
+    as in [tls] with a tls_ prefix; unset ones take the [tls] values)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
+    backends = []
+    for index, table in enumerate(value, 1):
+        where = f"{name}[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f'{where}: expected a table with address = "host:port"')
+        unknown = set(table) - _BACKEND_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        if "address" not in table:
+            raise ConfigError(f'{where}: a backend needs address = "host:port"')
+        upstream = _upstream(f"{where}.address", table["address"])
+        assert upstream is not None
+        host, port = upstream
+        address = Backend("", host, port).address
+        tls = table.get("tls_upstream")
+        backends.append(
+            Backend(
+                name=_string(f"{where}.name", table.get("name", address)),
+                host=host,
+                port=port,
+                weight=_integer(1, 1000)(f"{where}.weight", table.get("weight", 1)),
+                group=_optional_string(f"{where}.group", table.get("group")),
+                tls_upstream=None
+                if tls is None
+                else _choice(*UPSTREAM_TLS_MODES)(f"{where}.tls_upstream", tls),
+                tls_upstream_ca_file=_optional_string(
+                    f"{where}.tls_upstream_ca_file", table.get("tls_upstream_ca_file")
+                ),
+                tls_upstream_fingerprint=_fingerprint(
+                    f"{where}.tls_upstream_fingerprint", table.get("tls_upstream_fingerprint")
+                ),
+                tls_upstream_name=_optional_string(
+                    f"{where}.tls_upstream_name", table.get("tls_upstream_name")
+                ),
+            )
+        )
+    names = [backend.name for backend in backends]
+    for backend_name in names:
+        if names.count(backend_name) > 1:
+            raise ConfigError(f"{name}: two backends are named {backend_name!r}; names must differ")
+    return tuple(backends)
+
+
+def _routes(name: str, value: object) -> tuple[Route, ...]:
+    try:
+        return parse_routes(value, name)
+    except RouteError as e:
+        raise ConfigError(str(e)) from None
+
+
 T = TypeVar("T")
 
 
@@ -306,6 +377,25 @@ def setting(
 def table(kind: type[T]) -> T:
     """Declare a TOML table (`[tls]`, ...) whose settings are the fields of `kind`."""
     return field(default_factory=kind, metadata={"table": kind})
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """[health]: how reverse mode checks its backends ([[backends]])."""
+
+    interval: float = setting(
+        _number(0.1, 3600),
+        10.0,
+        "Seconds between health checks of each backend ([[backends]] only).",
+    )
+    timeout: float = setting(
+        _number(0.1, 300),
+        10.0,
+        "Seconds a backend has to accept a connection and greet with 220, in a health check "
+        "and when a session is sent to it.",
+    )
+    fall: int = setting(_integer(1, 100), 3, "Failed checks in a row that take a backend out.")
+    rise: int = setting(_integer(1, 100), 2, "Passed checks in a row that bring a backend back.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +714,28 @@ class Config:
         "Reverse mode: HOST:PORT every session goes to. Empty: forward mode (USER name@host).",
         option="upstream",
     )
+    backends: tuple[Backend, ...] = setting(
+        _backends,
+        (),
+        "Reverse mode: [[backends]] tables (address, name, weight, group, tls_upstream...).",
+    )
+    balance: str = setting(
+        _choice(*BALANCE_POLICIES),
+        "round_robin",
+        "How sessions are spread over backends: round_robin (weighted), least_connections, "
+        "source_hash (client address) or user_hash (login name).",
+    )
+    routes: tuple[Route, ...] = setting(
+        _routes,
+        (),
+        "Reverse mode: [[routes]] tables (user pattern to backend or backend_group), first "
+        "match wins.",
+    )
+    routes_file: str | None = setting(
+        _optional_string,
+        None,
+        "TOML ([[routes]]) or CSV file of more routes, after [[routes]]; re-read on SIGHUP.",
+    )
     upstream_proxy_protocol: ProxyProtocol = setting(
         _choice(*PROXY_PROTOCOLS),
         "off",
@@ -668,10 +780,16 @@ class Config:
     proxy_auth: tuple[str, ...] = setting(
         _checkers,
         (),
-        "Forward mode: twisted.cred checkers for proxy logins (htpasswd:PATH, ldap:, "
-        "file:PATH, memory:U:P, unix).",
+        "Forward mode, and reverse mode with routes: twisted.cred checkers for proxy logins "
+        "(htpasswd:PATH, ldap:, file:PATH, memory:U:P, unix).",
     )
-    greeting: str = setting(_string, "FTP gateway ready.", "Forward mode's 220 greeting text.")
+    greeting: str = setting(
+        _string,
+        "FTP gateway ready.",
+        "The gateway's own 220 greeting text (forward mode; reverse mode with routes, "
+        "user_hash or a proxy login).",
+    )
+    health: Health = table(Health)
     commands: Commands = table(Commands)
     limits: Limits = table(Limits)
     data: Data = table(Data)
@@ -688,7 +806,52 @@ class Config:
     @property
     def forward(self) -> bool:
         """Forward (egress proxy) mode: no fixed upstream, USER name@host chooses it."""
-        return self.upstream is None and not self.transparent
+        return self.upstream is None and not self.backends and not self.transparent
+
+    @property
+    def reverse(self) -> bool:
+        """Reverse mode: sessions go to the configured backends (or the one upstream)."""
+        return self.upstream is not None or bool(self.backends)
+
+    @property
+    def pool_backends(self) -> tuple[Backend, ...]:
+        """Reverse mode's backends; `upstream` is the shorthand for a pool of one."""
+        if self.backends or self.upstream is None:
+            return self.backends
+        host, port = self.upstream
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return (Backend(name, host, port),)
+
+    def for_backend(self, backend: Backend) -> Config:
+        """This configuration with the upstream TLS settings of `backend`: its own where set,
+        else [tls]'s. The trust settings (CA file, fingerprint) go together: a backend that
+        names either takes neither from [tls]. Its certificate name defaults to its host."""
+        own_trust = (backend.tls_upstream_ca_file, backend.tls_upstream_fingerprint) != (
+            None,
+            None,
+        )
+        return replace(
+            self,
+            tls=replace(
+                self.tls,
+                upstream=cast(UpstreamTLSMode, backend.tls_upstream or self.tls.upstream),
+                upstream_ca_file=backend.tls_upstream_ca_file
+                if own_trust
+                else self.tls.upstream_ca_file,
+                upstream_fingerprint=backend.tls_upstream_fingerprint
+                if own_trust
+                else self.tls.upstream_fingerprint,
+                upstream_name=backend.tls_upstream_name or self.tls.upstream_name or backend.host,
+            ),
+        )
+
+    @property
+    def connect_after_user(self) -> bool:
+        """Reverse mode where the backend depends on the login (routes, user_hash, a proxy
+        login first): the gateway greets by itself and connects once it knows the user."""
+        return self.reverse and (
+            self.balance in USER_POLICIES or bool(self.routes) or bool(self.proxy_auth)
+        )
 
     @property
     def upstream_policy_rules(self) -> tuple[Rule, ...]:
@@ -801,9 +964,23 @@ def build(*layers: Mapping[str, Any]) -> Config:
             "transparent: needs data.passive_ports, a range the edge redirects to the gateway "
             "as it does the control port"
         )
-    if config.proxy_auth and not config.forward:
-        raise ConfigError("proxy_auth: proxy authentication applies to forward mode only")
-    if config.upstream_proxy_protocol != "off" and config.tls.upstream == "implicit":
+    if config.backends and config.upstream is not None:
+        raise ConfigError("backends: upstream is the one-backend shorthand; drop one of them")
+    if config.transparent and config.backends:
+        raise ConfigError("transparent: the upstream comes from each connection; drop backends")
+    if config.routes_file is not None:
+        try:
+            config = replace(config, routes=config.routes + load_routes_file(config.routes_file))
+        except RouteError as e:
+            raise ConfigError(str(e)) from None
+    if config.routes:
+        _check_routes(config)
+    if config.proxy_auth and not (config.forward or config.routes):
+        raise ConfigError(
+            "proxy_auth: proxy authentication applies to forward mode, or reverse mode with routes"
+        )
+    implicit = [b for b in config.backends if b.tls_upstream == "implicit"]
+    if config.upstream_proxy_protocol != "off" and (config.tls.upstream == "implicit" or implicit):
         # The header precedes everything, TLS too; implicit TLS starts with the first byte.
         raise ConfigError(
             "upstream_proxy_protocol: cannot be combined with tls.upstream = 'implicit'"
@@ -813,6 +990,31 @@ def build(*layers: Mapping[str, Any]) -> Config:
     if any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):
         _check_ldap(config)
     return config
+
+
+def _check_routes(config: Config) -> None:
+    """Routes need reverse mode, and must name backends that exist; a route with an upstream
+    password needs a proxy login, or anybody could use its account."""
+    if not config.reverse:
+        raise ConfigError("routes: routes apply in reverse mode (set backends or upstream)")
+    names = {backend.name for backend in config.pool_backends}
+    groups = {backend.group for backend in config.pool_backends if backend.group}
+    for route in config.routes:
+        if route.backend is not None and route.backend not in names:
+            raise ConfigError(
+                f"routes: route for {route.user!r} names backend {route.backend!r}, "
+                f"which is not among the backends ({', '.join(sorted(names))})"
+            )
+        if route.backend_group is not None and route.backend_group not in groups:
+            raise ConfigError(
+                f"routes: route for {route.user!r} names backend_group "
+                f"{route.backend_group!r}, which no backend has"
+            )
+        if route.upstream_password is not None and not config.proxy_auth:
+            raise ConfigError(
+                f"routes: route for {route.user!r} carries an upstream password, which needs "
+                "proxy_auth (clients log in to the gateway, the gateway to the backend)"
+            )
 
 
 def _check_ldap(config: Config) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet import error
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -42,6 +42,8 @@ from zope.interface import implementer
 
 from gateway import proxyproto, splice
 from gateway.addresses import HostPort, is_ip_literal
+from gateway.backends import Backend
+from gateway.balancer import Balancer
 from gateway.checkers import TextChecker, UserStoreUnavailable, make_checker
 from gateway.codec import MAX_REPLY_LINE, CommandReader, Reply, ReplyReader
 from gateway.config import Config
@@ -51,6 +53,7 @@ from gateway.effects import (
     CloseClient,
     CloseData,
     CloseUpstream,
+    ConnectBackend,
     ConnectData,
     ConnectUpstream,
     Effect,
@@ -91,14 +94,55 @@ class UpstreamControl(Protocol):
 
     `tls_options` is set once TLS starts (explicit AUTH TLS or implicit); upstream data
     connections resume this connection's session through it.
+
+    A backend connection (`gateway.balancer`) starts `held`: its greeting fires `greeting`
+    and waits, unseen by the session, until the balancer has accepted it and `release` hands
+    the connection and the greeting over.
     """
 
-    def __init__(self, owner: ClientControl, tls_options: Any = None) -> None:
+    def __init__(
+        self, owner: ClientControl, tls_options: Any = None, *, held: bool = False
+    ) -> None:
         self.owner = owner
         self.tls_options = tls_options
         self.handshake_done = False
         self.local: HostPort | None = None
         self.reader = self._new_reader()
+        self.held = held
+        self.greeting: Deferred[Reply] = Deferred()
+        self._greeted: list[Reply] = []
+
+    def release(self) -> None:
+        """The balancer accepted this backend: the session takes the connection over."""
+        self.held = False
+        self.owner.upstream_made(self)
+        if self.transport is not None and self.owner.upstream is self:
+            self.owner.run(self.owner.session.upstream_replies(self._greeted))
+        self._greeted = []
+
+    def _held_replies(self, data: bytes) -> None:
+        """Before `release`: keep what the backend says until its first final reply, which
+        fires `greeting` (preliminary 120 lines are not shown: the 220 follows)."""
+        try:
+            replies = self.reader.feed(data)
+        except RemoteProtocolError as e:
+            if not self.greeting.called:
+                self.greeting.errback(e)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if self.greeting.called:
+            self._greeted.extend(replies)
+            return
+        for index, answer in enumerate(replies):
+            if answer.final:
+                self._greeted.append(answer)
+                rest = replies[index + 1 :]
+                self.greeting.callback(answer)  # may release this connection at once
+                if self.held:
+                    self._greeted.extend(rest)
+                elif rest and self.owner.upstream is self:
+                    self.owner.run(self.owner.session.upstream_replies(rest))
+                return
 
     def _new_reader(self) -> ReplyReader:
         config = self.owner.factory.config
@@ -116,7 +160,8 @@ class UpstreamControl(Protocol):
             # doc/proxy-protocol.txt, section 2): the client's real address for its logs.
             local = _hostport(self.owner.transport.getHost())  # type: ignore[union-attr]
             self.transport.write(proxyproto.header(version, self.owner.peer, local))  # type: ignore[union-attr]
-        self.owner.upstream_made(self)
+        if not self.held:
+            self.owner.upstream_made(self)
 
     def start_tls(self, options: Any) -> None:
         self.tls_options = options
@@ -126,10 +171,13 @@ class UpstreamControl(Protocol):
     def handshakeCompleted(self) -> None:
         # The certificate was verified during the handshake (`tls.UpstreamTLS`).
         self.handshake_done = True
-        if not self.owner.session.closed:
+        if not self.held and not self.owner.session.closed:
             self.owner.run(self.owner.session.upstream_tls_ready())
 
     def dataReceived(self, data: bytes) -> None:
+        if self.held:
+            self._held_replies(data)
+            return
         try:
             replies = self.reader.feed(data)
         except RemoteProtocolError as e:
@@ -139,6 +187,14 @@ class UpstreamControl(Protocol):
         self.owner.run(self.owner.session.upstream_replies(replies))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.held:
+            if not self.greeting.called:
+                if self.tls_options is not None and not self.handshake_done:
+                    text = self.tls_options.describe(reason, _tls_handle(self.transport))
+                    self.greeting.errback(ConnectionError(text))
+                else:
+                    self.greeting.errback(reason)
+            return
         if self.tls_options is not None and not self.handshake_done:
             reason_text = self.tls_options.describe(reason, _tls_handle(self.transport))
             self.owner.run(self.owner.session.upstream_tls_failed(reason_text))
@@ -386,6 +442,8 @@ class ClientControl(Protocol):
         #: Who the proxy login authenticated as: the checker's avatar ID (a ProxyIdentity,
         #: with directory groups, from the htpasswd: and ldap: checkers), for routing.
         self.proxy_identity: Any = None
+        #: Reverse mode: the backend this session was sent to (`gateway.balancer`).
+        self.backend: Backend | None = None
 
     # ------------------------------------------------------------------ client connection
 
@@ -395,7 +453,9 @@ class ClientControl(Protocol):
         local = _hostport(self.transport.getHost())  # type: ignore[union-attr]
         #: A short id on every line of this session, to pick them out of a busy log.
         self.session_id = secrets.token_hex(4)
-        self.log = SessionLogger(self.session_id, namespace="gateway.session", source=self)
+        self.log = SessionLogger(
+            self.session_id, namespace="gateway.session", source=self, level=config.log.level
+        )
         self.peer = peer
         destination = _original_destination(self.transport) if config.transparent else None
         if self.factory.is_loop(peer, destination or local):
@@ -509,6 +569,9 @@ class ClientControl(Protocol):
         if session.fixed_upstream is not None:
             host, port = session.fixed_upstream
             return str(HostPort.of(host, port)) if is_ip_literal(host) else f"{host}:{port}"
+        backends = session.config.pool_backends
+        if len(backends) == 1:  # the `upstream` shorthand, or one [[backends]] entry
+            return backends[0].address
         return "not chosen yet"
 
     @property
@@ -538,6 +601,9 @@ class ClientControl(Protocol):
                 timer.cancel()
         self.flow.stop()
         self.factory.session_ended(self)
+        if self.backend is not None:
+            self.factory.balancer.release(self.backend)
+            self.backend = None
         self.run(self.session.client_lost())
 
     # ---------------------------------------------------------------------- effects
@@ -561,11 +627,14 @@ class ClientControl(Protocol):
         _CARRY_OUT[type(effect)](self, effect)
 
     def _to_upstream(self, effect: ToUpstream) -> None:
-        self.log.debug("To upstream: {command}", command=str(effect.command))
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.write(effect.command.encode())
+        if self.log.tracing:
+            self.log.debug("To upstream: {command}", command=str(effect.command))
+        line = effect.command.encode()
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(line)
         else:
-            self._pending_upstream.append(effect.command.encode())
+            self._pending_upstream.append(line)
 
     def _start_client_tls(self, effect: StartClientTLS) -> None:
         self.reader.discard()
@@ -575,7 +644,8 @@ class ClientControl(Protocol):
 
     def _start_upstream_tls(self, effect: StartUpstreamTLS) -> None:
         assert self.upstream is not None
-        self.upstream.start_tls(self.factory.upstream_tls_options(effect.name))
+        options = self.factory.upstream_tls_options(effect.name, self.session.config)
+        self.upstream.start_tls(options)
 
     def _close_data(self, effect: CloseData) -> None:
         self._data.close()
@@ -593,7 +663,8 @@ class ClientControl(Protocol):
         getattr(self.log, effect.level)(effect.format, client=str(self.peer), **fields)
 
     def _write_client(self, answer: Reply) -> None:
-        self.log.debug("To client: {code}", code=answer.code)
+        if self.log.tracing:
+            self.log.debug("To client: {code}", code=answer.code)
         self.transport.write(answer.encode())  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------- upstream control
@@ -618,7 +689,8 @@ class ClientControl(Protocol):
             if avatar is None:
                 throttle.failed(self.peer.host, self.factory.reactor.seconds())
             self.proxy_identity = avatar
-            self.run(self.session.proxy_auth_result(avatar is not None))
+            groups = frozenset(getattr(avatar, "groups", ()))
+            self.run(self.session.proxy_auth_result(avatar is not None, groups=groups))
 
         def unavailable(failure: Failure) -> None:
             failure.trap(UserStoreUnavailable)
@@ -673,6 +745,36 @@ class ClientControl(Protocol):
 
         d.addCallbacks(connected, failed)
 
+    def _connect_backend(self, effect: ConnectBackend) -> None:
+        """Reverse mode: have the balancer connect a backend, failing over until one greets
+        with 220; the session learns of it only then (or of the last failure, for its 421)."""
+
+        def make(backend: Backend, config: Config, tls: Any) -> UpstreamControl:
+            return UpstreamControl(self, tls, held=True)
+
+        d = self.factory.balancer.connect(
+            make, client=self.peer.host, user=effect.user, names=effect.names
+        )
+        self._upstream_connecting = d
+
+        def connected(result: tuple[Backend, Config, UpstreamControl]) -> None:
+            self._upstream_connecting = None
+            backend, config, upstream = result
+            if self.session.closed:
+                self.factory.balancer.release(backend)
+                upstream.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self.backend = backend
+            self.session.backend_connected(config)
+            upstream.release()
+
+        def failed(failure: Failure) -> None:
+            self._upstream_connecting = None
+            if not failure.check(CancelledError, error.ConnectingCancelledError):
+                self.run(self.session.upstream_connect_failed(failure.getErrorMessage()))
+
+        d.addCallbacks(connected, failed)
+
     def upstream_made(self, upstream: UpstreamControl) -> None:
         if self.session.closed:
             upstream.transport.loseConnection()  # type: ignore[union-attr]
@@ -707,6 +809,7 @@ _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
     ToUpstream: ClientControl._to_upstream,
     Authenticate: lambda control, e: control._authenticate(e.user, e.password),
     ResolveUpstream: lambda control, e: control._resolve(e.host, e.port),
+    ConnectBackend: ClientControl._connect_backend,
     ConnectUpstream: lambda control, e: control._connect_upstream(
         e.host, e.port, e.tls_name if e.implicit_tls else None
     ),
@@ -831,6 +934,9 @@ class GatewayFactory(Factory):
         #: target.
         self.listening: set[HostPort] = set()
         self.login_throttle = LoginThrottle(limit=config.limits.max_failed_logins, window=60.0)
+        #: Reverse mode's backends, their health and sessions (`gateway.balancer`).
+        self.balancer = Balancer(config, reactor)
+        self.balancer.is_self = self.is_self
         self.rates = self._rate_limits(config)
         self.reconfigure(config)
 
@@ -850,6 +956,8 @@ class GatewayFactory(Factory):
             rules=config.upstream_policy_rules, own_addresses=frozenset(self.listening)
         )
         self.login_throttle.limit = config.limits.max_failed_logins
+        if config is not self.balancer.config:
+            self.balancer.reconfigure(config)
         rates = (
             config.limits.rate_per_session,
             config.limits.rate_per_user,
@@ -957,10 +1065,11 @@ class GatewayFactory(Factory):
 
         return Deferred.fromCoroutine(check())
 
-    def upstream_tls_options(self, name: str) -> Any:
+    def upstream_tls_options(self, name: str, config: Config | None = None) -> Any:
         """A fresh client context per upstream session: its data connections resume the
-        session of its control connection, and only that one."""
-        config = self.config
+        session of its control connection, and only that one. `config`: the session's, which
+        carries its backend's TLS settings in reverse mode."""
+        config = config or self.config
         return client_options(
             name,
             ca_file=config.tls.upstream_ca_file,

@@ -53,6 +53,17 @@ class ConnectUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectBackend:
+    """Reverse mode: connect to a backend the pool chooses (`gateway.balancer`), among `names`
+    (a route's backends; None: any), by `user` for `user_hash`. Answer with `backend_connected`,
+    `upstream_connected` and the backend's 220, or with `upstream_connect_failed` once no
+    backend is left."""
+
+    user: str | None = None
+    names: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticate:
     """Check proxy credentials (forward mode); answer with `proxy_auth_result`. The password
     is never logged."""
@@ -131,6 +142,7 @@ Effect = (
     | ToUpstream
     | ResolveUpstream
     | ConnectUpstream
+    | ConnectBackend
     | Authenticate
     | StartClientTLS
     | StartUpstreamTLS

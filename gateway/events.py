@@ -43,6 +43,20 @@ class Event(StrEnum):
     CONTROL_NOT_READ = "control_not_read"
     """A peer left its control connection unread too long; the session ends."""
 
+    # Reverse mode's backends (`gateway.balancer`).
+    BACKEND_CONFIGURED = "backend_configured"
+    """A backend is in the pool (at start or on reload), with its state and sessions."""
+    BACKEND_REMOVED = "backend_removed"
+    """A reload took a backend out of the pool."""
+    BACKEND_UP = "backend_up"
+    """A backend's health checks pass again."""
+    BACKEND_DOWN = "backend_down"
+    """A backend failed its health checks; no new session goes to it."""
+    BACKEND_SESSION_STARTED = "backend_session_started"
+    """A session was sent to a backend."""
+    BACKEND_SESSION_ENDED = "backend_session_ended"
+    """A session sent to a backend ended."""
+
     # Policy.
     PROXY_LOGIN_FAILED = "proxy_login_failed"
     """Forward mode: proxy credentials were refused."""

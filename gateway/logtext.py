@@ -15,6 +15,7 @@ nothing here imports Twisted.
 
 from __future__ import annotations
 
+import functools
 import re
 from string import Formatter
 from typing import Any
@@ -37,16 +38,18 @@ def escape_text(text: str) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
-def _format_fields(log_format: str) -> set[str]:
-    """The top-level field names a PEP 3101 format string refers to."""
-    names = set()
+@functools.lru_cache(maxsize=256)
+def _format_fields(log_format: str) -> frozenset[str]:
+    """The top-level field names a PEP 3101 format string refers to. Cached: the formats are
+    the few literals in the code, and parsing one costs more than escaping the event."""
+    names: set[str] = set()
     try:
         for _, field, _, _ in Formatter().parse(log_format):
             if field:
                 names.add(re.split(r"[.\[]", field, maxsplit=1)[0])
     except ValueError:
         pass
-    return names
+    return frozenset(names)
 
 
 def _escaped(value: Any) -> Any:

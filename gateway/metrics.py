@@ -10,6 +10,7 @@ endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,7 @@ _REFUSAL_REASONS = (
 _TRANSFER_VERBS = ("RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD")
 _TRANSFER_OUTCOMES = ("complete", "failed", "aborted")
 _DIRECTIONS = ("download", "upload")
-_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle")
+_REFUSED_KINDS = ("upstream", "data_target", "command", "login_throttle", "route")
 _RELOAD_RESULTS = ("ok", "failed")
 #: Seconds: loopback and LAN connects are sub-millisecond, a distant server 100 ms or more.
 _CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -139,6 +140,18 @@ class MetricsObserver:
             ["result"],
             registry=registry,
         )
+        self.backend_up = Gauge(
+            "ftp_gateway_backend_up",
+            "Reverse mode: 1 while a backend takes sessions, 0 while it is marked down.",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_sessions = Gauge(
+            "ftp_gateway_backend_sessions",
+            "Reverse mode: sessions on each backend now.",
+            ["backend"],
+            registry=registry,
+        )
         for reason in _REFUSAL_REASONS:
             self.sessions_refused.labels(reason=reason)
         for verb in _TRANSFER_VERBS:
@@ -167,6 +180,13 @@ class MetricsObserver:
             Event.UPSTREAM_CONNECT_FAILED: lambda event: self.upstream_failures.inc(),
             Event.REFUSED: self._refused,
             Event.CONFIG_RELOADED: self._config_reloaded,
+            # Reverse mode's backends (`gateway.balancer`).
+            Event.BACKEND_CONFIGURED: self._backend_configured,
+            Event.BACKEND_REMOVED: self._backend_removed,
+            Event.BACKEND_UP: lambda event: self._backend_up(event, 1),
+            Event.BACKEND_DOWN: lambda event: self._backend_up(event, 0),
+            Event.BACKEND_SESSION_STARTED: lambda event: self._backend_sessions(event).inc(),
+            Event.BACKEND_SESSION_ENDED: lambda event: self._backend_sessions(event).dec(),
         }
 
     def __call__(self, event: LogEvent) -> None:
@@ -206,6 +226,23 @@ class MetricsObserver:
 
     def _config_reloaded(self, event: LogEvent) -> None:
         self.reloads.labels(result=event.get("result", "ok")).inc()
+
+    def _backend_configured(self, event: LogEvent) -> None:
+        backend = str(event.get("backend", "?"))
+        self.backend_up.labels(backend=backend).set(1 if event.get("up", True) else 0)
+        self.backend_sessions.labels(backend=backend).set(int(event.get("sessions", 0)))
+
+    def _backend_up(self, event: LogEvent, up: int) -> None:
+        self.backend_up.labels(backend=str(event.get("backend", "?"))).set(up)
+
+    def _backend_sessions(self, event: LogEvent) -> Any:
+        return self.backend_sessions.labels(backend=str(event.get("backend", "?")))
+
+    def _backend_removed(self, event: LogEvent) -> None:
+        backend = str(event.get("backend", "?"))
+        for gauge in (self.backend_up, self.backend_sessions):
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend)
 
 
 class _ScrapeSite(Site):

@@ -49,6 +49,8 @@ V2_SIGNATURE = V2Parser.PREFIX
 V1_SIGNATURE = b"PROXY "
 #: Section 2.2: version 2, command PROXY; families TCP over IPv4 (0x11) and IPv6 (0x21).
 _V2_PROXY = 0x21
+#: Section 2.2: version 2, command LOCAL (health checks and the like).
+_V2_LOCAL = 0x20
 _V2_TCP4 = 0x11
 _V2_TCP6 = 0x21
 
@@ -321,6 +323,17 @@ def header(version: str, source: HostPort, destination: HostPort) -> bytes:
         family = _V2_TCP4 if src.version == 4 else _V2_TCP6
         addresses = src.packed + dst.packed + struct.pack("!HH", source.port, destination.port)
         return V2_SIGNATURE + struct.pack("!BBH", _V2_PROXY, family, len(addresses)) + addresses
+    raise ValueError(f"unknown PROXY protocol version {version!r}")
+
+
+def local_header(version: str) -> bytes:
+    """The PROXY header of a connection the gateway makes on its own behalf (a health check),
+    relaying no client: v1 "PROXY UNKNOWN" (section 2.1), v2 command LOCAL with no address
+    (section 2.2), which the server accepts and uses its own view of the connection for."""
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    if version == "v2":
+        return V2_SIGNATURE + struct.pack("!BBH", _V2_LOCAL, 0, 0)
     raise ValueError(f"unknown PROXY protocol version {version!r}")
 
 

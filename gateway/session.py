@@ -10,6 +10,7 @@ concern is a small machine of its own that sees the session only through a narro
 
 - `gateway.upstream`     the upstream control connection: greeting, securing, reply pairing
 - `gateway.login`        forward mode: proxy login, choosing and connecting the upstream
+- `gateway.routelogin`   reverse mode by user: own greeting, proxy login, routes, backend login
 - `gateway.ftps`         TLS on both sides: AUTH/PBSZ/PROT/CCC, and the upstream negotiation
 - `gateway.datachannel`  PORT, EPRT, PASV, EPSV and EPSV ALL
 - `gateway.transfer`     the transfer driver, from the data command to its final reply
@@ -42,6 +43,7 @@ from gateway.effects import (
     CloseClient,
     CloseData,
     CloseUpstream,
+    ConnectBackend,
     Effect,
     Log,
     Side,
@@ -54,6 +56,7 @@ from gateway.login import Login, check_destination
 from gateway.pairing import MAX_OWED_REPLIES, Handler, Pairing, ignore
 from gateway.passthrough import PassThrough
 from gateway.policy import CommandPolicy, UpstreamPolicy
+from gateway.routelogin import RouteLogin
 from gateway.transfer import TransferDriver, TransferType
 from gateway.upstream import MAX_UNSOLICITED_REPLIES, Upstream
 from gateway.view import ACCEPTS_COMMANDS, Phase
@@ -92,8 +95,9 @@ class Session:
         self.config = config
         #: Transparent mode: where the client connected before a NAT redirect sent it here.
         self.destination = destination
-        #: The one upstream of a reverse-mode or transparent-mode session; None in forward mode.
-        self.fixed_upstream = config.upstream
+        #: The one upstream of a transparent-mode session (reverse mode's come from the pool,
+        #: `gateway.balancer`); None in forward mode.
+        self.fixed_upstream: tuple[str, int] | None = None
         if config.transparent and destination is not None:
             self.fixed_upstream = (destination.host, destination.port)
         self.policy = policy or UpstreamPolicy(rules=config.upstream_policy_rules)
@@ -111,7 +115,11 @@ class Session:
         self._pairing = Pairing()
         self.client_ftps: ClientFTPS = ClientFTPS(config, implicit=implicit_tls)
         self.upstream: Upstream = Upstream(self, self._pairing)
-        self.login: Login = Login(self, proxy_auth=bool(config.proxy_auth))
+        self.login: Login | RouteLogin = (
+            RouteLogin(self)
+            if config.connect_after_user
+            else Login(self, proxy_auth=bool(config.proxy_auth))
+        )
         self.data_channel: DataChannel = DataChannel(self, client_peer, client_local)
         self.transfers: TransferDriver = TransferDriver(self)
         self.passing = PassThrough(self)
@@ -149,7 +157,13 @@ class Session:
     @property
     def forward(self) -> bool:
         """Forward mode: the client chooses the upstream (`gateway.login`)."""
-        return self.fixed_upstream is None
+        return self.fixed_upstream is None and not self.config.reverse
+
+    @property
+    def own_login(self) -> bool:
+        """The gateway greets by itself and its login machine logs in upstream: forward mode,
+        and reverse mode by user (`gateway.routelogin`)."""
+        return self.forward or self.config.connect_after_user
 
     @property
     def client_tls(self) -> bool:
@@ -179,11 +193,15 @@ class Session:
             if refusal is not None:
                 log, reply = refusal
                 return [*log, *self.close(reply)]
-        if self.fixed_upstream is None:
+        if self.own_login:
             self.phase = Phase.PROXY_LOGIN if self.config.proxy_auth else Phase.LOGIN
-            text = self.config.greeting + " Log in as USER name@host[:port]."
+            text = self.config.greeting
+            if self.forward:
+                text += " Log in as USER name@host[:port]."
             return [ToClient(Reply.of(220, text))]
         self.phase = Phase.GREETING  # the upstream's greeting answers the connection itself
+        if self.fixed_upstream is None:
+            return [ConnectBackend()]  # reverse mode: the balancer chooses (`gateway.balancer`)
         return self.connect(*self.fixed_upstream)
 
     def client_line(self, event: Command | BadLine) -> list[Effect]:
@@ -204,7 +222,14 @@ class Session:
 
     def upstream_resolved(self, addresses: list[str], error: str | None = None) -> list[Effect]:
         """Forward mode: the upstream name resolved to `addresses` (empty on failure)."""
-        return [] if self.closed else self.login.resolved(addresses, error)
+        if self.closed or not isinstance(self.login, Login):
+            return []
+        return self.login.resolved(addresses, error)
+
+    def backend_connected(self, config: Config) -> None:
+        """Reverse mode: the shell connected a backend; `config` carries its upstream TLS
+        settings (`Config.for_backend`), which apply from now on."""
+        self.config = config
 
     def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         """The upstream control connection is open; its greeting comes next."""
@@ -243,12 +268,22 @@ class Session:
         return [*self.upstream.unsolicited_summary(), CloseData(), CloseUpstream()]
 
     def proxy_auth_result(
-        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+        self,
+        ok: bool,
+        *,
+        throttled: bool = False,
+        unavailable: bool = False,
+        groups: frozenset[str] = frozenset(),
     ) -> list[Effect]:
         """The proxy credentials were checked (`twisted.cred`, in the shell); `unavailable`:
-        a user store (a directory) could not answer, which is no fault of the client."""
+        a user store (a directory) could not answer, which is no fault of the client;
+        `groups`: the proxy user's directory groups, which routes may match."""
         if self.closed:
             return []
+        if isinstance(self.login, RouteLogin):
+            return self.login.proxy_auth_result(
+                ok, throttled=throttled, unavailable=unavailable, groups=groups
+            )
         return self.login.proxy_auth_result(ok, throttled=throttled, unavailable=unavailable)
 
     def timed_out(self, what: str, mark: int | None = None) -> list[Effect]:
@@ -427,7 +462,7 @@ class Session:
             return self._answer(refusal)
         if verb in verbs.ALWAYS:
             return verbs.ALWAYS[verb](self, command)
-        login_verb = self.login.handler(command) if self.forward else None
+        login_verb = self.login.handler(command) if self.own_login else None
         if login_verb is not None:
             return login_verb(command)
         refused = self.refused_by_policy(command)

@@ -187,13 +187,18 @@ def describe(config: Config, config_file: str | None) -> str:
     """One line saying what a listener serves: mode, where sessions go, TLS, version, file."""
     if config.transparent:
         mode = "transparent mode, to each connection's original destination"
+    elif config.backends:
+        names = ", ".join(backend.name for backend in config.backends)
+        mode = f"reverse mode, backends {names} ({config.balance})"
+        if config.routes:
+            mode += f", {len(config.routes)} routes"
     elif config.upstream is not None:
         host, port = config.upstream
         shown = f"[{host}]" if ":" in host else host
         mode = f"reverse mode, upstream {shown}:{port}"
     else:
         mode = "forward mode, USER name@host chooses the upstream"
-    if not config.forward and config.upstream is not None:
+    if not config.forward and config.reverse:
         policy = ""
     else:
         allowed = sum(rule.action == "allow" for rule in config.upstream_policy_rules)

@@ -20,6 +20,7 @@ from gateway import __version__, capacity, splice, startup
 from gateway.config import SETTINGS, Config, ConfigError, Setting, with_setting
 from gateway.control import GatewayFactory
 from gateway.events import Event
+from gateway.health import HealthChecks
 from gateway.listeners import report_bound
 from gateway.logs import LogService, MainLog, check_transfer_log, install_main_observer
 from gateway.logtext import escape_event
@@ -109,8 +110,11 @@ class Options(usage.Options):
         if problems:
             raise SystemExit(2)
         assert config is not None
-        if self["demo"] and config.upstream is not None:
-            print("ftp-gateway: --demo starts its own upstream; drop --upstream", file=sys.stderr)
+        if self["demo"] and config.reverse:
+            print(
+                "ftp-gateway: --demo starts its own upstream; drop --upstream and backends",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
         if self["check-config"]:
             print(f"ftp-gateway: configuration OK ({self['config'] or 'no configuration file'})")
@@ -218,6 +222,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         return fresh if demo_upstream is None else replace(fresh, upstream=demo_upstream)
 
     ReloadOnHangup(factory, load, reactor).setServiceParent(top)
+    HealthChecks(factory.balancer, reactor).setServiceParent(top)
     return top
 
 

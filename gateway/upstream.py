@@ -20,6 +20,7 @@ from gateway.events import Event
 from gateway.ftps import UpstreamFTPS
 from gateway.login import Login
 from gateway.pairing import Pairing
+from gateway.routelogin import RouteLogin
 from gateway.transfer import TransferDriver
 from gateway.view import Phase, SessionView
 
@@ -41,7 +42,10 @@ class UpstreamHost(SessionView, Protocol):
     def fixed_upstream(self) -> tuple[str, int] | None: ...
 
     @property
-    def login(self) -> Login: ...
+    def own_login(self) -> bool: ...
+
+    @property
+    def login(self) -> Login | RouteLogin: ...
 
     @property
     def transfers(self) -> TransferDriver: ...
@@ -63,7 +67,8 @@ class Upstream:
         self.ftps = UpstreamFTPS(host, name=self._tls_name, secured=self.secured)
         self.peer: HostPort | None = None
         self.local: HostPort | None = None
-        #: Reverse mode: the upstream's greeting, shown once the upstream side is secured.
+        #: Reverse mode: the upstream's greeting, shown once the upstream side is secured
+        #: (with `tls.upstream = "auto"` it is shown at once, never kept here).
         self._greeting: Reply | None = None
         #: The phase to return to after a negotiation a client's AUTH TLS started.
         self._resume: Phase | None = None
@@ -77,9 +82,9 @@ class Upstream:
             return self._host.config.tls.upstream_name
         if self._host.fixed_upstream is not None:
             return self._host.fixed_upstream[0]
-        target = self._host.login.target
-        assert target is not None
-        return target.host
+        # Reverse mode's backends always carry a name (`Config.for_backend`).
+        assert isinstance(self._host.login, Login) and self._host.login.target is not None
+        return self._host.login.target.host
 
     def connect(self, host: str, port: int) -> list[Effect]:
         """Open the connection to `host`, an address policy approved (or the configured name)."""
@@ -94,6 +99,7 @@ class Upstream:
             {"reason": reason, "event": Event.UPSTREAM_CONNECT_FAILED},
         )
         if self._host.forward:
+            assert isinstance(self._host.login, Login)
             return [log, *self._host.login.connect_failed(reason)]
         return [log, *self._host.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
 
@@ -137,18 +143,26 @@ class Upstream:
 
     def _on_early_greeting(self, answer: Reply) -> list[Effect]:
         # Reverse mode shows a 120 "ready in n minutes" as it comes.
-        return [] if self._host.forward else [ToClient(answer)]
+        return [] if self._host.own_login else [ToClient(answer)]
 
     def _on_greeting(self, answer: Reply) -> list[Effect]:
-        if self._host.forward:
+        if self._host.own_login:
             if not answer.positive:
                 return self._host.login.greeted(answer)
         elif not answer.positive:
             return self._host.close(answer)
+        elif self._host.config.tls.upstream == "auto":
+            # Reverse mode, opportunistic TLS: the client sees the upstream's greeting as its
+            # own at once, while FEAT asks whether the upstream offers TLS. The client's
+            # commands wait in the queue until the upstream side is secured (or found not to
+            # offer TLS), so USER and PASS still never go out before that, and the FEAT round
+            # trip overlaps the client's own instead of delaying every session's start.
+            self._host.enter(Phase.UPSTREAM_TLS)
+            return [ToClient(answer), *self.ftps.negotiate(client_tls=self._host.client_tls)]
         else:
-            # Reverse mode: the client sees the upstream's greeting as its own, once the
-            # upstream side is secured, so the client's USER and PASS never go out in clear
-            # text when policy wants TLS upstream.
+            # Reverse mode with TLS required (or following the client): the greeting waits
+            # until the upstream side is secured, so a client never sees a server it cannot
+            # use, and its USER and PASS never go out in clear text.
             self._greeting = answer
         self._host.enter(Phase.UPSTREAM_TLS)
         return self.ftps.negotiate(client_tls=self._host.client_tls)
@@ -173,12 +187,12 @@ class Upstream:
         if resume is not None:
             self._host.enter(resume)  # a client's AUTH TLS started the negotiation
             return self._host.serve_queue()
-        if self._host.forward:
+        if self._host.own_login:
             return self._host.login.upstream_ready()
         self._host.enter(Phase.LOGIN)
-        greeting = self._greeting
-        assert greeting is not None
-        return [ToClient(greeting), *self._host.serve_queue()]
+        greeting, self._greeting = self._greeting, None
+        shown = [] if greeting is None else [ToClient(greeting)]  # None: shown already
+        return [*shown, *self._host.serve_queue()]
 
     # ------------------------------------------------------------------------ replies
 

@@ -155,6 +155,7 @@ def start_server(
     key: Path | None = None,
     require_ssl_reuse: bool = False,
     tls_max_version: str | None = None,
+    port: int | None = None,
 ) -> RunningServer:
     """Start a `kind` server on `host` and return once it has greeted a client with 220.
 
@@ -163,6 +164,7 @@ def start_server(
     data) or "implicit" (TLS from the first byte); `cert` and `key` are then PEM files.
     `require_ssl_reuse` makes the server refuse a TLS data connection that does not resume the
     control connection's session. `tls_max_version` ("1.2" or "1.3") caps the protocol.
+    `port`: listen there (a server restarted where it was) instead of on a free port.
     A combination the server cannot do raises NotImplementedError rather than quietly running
     something else.
     """
@@ -181,7 +183,7 @@ def start_server(
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "root"
     root.mkdir(exist_ok=True)
-    port = free_port(host)  # the server binds it a moment later
+    port = port or free_port(host)  # the server binds it a moment later
     launch = _LAUNCHERS[kind](options, workdir, root, port)
     output_path = workdir / f"{kind}.out"
     with output_path.open("wb") as output:

@@ -108,3 +108,110 @@ def test_masquerade_except_takes_networks() -> None:
         "fd00::/8",
         "192.168.1.7/32",
     ]
+
+
+BACKENDS = [
+    {"address": "127.0.0.1:2101", "name": "one", "weight": 3},
+    {"address": "[::1]:2102", "group": "east", "tls_upstream": "off"},
+]
+
+
+def test_backends_and_routes() -> None:
+    config = build(
+        {
+            "backends": BACKENDS,
+            "balance": "user_hash",
+            "routes": [{"user": "*@east", "backend_group": "east", "upstream_user": "{local}"}],
+        }
+    )
+    one, two = config.backends
+    assert (one.name, one.host, one.port, one.weight) == ("one", "127.0.0.1", 2101, 3)
+    assert (two.name, two.group, two.tls_upstream) == ("[::1]:2102", "east", "off")
+    assert config.reverse and not config.forward and config.connect_after_user
+    assert config.pool_backends == config.backends
+
+
+def test_upstream_is_a_pool_of_one() -> None:
+    config = build({"upstream": "ftp.example.net"})
+    assert [(b.name, b.host, b.port) for b in config.pool_backends] == [
+        ("ftp.example.net:21", "ftp.example.net", 21)
+    ]
+    assert config.reverse and not config.connect_after_user
+    assert build({}).pool_backends == ()
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"backends": [{"name": "x"}]}, 'backends[1]: a backend needs address = "host:port"'),
+        ({"backends": [{"address": "h", "port": 21}]}, "backends[1]: unknown key 'port'"),
+        ({"backends": [{"address": "h", "weight": 0}]}, "backends[1].weight: expected a whole"),
+        ({"backends": [{"address": "h", "tls_upstream": "maybe"}]}, "backends[1].tls_upstream:"),
+        ({"backends": [{"address": "[::1"}]}, "backends[1].address:"),
+        ({"backends": [{"address": "h"}, {"address": "h:21"}]}, "backends: two backends"),
+        ({"backends": {"address": "h"}}, "backends: expected an array of tables"),
+        ({"backends": BACKENDS, "upstream": "h"}, "backends: upstream is the one-backend"),
+        ({"balance": "random"}, "balance: expected one of round_robin"),
+        ({"health.fall": 0}, "health.fall: expected a whole number"),
+        ({"health.interval": 0}, "health.interval: expected a number"),
+        ({"routes": [{"user": "a", "backend": "one"}]}, "routes: routes apply in reverse mode"),
+        (
+            {"backends": BACKENDS, "routes": [{"user": "a", "backend": "two"}]},
+            "routes: route for 'a' names backend 'two', which is not among",
+        ),
+        (
+            {"backends": BACKENDS, "routes": [{"user": "a", "backend_group": "west"}]},
+            "routes: route for 'a' names backend_group 'west', which no backend has",
+        ),
+        (
+            {
+                "backends": BACKENDS,
+                "routes": [
+                    {
+                        "user": "a",
+                        "backend": "one",
+                        "upstream_user": "b",
+                        "upstream_password": "c",
+                    }
+                ],
+            },
+            "routes: route for 'a' carries an upstream password, which needs proxy_auth",
+        ),
+        (
+            {"backends": BACKENDS, "proxy_auth": ["memory:a:b"]},
+            "proxy_auth: proxy authentication applies to forward mode, or reverse mode with",
+        ),
+        ({"routes": [{"user": "a"}]}, "routes[1]: a route needs backend"),
+        ({"routes_file": "/nonexistent/routes.csv"}, "routes_file: /nonexistent/routes.csv: "),
+    ],
+)
+def test_invalid_backends_and_routes(layer: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build(layer)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_routes_file_comes_after_inline_routes(tmp_path: Path) -> None:
+    path = tmp_path / "routes.csv"
+    path.write_text("user,backend\n*,one\n")
+    config = build(
+        {
+            "backends": BACKENDS,
+            "routes": [{"user": "a", "backend_group": "east"}],
+            "routes_file": str(path),
+        }
+    )
+    assert [route.user for route in config.routes] == ["a", "*"]
+    assert config.routes_file == str(path)
+
+
+def test_proxy_auth_with_routes_in_reverse_mode() -> None:
+    config = build(
+        {
+            "backends": BACKENDS,
+            "proxy_auth": ["memory:a:b"],
+            "routes": [{"user": "*", "backend": "one"}],
+        }
+    )
+    assert config.connect_after_user

@@ -39,8 +39,11 @@ def test_each_counted_event_changes_a_metric(kind: Event) -> None:
     """Fed as a plain string, as a log line carries it, each counted event moves a metric."""
     registry = CollectorRegistry()
     observer = MetricsObserver(registry)
+    if kind is Event.BACKEND_REMOVED:
+        observer({"event": Event.BACKEND_CONFIGURED.value, "backend": "b"})  # one to remove
     before = _samples(registry)
-    observer({"event": kind.value, "code": 226, "verb": "RETR", "bytes": 10, "seconds": 0.5})
+    fields = {"code": 226, "verb": "RETR", "bytes": 10, "seconds": 0.5, "backend": "b"}
+    observer({"event": kind.value, **fields})
     assert _samples(registry) != before
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from twisted.logger import LogLevel
+from twisted.logger import LogEvent, LogLevel, LogPublisher
 
-from gateway.logs import format_json, format_text, xferlog_line
+from gateway.logs import SessionLogger, format_json, format_text, xferlog_line
 
 
 def event(**fields: object) -> dict[str, object]:
@@ -89,3 +89,34 @@ def test_json_line_is_flat_with_the_event_fields() -> None:
 def test_text_line_shows_the_session_id() -> None:
     text = format_text(event())
     assert text is not None and "[gateway.session#info] [0a1b2c3d] Transfer RETR" in text
+
+
+def _seen(level: str) -> tuple[SessionLogger, list[LogEvent]]:
+    seen: list[LogEvent] = []
+    publisher = LogPublisher(seen.append)
+    log = SessionLogger("0a1b2c3d", namespace="gateway.session", level=level)
+    log.observer = publisher
+    return log, seen
+
+
+def test_session_logger_drops_unwritten_detail_before_building_it() -> None:
+    """Below `[log] level`, a per-line trace event reaches no observer (nothing would write
+    it); an event with an `event` field still does, as metrics count those at any level."""
+    log, seen = _seen("info")
+    assert not log.tracing
+    log.debug("To client: {code}", code=220)
+    log.debug("Upstream connected", event="upstream_connected", seconds=0.1)
+    log.info("Session started", event="session_started")
+    log.warn("Something odd")
+    assert [(e["log_format"], e["session"]) for e in seen] == [
+        ("Upstream connected", "0a1b2c3d"),
+        ("Session started", "0a1b2c3d"),
+        ("Something odd", "0a1b2c3d"),
+    ]
+
+
+def test_session_logger_at_debug_keeps_every_event() -> None:
+    log, seen = _seen("debug")
+    assert log.tracing
+    log.debug("To client: {code}", code=220)
+    assert [e["log_format"] for e in seen] == ["To client: {code}"]

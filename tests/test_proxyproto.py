@@ -23,7 +23,13 @@ from gateway.config import ConfigError, build
 from gateway.control import ClientControl, GatewayFactory
 from gateway.data import PassiveListener
 from gateway.logs import SessionLogger
-from gateway.proxyproto import ForwardedData, ProxyHeaderFactory, header, split_endpoint
+from gateway.proxyproto import (
+    ForwardedData,
+    ProxyHeaderFactory,
+    header,
+    local_header,
+    split_endpoint,
+)
 
 BALANCER = IPv4Address("TCP", "127.0.0.9", 40000)
 GATEWAY = IPv4Address("TCP", "127.0.0.11", 2121)
@@ -399,3 +405,12 @@ def test_dropped_forwarded_data_is_logged_with_the_session_id() -> None:
     [dropped] = [e for e in seen if e.get("event") == "data_connection_dropped"]
     assert dropped["session"] == "5e55101d"
     assert dropped["log_level"] is LogLevel.warn
+
+
+def test_local_header_relays_no_client() -> None:
+    """Health checks say they relay no client: v1 "PROXY UNKNOWN" (section 2.1's own form),
+    v2 LOCAL, which a parser accepts without addresses, so the server keeps its own view."""
+    assert local_header("v1") == b"PROXY UNKNOWN\r\n"
+    info, rest = V2Parser().feed(local_header("v2") + b"QUIT\r\n")
+    assert info is not None and info.source is None and info.destination is None
+    assert rest == b"QUIT\r\n"

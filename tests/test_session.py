@@ -12,6 +12,7 @@ from gateway.effects import (
     CloseClient,
     CloseData,
     CloseUpstream,
+    ConnectBackend,
     ConnectData,
     ConnectUpstream,
     ListenData,
@@ -60,13 +61,15 @@ def reverse(config: Config | None = None) -> Session:
     """A reverse-mode session past the greeting."""
     config = config or Config(upstream=("ftp.test", 21))
     session = Session(config, client_peer=CLIENT, client_local=LOCAL)
-    assert session.start() == [ConnectUpstream("ftp.test", 21)]
+    assert session.start() == [ConnectBackend()]
+    session.backend_connected(config.for_backend(config.pool_backends[0]))
     session.upstream_connected(UP_LOCAL, UP_PEER)
-    # With the default upstream TLS policy "auto", the gateway asks for FEAT before anything.
+    # With the default upstream TLS policy "auto", the client sees the greeting at once while
+    # the gateway asks for FEAT.
     effects = session.upstream_reply(r(220, "upstream ready"))
-    assert to_client(effects) == [] and to_upstream(effects) == ["FEAT"]
+    assert to_client(effects) == [(220, "upstream ready")] and to_upstream(effects) == ["FEAT"]
     effects = session.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
-    assert to_client(effects) == [(220, "upstream ready")]
+    assert to_client(effects) == [] and to_upstream(effects) == []
     return session
 
 
@@ -610,19 +613,69 @@ def test_auto_tls_upstream_that_offers_auth_but_refuses_it_is_used_in_clear_text
     s = Session(Config(upstream=("ftp.test", 21)), client_peer=CLIENT, client_local=LOCAL)
     s.start()
     s.upstream_connected(UP_LOCAL, UP_PEER)
-    assert to_upstream(s.upstream_reply(r(220, "pure-ftpd ready"))) == ["FEAT"]
+    effects = s.upstream_reply(r(220, "pure-ftpd ready"))
+    assert to_upstream(effects) == ["FEAT"] and to_client(effects) == [(220, "pure-ftpd ready")]
+    assert s.client_line(line("USER alice")) == []  # waits until TLS is settled
     effects = s.upstream_reply(Reply(211, ("Extensions supported:", " AUTH TLS", " EPSV", "End.")))
     assert to_upstream(effects) == ["AUTH TLS"]
     effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
-    assert to_client(effects) == [(220, "pure-ftpd ready")]
+    assert to_upstream(effects) == ["USER alice"]
     assert any(isinstance(e, Log) and e.level == "warn" for e in effects)
     assert not s.upstream_tls
+
+
+def test_auto_tls_shows_the_greeting_at_once_and_holds_commands_until_secured() -> None:
+    """The FEAT round trip overlaps the client's: the greeting goes out with FEAT, and the
+    client's USER and PASS wait until the upstream is secured, then go out under TLS only."""
+    config = Config(upstream=("ftp.test", 21))
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    effects = s.upstream_reply(r(220, "ready"))
+    assert to_client(effects) == [(220, "ready")] and to_upstream(effects) == ["FEAT"]
+    assert s.client_line(line("USER alice")) == []
+    assert s.client_line(line("PASS secret")) == []
+    effects = s.upstream_reply(Reply(211, ("Features:", " AUTH TLS", "End")))
+    assert to_upstream(effects) == ["AUTH TLS"]
+    assert s.upstream_reply(r(234, "go ahead")) == [StartUpstreamTLS("ftp.test")]
+    assert to_upstream(s.upstream_tls_ready()) == ["PBSZ 0"]
+    assert to_upstream(s.upstream_reply(r(200, "PBSZ=0"))) == ["PROT P"]
+    effects = s.upstream_reply(r(200, "PROT ok"))
+    assert to_client(effects) == [] and to_upstream(effects) == ["USER alice"]
+    assert s.upstream_tls
+
+
+def test_auto_tls_that_fails_after_the_greeting_closes_with_421_and_sends_no_user() -> None:
+    config = Config(upstream=("ftp.test", 21))
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    s.upstream_reply(r(220, "ready"))
+    s.upstream_reply(Reply(211, ("Features:", " AUTH TLS", "End")))
+    assert s.client_line(line("USER alice")) == []
+    s.upstream_reply(r(234, "go ahead"))
+    effects = s.upstream_tls_failed("the upstream's certificate is signed by an unknown CA")
+    assert to_client(effects)[0][0] == 421 and CloseClient() in effects
+    assert to_upstream(effects) == []
+
+
+def test_required_tls_holds_the_greeting_until_secured() -> None:
+    config = Config(upstream=("ftp.test", 21), tls=Tls(upstream="required"))
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    effects = s.upstream_reply(r(220, "ready"))
+    assert to_client(effects) == [] and to_upstream(effects) == ["AUTH TLS"]
 
 
 def test_required_tls_upstream_that_refuses_auth_is_closed_with_421() -> None:
     config = Config(upstream=("ftp.test", 21), tls=Tls(upstream="required"))
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     assert to_upstream(s.upstream_reply(r(220, "ready"))) == ["AUTH TLS"]
     effects = s.upstream_reply(r(500, "This security scheme is not implemented"))
@@ -637,6 +690,7 @@ def test_replies_read_with_the_234_are_dropped_and_none_answers_a_later_command(
     config = Config(upstream=("ftp.test", 21), tls=Tls(upstream="required"))
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
+    s.backend_connected(config.for_backend(config.pool_backends[0]))
     s.upstream_connected(UP_LOCAL, UP_PEER)
     assert to_upstream(s.upstream_reply(r(220, "ready"))) == ["AUTH TLS"]
     effects = s.upstream_replies([r(234, "go ahead"), r(200, "injected before the handshake")])
@@ -657,9 +711,10 @@ def test_transparent_mode_connects_to_the_original_destination() -> None:
     s = Session(config, client_peer=CLIENT, client_local=LOCAL, destination=server)
     assert s.start() == [ConnectUpstream("198.19.0.2", 2100)]
     s.upstream_connected(UP_LOCAL, server)
-    assert to_upstream(s.upstream_reply(r(220, "server ready"))) == ["FEAT"]
-    effects = s.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
+    effects = s.upstream_reply(r(220, "server ready"))
+    assert to_upstream(effects) == ["FEAT"]
     assert to_client(effects) == [(220, "server ready")]  # the server's own greeting
+    s.upstream_reply(Reply(211, ("Features:", " SIZE", "End")))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,131 @@
+"""Periodic health checks of reverse mode's `[[backends]]`, as a Twisted service.
+
+Every `health.interval` seconds each backend gets one check, as a session would use it:
+connect (with implicit TLS if that is its mode) and read a 220 greeting within
+`health.timeout`, then QUIT. Results go to the pool (`Balancer.checked`), which takes a
+backend out after `health.fall` failures in a row and back after `health.rise` successes.
+A check still running when the next round starts is not doubled. The one-server `upstream`
+shorthand is not checked: with nowhere else to send sessions, a down mark would only refuse
+clients the server might still serve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from gateway.backends import Backend
+from gateway.balancer import Balancer, failure_reason
+from gateway.codec import DEFAULT_MAX_LINE, Reply, ReplyReader
+from gateway.config import Config
+from gateway.errors import RemoteProtocolError
+from gateway.proxyproto import local_header
+
+
+class GreetingProbe(Protocol):
+    """Reads a server's first final reply into `greeting`, then says QUIT and closes. With
+    `upstream_proxy_protocol` on, it first sends a PROXY header saying no client is relayed
+    (a server that expects the header would drop the check otherwise)."""
+
+    def __init__(self, proxy_protocol: str = "off") -> None:
+        self.greeting: Deferred[Reply] = Deferred()
+        self._reader = ReplyReader(max_line=DEFAULT_MAX_LINE, max_lines=100, max_bytes=16384)
+        self._proxy_protocol = proxy_protocol
+
+    def connectionMade(self) -> None:
+        if self._proxy_protocol != "off":
+            self.transport.write(local_header(self._proxy_protocol))  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.greeting.called:
+            return
+        try:
+            replies = self._reader.feed(data)
+        except RemoteProtocolError as e:
+            self.greeting.errback(e)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        for answer in replies:
+            if answer.final:
+                self.greeting.callback(answer)
+                self.transport.write(b"QUIT\r\n")  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.greeting.called:
+            self.greeting.errback(reason)
+
+
+def _probe(backend: Backend, config: Config, tls: Any) -> GreetingProbe:
+    return GreetingProbe(config.upstream_proxy_protocol)
+
+
+class HealthChecks(Service):
+    """Checks every backend of `balancer` each `health.interval` seconds (see the module
+    docstring); the interval follows reloads at the next round."""
+
+    def __init__(self, balancer: Balancer, reactor: Any) -> None:
+        self.balancer = balancer
+        self.reactor = reactor
+        self._loop: LoopingCall | None = None
+        self._interval = 0.0
+        self._running: dict[Backend, Deferred[Any]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self.balancer.announce()
+        self._schedule()
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()  # first: checks cancelled below report nothing
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        for check in list(self._running.values()):
+            check.cancel()
+        return stopped
+
+    def _schedule(self) -> None:
+        if not self.running:
+            return
+        interval = self.balancer.config.health.interval
+        if self._loop is not None and interval == self._interval:
+            return
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._interval = interval
+        self._loop = LoopingCall(self.round)
+        self._loop.clock = self.reactor
+        self._loop.start(interval, now=True)
+
+    def round(self) -> None:
+        """Start one check of each backend not being checked already."""
+        if self.balancer.config.health.interval != self._interval:
+            self.reactor.callLater(0, self._schedule)
+            return
+        if not self.balancer.config.backends:
+            return
+        for backend in self.balancer.pool.backends:
+            if backend not in self._running:
+                self._check(backend)
+
+    def _check(self, backend: Backend) -> None:
+        d = self.balancer.connect_one(backend, _probe)
+        self._running[backend] = d
+
+        def done(result: object) -> None:
+            self._running.pop(backend, None)
+            if not self.running:
+                return  # cancelled by stopService
+            if isinstance(result, Failure):
+                self.balancer.checked(backend, False, failure_reason(result.value))
+            else:
+                self.balancer.checked(backend, True)
+
+        d.addBoth(done)

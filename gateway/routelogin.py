@@ -1,0 +1,180 @@
+"""Reverse mode's login when the backend depends on who logs in: pure, no I/O.
+
+With `[[routes]]`, `balance = "user_hash"` or a proxy login (`proxy_auth`) in reverse mode,
+the gateway cannot connect before it knows the user. It greets with its own 220, takes USER
+(and, with a proxy login, PASS, checked by `twisted.cred` in the shell), decides the route
+(`gateway.routes`), and asks the shell for a backend among the route's (`ConnectBackend`). Once
+that backend has greeted and is as secure as policy wants, the gateway logs in there with the
+route's name, and with the route's password or the client's own: the client gets the backend's
+reply to its USER (331) or, when the gateway already has the password, to its PASS (230).
+
+A login name no route matches gets 530 and may try another; a proxy login that fails counts
+against the client's address like any other (`limits.max_failed_logins`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.backends import backend_groups
+from gateway.codec import Command, Reply
+from gateway.effects import Authenticate, ConnectBackend, Effect, Log, ToClient
+from gateway.events import Event
+from gateway.login import LoginView
+from gateway.routes import Decision, decide
+from gateway.view import Phase
+
+#: What the client may send before it is connected to a backend, other than USER and PASS.
+_BEFORE_LOGIN = {"NOOP": Reply.of(200, "OK.")}
+_LOG_IN_FIRST = "Please log in with USER and PASS first."
+
+
+@dataclass(slots=True)
+class _Upstream:
+    """Once connected: log in as `user`, with `password` if the gateway already has one."""
+
+    user: str
+    password: str | None = field(default=None, repr=False)
+
+
+class RouteLogin:
+    """See the module docstring. Same face to the session as `gateway.login.Login`."""
+
+    def __init__(self, view: LoginView) -> None:
+        self._view = view
+        config = view.config
+        self._proxy_auth = bool(config.proxy_auth)
+        self._routes = config.routes
+        self._groups = backend_groups(config.pool_backends)
+        #: The login name the client gave, while its proxy password is due.
+        self._pending: str | None = None
+        #: Who the proxy login authenticated, once it did (`limits.rate_per_user` counts by it).
+        self.proxy_user: str | None = None
+        self._plan: _Upstream | None = None
+
+    def handler(self, command: Command) -> Callable[[Command], list[Effect]] | None:
+        """The login's handler for `command`: every command while no backend is connected;
+        then USER only, which would log in as a name no route decided (or, behind a proxy
+        login, try other accounts on the backend)."""
+        if self._view.upstream_peer is not None:
+            return self._relogin if command.verb == "USER" else None
+        if command.verb == "USER":
+            return self.user
+        if command.verb == "PASS":
+            return self.password
+        return self._before_login
+
+    def _relogin(self, command: Command) -> list[Effect]:
+        return self._view.answer(Reply.of(530, "Reconnect to log in as another user."))
+
+    def _before_login(self, command: Command) -> list[Effect]:
+        answer = _BEFORE_LOGIN.get(command.verb, Reply.of(530, _LOG_IN_FIRST))
+        return self._view.answer(answer)
+
+    def user(self, command: Command) -> list[Effect]:
+        name = command.arg
+        if not name:
+            return self._view.answer(Reply.of(501, "USER needs a login name."))
+        if self._proxy_auth:
+            self._pending = name
+            self._view.enter(Phase.PROXY_LOGIN)
+            return self._view.answer(Reply.of(331, f"Password required for {name}."))
+        return self._route(name, frozenset(), None)
+
+    def password(self, command: Command) -> list[Effect]:
+        name = self._pending
+        if name is None:
+            return self._view.answer(Reply.of(503, "Log in with USER first."))
+        self._plan = _Upstream(name, command.arg)  # the client's password, until routed
+        return [Authenticate(name, command.arg)]
+
+    def proxy_auth_result(
+        self,
+        ok: bool,
+        *,
+        throttled: bool = False,
+        unavailable: bool = False,
+        groups: frozenset[str] = frozenset(),
+    ) -> list[Effect]:
+        """The proxy credentials were checked; `groups`: the directory groups the login was
+        found in (`ProxyIdentity.groups`), for routes with `proxy_group`."""
+        name, plan = self._pending, self._plan
+        if name is None or plan is None:
+            return []
+        fields = {"user": name}
+        if throttled:
+            log = Log(
+                "warn",
+                "Proxy login for {user} refused: too many failures",
+                {**fields, "event": Event.REFUSED, "refused": "login_throttle"},
+            )
+            text = "Too many failed logins from your address; try later."
+            return [log, *self._view.close(Reply.of(421, text))]
+        if unavailable:
+            text = "Proxy login cannot be checked now (user store unavailable); try later."
+            return self._view.close(Reply.of(421, text))
+        self._pending = self._plan = None
+        if not ok:
+            self._view.enter(Phase.PROXY_LOGIN)
+            log = Log(
+                "warn",
+                "Proxy login failed for {user}",
+                {**fields, "event": Event.PROXY_LOGIN_FAILED},
+            )
+            return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
+        self.proxy_user = name
+        log = Log("info", "Proxy user {user} authenticated", fields)
+        return [log, *self._route(name, groups, plan.password)]
+
+    def _route(self, name: str, groups: frozenset[str], password: str | None) -> list[Effect]:
+        """Send the session where the routes say, or refuse the name with 530."""
+        if self._routes:
+            decision: Decision | None = decide(self._routes, name, groups, self._groups)
+            if decision is None:
+                log = Log(
+                    "warn",
+                    "No route for user {user}",
+                    {"user": name, "event": Event.REFUSED, "refused": "route"},
+                )
+                self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
+                text = "No route for this user on this gateway."
+                return [log, *self._view.answer(Reply.of(530, text))]
+            user = decision.upstream_user
+            password = decision.upstream_password or password
+            names: frozenset[str] | None = decision.names
+        else:
+            user, names = name, None
+        self._plan = _Upstream(user, password)
+        self._view.enter(Phase.GREETING)
+        log = Log(
+            "info",
+            "User {user} routed to {backends} as {upstream_user}",
+            {
+                "user": name,
+                "backends": ", ".join(sorted(names)) if names is not None else "any backend",
+                "upstream_user": user,
+            },
+        )
+        return [log, ConnectBackend(user=name, names=names)]
+
+    def greeted(self, answer: Reply) -> list[Effect]:
+        """Not reached: the shell hands over only backends that greeted with 220."""
+        return self._view.close(Reply.of(421, f"Backend refused the session: {answer.text}"))
+
+    def upstream_ready(self) -> list[Effect]:
+        """The backend greeted and is secured: log in there as the route says."""
+        self._view.enter(Phase.LOGIN)
+        plan = self._plan
+        assert plan is not None
+        self._plan = None
+        password = plan.password
+
+        def on_user(answer: Reply) -> list[Effect]:
+            if answer.code == 331 and password is not None:
+                return self._view.pass_through(Command("PASS", password))
+            return self._view.pass_back(answer, login=True)
+
+        return self._view.send(
+            Command("USER", plan.user), on_user, on_preliminary=lambda r: [ToClient(r)]
+        )

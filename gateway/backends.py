@@ -219,7 +219,7 @@ class Pool:
                 return None
             state.up = True
             state.successes = 0
-            return Change(self._backend(name), up=True, reason=f"{self.rise} checks passed")
+            return Change(self._backend(name), up=True, reason=_checks(self.rise, "passed"))
         state.successes = 0
         if not state.up:
             return None
@@ -227,7 +227,9 @@ class Pool:
         if state.failures < self.fall:
             return None
         state.up = False
-        return Change(self._backend(name), up=False, reason=f"{self.fall} checks failed: {reason}")
+        return Change(
+            self._backend(name), up=False, reason=f"{_checks(self.fall, 'failed')}: {reason}"
+        )
 
     def _backend(self, name: str) -> Backend:
         backend = self.get(name)
@@ -253,3 +255,8 @@ def _rendezvous(key: str, backend: Backend) -> float:
     ).digest()
     u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)
     return -backend.weight / math.log(u)
+
+
+def _checks(count: int, outcome: str) -> str:
+    """For the log line of a change: "1 check passed", "3 checks failed"."""
+    return f"{count} check{'' if count == 1 else 's'} {outcome}"

@@ -10,6 +10,7 @@ answer (so the client hears "try later", and the failure is not counted against 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ from ldaptor.protocols.ldap import ldaperrors
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 
 _log = Logger(namespace="gateway.auth")
+
+#: An attribute compared with the login name in a DN template or filter: `uid={user}`.
+_USER_ATTRIBUTE = re.compile(r"([A-Za-z][A-Za-z0-9-]*)=\{user\}")
 
 
 class UserStoreUnavailable(Exception):
@@ -326,9 +330,17 @@ class LdapChecker(TextChecker):
             f"the directory answered a bind with result {response.resultCode}"
         )
 
-    async def _search(self, client: _Client, base: str, scope: int, filter_text: str) -> list[str]:
-        """DNs of the entries under `base` matching `filter_text` (at most two are asked for:
-        more than one match is already an answer)."""
+    async def _search(
+        self,
+        client: _Client,
+        base: str,
+        scope: int,
+        filter_text: str,
+        attributes: tuple[str, ...] = (),
+    ) -> list[tuple[str, dict[str, list[str]]]]:
+        """The entries under `base` matching `filter_text` (at most two are asked for: more
+        than one match is already an answer): each its DN and the values of `attributes`
+        (lower-case names) that the directory let the connection read."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             parsed = ldapfilter.parseFilter(filter_text)
@@ -338,15 +350,19 @@ class LdapChecker(TextChecker):
             sizeLimit=2,
             timeLimit=max(1, int(self.settings.timeout)),
             filter=parsed,
-            attributes=["1.1"],  # RFC 4511 section 4.5.1.8: no attributes, only DNs
+            # RFC 4511 section 4.5.1.8: "1.1" asks for no attributes, only DNs.
+            attributes=list(attributes) or ["1.1"],
         )
-        found: list[str] = []
+        found: list[tuple[str, dict[str, list[str]]]] = []
         finished: Deferred[list[str]] = Deferred()
 
         def handle(message: Any) -> bool:
             if isinstance(message, pureldap.LDAPSearchResultEntry):
-                name = message.objectName
-                found.append(name.decode("utf-8") if isinstance(name, bytes) else str(name))
+                values = {
+                    _decode(kind).lower(): [_decode(value) for value in kind_values]
+                    for kind, kind_values in message.attributes
+                }
+                found.append((_decode(message.objectName), values))
                 return False
             if isinstance(message, pureldap.LDAPSearchResultDone):
                 code = message.resultCode
@@ -376,24 +392,42 @@ class LdapChecker(TextChecker):
             if not await self._bind(client, dn, password):
                 raise UnauthorizedLogin()
             in_group = await self._in_group(client, dn)
+            spellings = _user_attributes(s.user_dn_template)
+            entries = await self._search(
+                client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", spellings
+            )
+            values = entries[0][1] if entries else {}
         else:
             if s.bind_dn is not None and not await self._bind(
                 client, s.bind_dn, s.bind_password or ""
             ):
                 raise UserStoreUnavailable("the directory refused the service account's bind")
             assert s.base_dn is not None
-            names = await self._search(
+            spellings = _user_attributes(s.filter)
+            entries = await self._search(
                 client,
                 s.base_dn,
                 pureldap.LDAP_SCOPE_wholeSubtree,
                 s.filter.replace("{user}", escape_filter_value(user)),
+                spellings,
             )
-            if len(names) != 1:
+            if len(entries) != 1:
                 raise UnauthorizedLogin()  # no such user, or the name is not unique
-            dn = names[0]
+            dn, values = entries[0]
             in_group = await self._in_group(client, dn)
             if not await self._bind(client, dn, password):
                 raise UnauthorizedLogin()
+        if spellings and not any(user in values.get(kind, []) for kind in spellings):
+            # The directory matched the name without regard to case or spaces (uid's
+            # caseIgnoreMatch, RFC 4517 section 4.2.11), but routes, rate_per_user and the
+            # logs take names as given: "ALICE" must not log in as alice under another name.
+            _log.info(
+                "Proxy user {user} is not spelled as the directory spells it ({attributes})",
+                user=user,
+                attributes=", ".join(spellings),
+                event="ldap_spelling",
+            )
+            raise UnauthorizedLogin()
         if not in_group:
             _log.info(
                 "Proxy user {user} is not a member of {group}",
@@ -414,6 +448,15 @@ class LdapChecker(TextChecker):
             client, group, pureldap.LDAP_SCOPE_baseObject, f"(member={member})"
         )
         return bool(names)
+
+
+def _user_attributes(template: str) -> tuple[str, ...]:
+    """The attributes a DN template or filter compares with the login name (lower case)."""
+    return tuple(dict.fromkeys(m.lower() for m in _USER_ATTRIBUTE.findall(template)))
+
+
+def _decode(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def make_checker(description: str, config: Config, reactor: Any) -> Any:

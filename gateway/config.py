@@ -11,6 +11,7 @@ one line, so start-up can print it and exit.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -25,7 +26,7 @@ from gateway.effects import LogLevel
 from gateway.numbers import ascii_number, is_ascii_number
 from gateway.policy import Rule
 from gateway.rates import DIRECTIONS, UNLIMITED, Rate, parse_rate
-from gateway.routes import Route, RouteError, load_routes_file, parse_routes
+from gateway.routes import Route, RouteError, check_private, load_routes_file, parse_routes
 
 #: `data.upstream_mode`: how the gateway opens data connections to the upstream.
 UpstreamDataMode = Literal["passive", "pasv", "epsv", "active", "client"]
@@ -931,11 +932,20 @@ def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML configuration file into flat dotted keys."""
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             table = tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    routes = table.get("routes")
+    passwords = isinstance(routes, list) and any(
+        isinstance(route, dict) and route.get("upstream_password") for route in routes
+    )
+    try:
+        check_private(mode, passwords, f"routes: {path}")
+    except RouteError as e:
+        raise ConfigError(str(e)) from None
     return _flatten(table)
 
 

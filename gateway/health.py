@@ -1,8 +1,10 @@
 """Periodic health checks of reverse mode's `[[backends]]`, as a Twisted service.
 
 Every `health.interval` seconds each backend gets one check, as a session would use it:
-connect (with implicit TLS if that is its mode) and read a 220 greeting within
-`health.timeout`, then QUIT. Results go to the pool (`Balancer.checked`), which takes a
+connect (with implicit TLS if that is its mode), read a 220 greeting within
+`health.timeout`, then say QUIT and wait as long again for its answer (or the close): a
+server whose accept loop still greets while its workers hang answers no command, and must
+not pass. Results go to the pool (`Balancer.checked`), which takes a
 backend out after `health.fall` failures in a row and back after `health.rise` successes.
 A check still running when the next round starts is not doubled. The one-server `upstream`
 shorthand is not checked: with nowhere else to send sessions, a down mark would only refuse
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -27,13 +29,20 @@ from gateway.errors import RemoteProtocolError
 from gateway.proxyproto import local_header
 
 
+class HungBackend(Exception):
+    """A backend greeted a health check, then did not answer its QUIT."""
+
+
 class GreetingProbe(Protocol):
-    """Reads a server's first final reply into `greeting`, then says QUIT and closes. With
+    """Reads a server's first final reply into `greeting`, then says QUIT; `answered` fires
+    at the answer to it (RFC 959 section 4.2: every command gets a reply), or when the server
+    closes the connection instead, and the probe closes. With
     `upstream_proxy_protocol` on, it first sends a PROXY header saying no client is relayed
     (a server that expects the header would drop the check otherwise)."""
 
     def __init__(self, proxy_protocol: str = "off") -> None:
         self.greeting: Deferred[Reply] = Deferred()
+        self.answered: Deferred[None] = Deferred()
         self._reader = ReplyReader(max_line=DEFAULT_MAX_LINE, max_lines=100, max_bytes=16384)
         self._proxy_protocol = proxy_protocol
 
@@ -42,24 +51,30 @@ class GreetingProbe(Protocol):
             self.transport.write(local_header(self._proxy_protocol))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
-        if self.greeting.called:
+        if self.answered.called:
             return
         try:
             replies = self._reader.feed(data)
         except RemoteProtocolError as e:
-            self.greeting.errback(e)
+            (self.answered if self.greeting.called else self.greeting).errback(e)
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         for answer in replies:
-            if answer.final:
-                self.greeting.callback(answer)
+            if not answer.final:
+                continue
+            if not self.greeting.called:
                 self.transport.write(b"QUIT\r\n")  # type: ignore[union-attr]
+                self.greeting.callback(answer)
+            else:
+                self.answered.callback(None)
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.greeting.called:
             self.greeting.errback(reason)
+        elif not self.answered.called:
+            self.answered.callback(None)  # closed after the greeting or QUIT: it is alive
 
 
 def _probe(backend: Backend, config: Config, tls: Any) -> GreetingProbe:
@@ -117,6 +132,7 @@ class HealthChecks(Service):
 
     def _check(self, backend: Backend) -> None:
         d = self.balancer.connect_one(backend, _probe)
+        d.addCallback(self._answered)
         self._running[backend] = d
 
         def done(result: object) -> None:
@@ -129,3 +145,16 @@ class HealthChecks(Service):
                 self.balancer.checked(backend, True)
 
         d.addBoth(done)
+
+    def _answered(self, probe: GreetingProbe) -> Deferred[None]:
+        """Wait up to health.timeout for the answer to the probe's QUIT."""
+
+        def hung(failure: Failure) -> Failure:
+            if probe.transport is not None:
+                probe.transport.abortConnection()  # type: ignore[attr-defined]
+            if failure.check(TimeoutError):
+                raise HungBackend("greeted, then did not answer QUIT within health.timeout")
+            return failure
+
+        answered = probe.answered.addTimeout(self.balancer.config.health_timeout, self.reactor)
+        return answered.addErrback(hung)

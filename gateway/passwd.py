@@ -17,6 +17,10 @@ import sys
 from gateway.userstore import SCHEMES, HtpasswdError, hash_password, set_password
 
 
+class NoTerminal(Exception):
+    """No terminal to ask for the password on, and no --stdin."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftp-gateway passwd",
@@ -36,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    try:
+        # getpass asks on the controlling terminal; without one it would read standard input
+        # with a warning that the password may be echoed.
+        with open("/dev/tty", "rb"):
+            pass
+    except OSError:
+        raise NoTerminal() from None
     first = getpass.getpass("New password: ")
     second = getpass.getpass("Repeat the password: ")
     if first != second:
@@ -53,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         # HtpasswdError is a ValueError; its message already names the file (and line).
         prefix = "" if isinstance(e, HtpasswdError) else f"{options.file}: "
         print(f"ftp-gateway passwd: {prefix}{e}", file=sys.stderr)
+        return 1
+    except NoTerminal:
+        print(
+            "ftp-gateway passwd: no terminal to ask for the password on; "
+            "use --stdin to read it from standard input",
+            file=sys.stderr,
+        )
         return 1
     except (EOFError, KeyboardInterrupt):
         print("ftp-gateway passwd: no password given", file=sys.stderr)

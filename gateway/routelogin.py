@@ -141,6 +141,17 @@ class RouteLogin:
                 text = "No route for this user on this gateway."
                 return [log, *self._view.answer(Reply.of(530, text))]
             user = decision.upstream_user
+            if not user:
+                # "USER @site-b" with upstream_user = "{local}": an empty USER upstream would
+                # get a 501 the client cannot make sense of, with no way to log in again.
+                log = Log(
+                    "warn",
+                    "Route for user {user} gives an empty upstream name",
+                    {"user": name, "event": "refused", "refused": "route"},
+                )
+                self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
+                text = "The route for this user gives no name to log in with."
+                return [log, *self._view.answer(Reply.of(530, text))]
             password = decision.upstream_password or password
             names: frozenset[str] | None = decision.names
         else:

@@ -106,7 +106,9 @@ def parse_route(table: object, where: str) -> Route:
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            raise RouteError(f"{where}: {key}: expected a string, got {value!r}")
+            # A password written without quotes must not reach --check-config or the log.
+            shown = "a value of another type" if key == "upstream_password" else repr(value)
+            raise RouteError(f"{where}: {key}: expected a string, got {shown}")
         values[key] = value if key == "upstream_password" else value.strip()
     if "user" not in values:
         raise RouteError(f"{where}: a route needs user (a login name or a pattern like *@site)")
@@ -165,14 +167,19 @@ def load_routes_file(path: str) -> tuple[Route, ...]:
         routes = _parse_csv(data, where)
     else:
         raise RouteError(f"{where}: expected a .toml or .csv file")
-    if any(route.upstream_password is not None for route in routes) and mode & (
-        stat.S_IROTH | stat.S_IWOTH
-    ):
+    check_private(mode, any(route.upstream_password is not None for route in routes), where)
+    return routes
+
+
+def check_private(mode: int, holds_passwords: bool, where: str) -> None:
+    """Refuse a file holding upstream passwords that others may read or write (its `mode`
+    from fstat): those passwords open backend accounts, and whoever may write the file may
+    send a proxy user to any account. Raises RouteError naming `where`."""
+    if holds_passwords and mode & (stat.S_IROTH | stat.S_IWOTH):
         raise RouteError(
             f"{where}: holds upstream passwords but others may read it (mode "
             f"{stat.S_IMODE(mode):04o}); chmod o-rwx it"
         )
-    return routes
 
 
 def _parse_csv(data: bytes, where: str) -> tuple[Route, ...]:

@@ -79,6 +79,8 @@ def check_user_name(user: str) -> str | None:
         return "the user name is empty"
     if ":" in user:
         return "a user name cannot contain ':'"
+    if user.startswith("#"):
+        return "a user name cannot start with '#' (the line would be a comment)"
     if any(c.isspace() or not c.isprintable() for c in user):
         return "a user name cannot contain spaces or control characters"
     return None

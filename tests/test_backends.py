@@ -237,3 +237,11 @@ def test_a_served_session_brings_a_down_backend_back_at_once() -> None:
     assert change is not None and change.up and change.reason == "a session was served"
     assert pool.is_up("b0")
     assert pool.served("b0") is None
+
+
+def test_a_change_after_one_check_says_check() -> None:
+    pool = Pool(backends(1, 1), fall=1, rise=1)
+    change = pool.checked("b0", ok=False, reason="timeout")
+    assert change is not None and change.reason == "1 check failed: timeout"
+    change = pool.checked("b0", ok=True)
+    assert change is not None and change.reason == "1 check passed"

@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -342,6 +343,50 @@ def test_backends_that_never_greet_or_greet_badly_are_skipped_unseen(
     assert "no greeting within health.timeout" in down["silent"]
     assert "1yz replies" in down["endless"]
     assert "not an FTP reply: '999 x'" in down["bad"]
+
+
+def test_a_backend_that_greets_then_hangs_fails_its_checks(farm: Farm, tmp_path: Path) -> None:
+    """A backend whose daemon still greets (from its accept loop) but answers nothing after
+    it (a hung worker) would pass a check that reads only the 220: the check also waits for
+    the answer to its QUIT, so the backend goes down and sessions go to the one that works."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.2)
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def greet_then_hang() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                conn.sendall(b"220 Still greeting.\r\n")
+                held.append(conn)  # never read, never answered, never closed
+
+        greeter = threading.Thread(target=greet_then_hang, daemon=True)
+        greeter.start()
+        config = tmp_path / "hung.toml"
+        config.write_text(
+            f'[[backends]]\nname = "hung"\naddress = "127.0.0.1:{listener.getsockname()[1]}"\n'
+            f'[[backends]]\nname = "vs"\naddress = "127.0.0.1:{farm.servers["vs"].port}"\n'
+            "[health]\ninterval = 0.5\ntimeout = 1\nfall = 2\nrise = 1\n"
+        )
+        process = start_gateway(tmp_path, "--config", str(config))
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while "Backend hung (" not in process.log() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            gateway = Gateway(process, 0, config)
+            assert [backend_of(gateway.greeting()) for _ in range(4)] == ["vs"] * 4
+            log = process.log()
+        finally:
+            process.stop()
+            stop.set()
+            greeter.join(timeout=5)
+            for conn in held:
+                conn.close()
+    assert "Backend hung (127.0.0.1:" in log and "is down: 2 checks failed" in log, log[-2000:]
+    assert "greeted, then did not answer QUIT within health.timeout" in log
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted-ca", "untrusted-ca"])

@@ -215,3 +215,28 @@ def test_proxy_auth_with_routes_in_reverse_mode() -> None:
         }
     )
     assert config.connect_after_user
+
+
+def test_inline_route_passwords_need_a_file_others_cannot_read(tmp_path: Path) -> None:
+    """[[routes]] with an upstream_password in the configuration file itself are held to the
+    rule of routes_file: a file others may read or write stops start-up (and reloads)."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        'proxy_auth = ["memory:alice:pw"]\nupstream = "127.0.0.1:2100"\n'
+        '[[routes]]\nuser = "alice"\nbackend = "127.0.0.1:2100"\n'
+        'upstream_user = "svc"\nupstream_password = "inline-secret"\n'
+    )
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as refused:
+        load_file(path)
+    assert str(refused.value) == (
+        f"routes: {path}: holds upstream passwords but others may read it (mode 0644); "
+        "chmod o-rwx it"
+    )
+    assert "inline-secret" not in str(refused.value)
+    path.chmod(0o640)
+    assert build(load_file(path)).routes[0].upstream_password == "inline-secret"
+    without = tmp_path / "open.toml"
+    without.write_text('upstream = "127.0.0.1:2100"\n[[routes]]\nuser = "*"\nbackend = "b"\n')
+    without.chmod(0o644)
+    assert load_file(without)["routes"] == [{"user": "*", "backend": "b"}]

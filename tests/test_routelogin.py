@@ -215,3 +215,17 @@ def test_the_proxy_user_names_the_session_for_per_user_rates() -> None:
     assert s.login_name is None
     s.proxy_auth_result(True)
     assert s.login_name == "bob"
+
+
+def test_a_route_that_leaves_no_upstream_name_gets_530_before_connecting() -> None:
+    """USER @east: the route's {local} is empty. Sending "USER " upstream would get the
+    backend's 501 (as if the client had given no name) and leave the session connected
+    with no way to log in; the gateway refuses the name itself, and the client may retry."""
+    s = started(ROUTED)
+    effects = s.client_line(line("USER @east"))
+    assert not [e for e in effects if isinstance(e, ConnectBackend)]
+    assert replies(effects) == [(530, "The route for this user gives no name to log in with.")]
+    logs = [e for e in effects if isinstance(e, Log)]
+    assert [(e.level, e.fields.get("refused")) for e in logs] == [("warn", "route")]
+    effects = s.client_line(line("USER alice@east"))
+    assert [e for e in effects if isinstance(e, ConnectBackend)]

@@ -45,6 +45,13 @@ def test_first_matching_route_decides(
         ("ops-1", frozenset()),  # not in the required group
         ("ops-12", frozenset({"cn=ops,dc=example"})),
         ("", frozenset()),
+        # Pattern characters in a login name are literal: they match only themselves.
+        ("*", frozenset()),
+        ("alic?", frozenset()),
+        ("[a]lice", frozenset()),
+        ("svc*", frozenset()),
+        ("alice@site-b@evil", frozenset()),
+        ("alice@site-b\x00", frozenset()),
     ],
 )
 def test_names_no_route_matches_get_none(name: str, groups: frozenset[str]) -> None:
@@ -172,3 +179,28 @@ def test_a_file_without_passwords_may_be_world_readable(tmp_path: Path) -> None:
     path.write_text("user,backend\n*,w1\n")
     os.chmod(path, 0o644)
     assert load_routes_file(str(path)) == (Route("*", backend="w1"),)
+
+
+@pytest.mark.parametrize("value", [987654321, 12.5, True, ["s3cret-list"]])
+def test_a_password_of_the_wrong_type_is_refused_without_showing_it(
+    tmp_path: Path, value: object
+) -> None:
+    """A route password written without quotes (a number, a boolean) is refused: the message
+    (printed by --check-config, logged by a reload) names the key but never its value."""
+    shown = repr(value)
+    with pytest.raises(RouteError) as refused:
+        parse_route(
+            {"user": "a", "backend": "w1", "upstream_user": "svc", "upstream_password": value},
+            "routes[1]",
+        )
+    assert "upstream_password: expected a string" in str(refused.value)
+    assert shown not in str(refused.value) and "s3cret" not in str(refused.value)
+    path = tmp_path / "routes.toml"
+    path.write_text(
+        "[[routes]]\nuser = 'a'\nbackend = 'w1'\nupstream_user = 'svc'\n"
+        "upstream_password = 987654321\n"
+    )
+    path.chmod(0o600)
+    with pytest.raises(RouteError) as refused:
+        load_routes_file(str(path))
+    assert "987654321" not in str(refused.value)

@@ -5,6 +5,7 @@ SIGHUP, and a routes file with passwords that others may read refused at start."
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import os
@@ -256,3 +257,159 @@ def test_routes_match_the_directory_group_of_an_ldap_proxy_login(
         assert USERS["alice"] not in log
     finally:
         directory.stop()
+
+
+def test_a_directory_login_spelled_differently_is_refused_not_routed_elsewhere(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """LDAP compares uid without case and ignores spaces, so "ALICE" or " alice" binds as
+    alice; routes (and rate_per_user) compare names exactly. A login is accepted only under
+    the directory's own spelling, so no spelling escapes alice's route (here: to pure) into
+    the default route (to vs), with a DN template and with search-then-bind."""
+    pki = make_pki(tmp_path / "pki")
+    directory = start_slapd(tmp_path / "slapd", pki)
+    try:
+        vs, pure = servers["vs"], servers["pure"]
+        routes = write_private(
+            tmp_path / "routes.csv",
+            "user,backend,upstream_user,upstream_password\n"
+            f"alice,pure,{pure.user},{pure.password}\n"
+            f"*,vs,{vs.user},{vs.password}\n",
+        )
+        ldap = f'[ldap]\nurl = "{directory.ldaps_url}"\nca_file = "{pki.ca_cert}"\n'
+        ways = {
+            "template": f'user_dn_template = "uid={{user}},ou=people,{SUFFIX}"\n',
+            "search": f'base_dn = "ou=people,{SUFFIX}"\nfilter = "(uid={{user}})"\n',
+        }
+        for way, settings in ways.items():
+            gateway = start(
+                tmp_path,
+                gateways,
+                f'proxy_auth = ["ldap:"]\nroutes_file = "{routes}"\n'
+                + backends(servers)
+                + ldap
+                + settings,
+            )
+            assert which(gateway, "alice", USERS["alice"]) == "pure", way
+            for spelling in ("ALICE", "Alice", "alice "):
+                with pytest.raises(ftplib.error_perm, match="530 Proxy login incorrect"):
+                    which(gateway, spelling, USERS["alice"])
+            log = gateway.log()
+            assert "routed to vs" not in log, way
+            assert "Proxy user ALICE is not spelled as the directory spells it" in log, way
+            assert USERS["alice"] not in log and pure.password not in log
+            gateway.stop()
+    finally:
+        directory.stop()
+
+
+def test_a_routes_file_opened_to_others_or_swapped_after_start_is_refused_at_sighup(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """After start, the routes file holding a password is made world-readable, then replaced
+    by a symlink to a world-readable file that sends alice to another account: each SIGHUP
+    is refused with one line, and alice keeps the route she had."""
+    vs, pure = servers["vs"], servers["pure"]
+    routes = write_private(
+        tmp_path / "routes.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,pure,{pure.user},{pure.password}\n",
+    )
+    gateway = start(
+        tmp_path,
+        gateways,
+        f'proxy_auth = ["memory:alice:alice-proxy-pw"]\nroutes_file = "{routes}"\n'
+        + backends(servers),
+    )
+    assert which(gateway, "alice", "alice-proxy-pw") == "pure"
+    refusal = (
+        f"Reload failed, keeping the running configuration: routes_file: {routes}: holds "
+        "upstream passwords but others may read it (mode 0644); chmod o-rwx it"
+    )
+    os.chmod(routes, 0o644)
+    refused_reload(gateway, refusal, 1)
+    assert which(gateway, "alice", "alice-proxy-pw") == "pure"
+    swapped = write_private(
+        tmp_path / "elsewhere.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,vs,{vs.user},{vs.password}\n",
+        0o644,
+    )
+    routes.unlink()
+    routes.symlink_to(swapped)
+    refused_reload(gateway, refusal, 2)
+    assert which(gateway, "alice", "alice-proxy-pw") == "pure"
+    log = gateway.log()
+    assert pure.password not in log and vs.password not in log
+
+
+def refused_reload(gateway: GatewayProcess, line: str, count: int) -> None:
+    gateway.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while gateway.log().count(line) < count:
+        assert gateway.proc.poll() is None, gateway.log()[-2000:]
+        assert time.monotonic() < deadline, gateway.log()[-2000:]
+        time.sleep(0.05)
+
+
+def test_failed_proxy_logins_in_front_of_routes_count_towards_the_throttle(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """Reverse mode with routes behind a proxy login: wrong proxy passwords get 530, reach
+    no backend, count for the client's address, and then even the right one gets 421."""
+    pure = servers["pure"]
+    routes = write_private(
+        tmp_path / "routes.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,pure,{pure.user},{pure.password}\n",
+    )
+    gateway = start(
+        tmp_path,
+        gateways,
+        f'proxy_auth = ["memory:alice:alice-proxy-pw"]\nroutes_file = "{routes}"\n'
+        + backends(servers)
+        + "[limits]\nmax_failed_logins = 2\n",
+    )
+    for guess in ("guess-1", "guess-2"):
+        with pytest.raises(ftplib.error_perm, match="530 Proxy login incorrect"):
+            which(gateway, "alice", guess)
+    with pytest.raises(ftplib.error_temp, match="421 Too many failed logins"):
+        which(gateway, "alice", "alice-proxy-pw")
+    log = gateway.log()
+    assert log.count("Proxy login failed for alice") == 2
+    assert "routed to" not in log and "sent to backend" not in log
+    assert "guess-1" not in log and "alice-proxy-pw" not in log and pure.password not in log
+
+
+def test_after_a_routed_login_no_other_account_can_be_tried(
+    tmp_path: Path, servers: dict[str, RunningServer], gateways: list[GatewayProcess]
+) -> None:
+    """Behind a proxy login with a route account on pure-ftpd, the client tries USER (also
+    in lower case, also after REIN) to log in as pure-ftpd's other account: refused by the
+    gateway every time, and the session still works as the route's account."""
+    pure = servers["pure"]
+    routes = write_private(
+        tmp_path / "routes.csv",
+        f"user,backend,upstream_user,upstream_password\nalice,pure,{pure.user},{pure.password}\n",
+    )
+    gateway = start(
+        tmp_path,
+        gateways,
+        f'proxy_auth = ["memory:alice:alice-proxy-pw"]\nroutes_file = "{routes}"\n'
+        + backends(servers),
+    )
+    ftp = ftplib.FTP(timeout=TIMEOUT)
+    try:
+        ftp.connect("127.0.0.1", gateway.port)
+        ftp.login("alice", "alice-proxy-pw")
+        for verb in ("USER", "user"):
+            with pytest.raises(ftplib.error_perm, match="530 Reconnect to log in as another"):
+                ftp.sendcmd(f"{verb} root")
+        buffer = io.BytesIO()
+        ftp.retrbinary("RETR which.txt", buffer.write)
+        assert buffer.getvalue() == b"pure"
+        # pure-ftpd may not implement REIN; what matters is the USER after it.
+        with contextlib.suppress(ftplib.error_perm):
+            ftp.sendcmd("REIN")
+        with pytest.raises(ftplib.error_perm, match="530 Reconnect to log in as another"):
+            ftp.sendcmd("USER root")
+    finally:
+        ftp.close()
+    assert "User root" not in gateway.log()

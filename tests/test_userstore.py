@@ -158,6 +158,18 @@ def test_passwd_command_refuses_bad_input(tmp_path: Path) -> None:
     result = passwd(str(path), "a:b", "--stdin", stdin="pw\n")
     assert result.returncode == 1 and "cannot contain ':'" in result.stderr
     assert not path.exists()
+    # The file's reader skips lines starting with '#': such a user could never log in.
+    result = passwd(str(path), "#ops", "--stdin", stdin="pw\n")
+    assert result.returncode == 1 and "cannot start with '#'" in result.stderr
+    assert not path.exists()
+    # Without a terminal and without --stdin: say so, not a GetPassWarning.
+    result = passwd(str(path), "alice", stdin="")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        "ftp-gateway passwd: no terminal to ask for the password on; "
+        "use --stdin to read it from standard input\n"
+    )
+    assert not path.exists()
     path.write_text("old:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     result = passwd(str(path), "alice", "--stdin", stdin="pw\n")
     assert result.returncode == 1 and f"{path}:1: user 'old'" in result.stderr

@@ -425,7 +425,7 @@ class LdapChecker(TextChecker):
                 "Proxy user {user} is not spelled as the directory spells it ({attributes})",
                 user=user,
                 attributes=", ".join(spellings),
-                event="ldap_spelling",
+                event=Event.LDAP_SPELLING,
             )
             raise UnauthorizedLogin()
         if not in_group:

@@ -68,6 +68,8 @@ class Event(StrEnum):
     """An htpasswd file cannot be used; proxy logins through it fail until it is fixed."""
     LDAP_NOT_IN_GROUP = "ldap_not_in_group"
     """An LDAP proxy user is not a member of the required group."""
+    LDAP_SPELLING = "ldap_spelling"
+    """An LDAP proxy login named the user otherwise than the directory spells it."""
 
     # Transfers.
     TRANSFER_FINISHED = "transfer_finished"

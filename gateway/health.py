@@ -156,5 +156,5 @@ class HealthChecks(Service):
                 raise HungBackend("greeted, then did not answer QUIT within health.timeout")
             return failure
 
-        answered = probe.answered.addTimeout(self.balancer.config.health_timeout, self.reactor)
+        answered = probe.answered.addTimeout(self.balancer.config.health.timeout, self.reactor)
         return answered.addErrback(hung)

@@ -147,7 +147,7 @@ class RouteLogin:
                 log = Log(
                     "warn",
                     "Route for user {user} gives an empty upstream name",
-                    {"user": name, "event": "refused", "refused": "route"},
+                    {"user": name, "event": Event.REFUSED, "refused": "route"},
                 )
                 self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
                 text = "The route for this user gives no name to log in with."

@@ -25,7 +25,6 @@ from gateway_process import GatewayProcess, StartGateway, start_gateway
 from pki import Pki, make_pki
 from servers import RunningServer, start_server
 
-
 #: Test files whose gateways move plain TCP data, so they run once per data relay.
 DATA_PATH_MODULES = frozenset(
     {

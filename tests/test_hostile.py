@@ -52,10 +52,13 @@ RSS_SLACK_MANY_SESSIONS_KIB = 50 * 1024
 # resolver thread): small slack, far below the 1,000 a leak per connection would show.
 FD_SLACK = 4
 
+# The random streams send PORT to random ports of 127.0.0.1: where some other process listens
+# there, the data connection opens and then carries nothing, which the stall timeout ends.
 CONFIG = """\
 allow_upstream = ["127.0.0.0/8"]
 [timeouts]
 data_connect = 2
+stall = 3
 """
 DATA_CONNECT_TIMEOUT = 2.0
 

@@ -6,6 +6,10 @@
   (a dict of name to bytes, each world-readable), started with its `SERVER_OPTIONS`.
 - `gateways` / `module_gateways`: start real gateway processes (`start(*args, config=TOML)`),
   all stopped when the test (or the module) ends.
+
+The end-to-end files that move plain TCP data carry the `data_path` marker: the README's test
+command runs the whole suite on the default relay (spliced on Linux), then
+`FTP_GATEWAY_TEST_RELAY=copy python -m pytest -m data_path` runs them again on the copy relay.
 """
 
 from __future__ import annotations
@@ -20,6 +24,36 @@ import pytest
 from gateway_process import GatewayProcess, StartGateway, start_gateway
 from pki import Pki, make_pki
 from servers import RunningServer, start_server
+
+#: Test files whose gateways move plain TCP data, so they run once per data relay.
+DATA_PATH_MODULES = frozenset(
+    {
+        "test_core_e2e",
+        "test_transfers_e2e",
+        "test_performance_e2e",
+        "test_policy_e2e",
+        "test_ops_e2e",
+        "test_hostile",
+        "test_hostile_memory",
+        "test_hostile_replies",
+        "test_policy_hostile",
+        "test_matrix",
+        "test_reload",
+        "test_metrics",
+        "test_transparent",
+        "test_shutdown",
+        "test_logs",
+        "test_haproxy_e2e",
+        "test_backends_e2e",
+        "test_routes_e2e",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in DATA_PATH_MODULES:
+            item.add_marker(pytest.mark.data_path)
 
 
 @pytest.fixture(scope="session")

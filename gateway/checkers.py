@@ -58,6 +58,11 @@ _log = Logger(namespace="gateway.auth")
 _USER_ATTRIBUTE = re.compile(r"([A-Za-z][A-Za-z0-9-]*)=\{user\}")
 
 
+# A directory user's attribute values, the attributes that spell the name, and whether the
+# user is in ldap.require_group.
+_Found = tuple[dict[str, list[str]], tuple[str, ...], bool]
+
+
 class UserStoreUnavailable(Exception):
     """The user store could not give an answer (unreachable, timed out, TLS refused, service
     account refused); the message says why, without any password."""
@@ -388,35 +393,10 @@ class LdapChecker(TextChecker):
         s = self.settings
         client = await self._connect(holder)
         if s.user_dn_template is not None:
-            dn = s.user_dn_template.replace("{user}", escape_dn_value(user))
-            if not await self._bind(client, dn, password):
-                raise UnauthorizedLogin()
-            in_group = await self._in_group(client, dn)
-            spellings = _user_attributes(s.user_dn_template)
-            entries = await self._search(
-                client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", spellings
-            )
-            values = entries[0][1] if entries else {}
+            found = await self._bind_by_template(client, s.user_dn_template, user, password)
         else:
-            if s.bind_dn is not None and not await self._bind(
-                client, s.bind_dn, s.bind_password or ""
-            ):
-                raise UserStoreUnavailable("the directory refused the service account's bind")
-            assert s.base_dn is not None
-            spellings = _user_attributes(s.filter)
-            entries = await self._search(
-                client,
-                s.base_dn,
-                pureldap.LDAP_SCOPE_wholeSubtree,
-                s.filter.replace("{user}", escape_filter_value(user)),
-                spellings,
-            )
-            if len(entries) != 1:
-                raise UnauthorizedLogin()  # no such user, or the name is not unique
-            dn, values = entries[0]
-            in_group = await self._in_group(client, dn)
-            if not await self._bind(client, dn, password):
-                raise UnauthorizedLogin()
+            found = await self._search_then_bind(client, user, password)
+        values, spellings, in_group = found
         if spellings and not any(user in values.get(kind, []) for kind in spellings):
             # The directory matched the name without regard to case or spaces (uid's
             # caseIgnoreMatch, RFC 4517 section 4.2.11), but routes, rate_per_user and the
@@ -438,6 +418,44 @@ class LdapChecker(TextChecker):
             raise UnauthorizedLogin()
         groups = frozenset({s.require_group}) if s.require_group else frozenset()
         return ProxyIdentity(user, groups)
+
+    async def _bind_by_template(
+        self, client: _Client, template: str, user: str, password: str
+    ) -> _Found:
+        """Bind as the DN the template makes of `user`, then read the entry's spellings of
+        the name."""
+        dn = template.replace("{user}", escape_dn_value(user))
+        if not await self._bind(client, dn, password):
+            raise UnauthorizedLogin()
+        in_group = await self._in_group(client, dn)
+        spellings = _user_attributes(template)
+        entries = await self._search(
+            client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", spellings
+        )
+        return (entries[0][1] if entries else {}), spellings, in_group
+
+    async def _search_then_bind(self, client: _Client, user: str, password: str) -> _Found:
+        """Find the one entry the filter matches for `user` (as the service account, if
+        any), then bind as it with the user's password."""
+        s = self.settings
+        if s.bind_dn is not None and not await self._bind(client, s.bind_dn, s.bind_password or ""):
+            raise UserStoreUnavailable("the directory refused the service account's bind")
+        assert s.base_dn is not None
+        spellings = _user_attributes(s.filter)
+        entries = await self._search(
+            client,
+            s.base_dn,
+            pureldap.LDAP_SCOPE_wholeSubtree,
+            s.filter.replace("{user}", escape_filter_value(user)),
+            spellings,
+        )
+        if len(entries) != 1:
+            raise UnauthorizedLogin()  # no such user, or the name is not unique
+        dn, values = entries[0]
+        in_group = await self._in_group(client, dn)
+        if not await self._bind(client, dn, password):
+            raise UnauthorizedLogin()
+        return values, spellings, in_group
 
     async def _in_group(self, client: _Client, dn: str) -> bool:
         group = self.settings.require_group

@@ -965,81 +965,123 @@ def build(*layers: Mapping[str, Any]) -> Config:
         **tables.pop("", {}),
         **{name: kind(**tables.get(name, {})) for name, kind in _TABLES.items()},
     )
-    if config.transparent and config.upstream is not None:
+    for check in _MODE_CHECKS:
+        check(config)
+    config = _with_routes_file(config)
+    for check in _CHECKS:
+        check(config)
+    return config
+
+
+def _with_routes_file(config: Config) -> Config:
+    """The config with routes_file's routes after the [[routes]] tables."""
+    if config.routes_file is None:
+        return config
+    try:
+        return replace(config, routes=config.routes + load_routes_file(config.routes_file))
+    except RouteError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_transparent(config: Config) -> None:
+    """Transparent mode takes the upstream from each connection, and needs a passive range."""
+    if not config.transparent:
+        return
+    if config.upstream is not None:
         raise ConfigError("transparent: the upstream comes from each connection; drop upstream")
-    if config.transparent and config.data.passive_ports is None:
+    if config.data.passive_ports is None:
         # Clients connect for passive data to the server's address, on a port the gateway
         # chose: only a port range that the edge also redirects to the gateway reaches it.
         raise ConfigError(
             "transparent: needs data.passive_ports, a range the edge redirects to the gateway "
             "as it does the control port"
         )
+
+
+def _check_one_upstream_form(config: Config) -> None:
+    """The upstream comes from one place: upstream, backends, or each connection."""
     if config.backends and config.upstream is not None:
         raise ConfigError("backends: upstream is the one-backend shorthand; drop one of them")
     if config.transparent and config.backends:
         raise ConfigError("transparent: the upstream comes from each connection; drop backends")
-    if config.routes_file is not None:
-        try:
-            config = replace(config, routes=config.routes + load_routes_file(config.routes_file))
-        except RouteError as e:
-            raise ConfigError(str(e)) from None
-    if config.routes:
-        _check_routes(config)
+
+
+def _check_proxy_auth(config: Config) -> None:
     if config.proxy_auth and not (config.forward or config.routes):
         raise ConfigError(
             "proxy_auth: proxy authentication applies to forward mode, or reverse mode with routes"
         )
+
+
+def _check_upstream_proxy_protocol(config: Config) -> None:
     implicit = [b for b in config.backends if b.tls_upstream == "implicit"]
     if config.upstream_proxy_protocol != "off" and (config.tls.upstream == "implicit" or implicit):
         # The header precedes everything, TLS too; implicit TLS starts with the first byte.
         raise ConfigError(
             "upstream_proxy_protocol: cannot be combined with tls.upstream = 'implicit'"
         )
+
+
+def _check_client_tls(config: Config) -> None:
     if config.tls.client == "required" and config.tls.certificate is None:
         raise ConfigError("tls.client: 'required' needs tls.certificate")
-    if any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):
-        _check_ldap(config)
-    return config
 
 
 def _check_routes(config: Config) -> None:
     """Routes need reverse mode, and must name backends that exist; a route with an upstream
     password needs a proxy login, or anybody could use its account."""
+    if not config.routes:
+        return
     if not config.reverse:
         raise ConfigError("routes: routes apply in reverse mode (set backends or upstream)")
     names = {backend.name for backend in config.pool_backends}
     groups = {backend.group for backend in config.pool_backends if backend.group}
     for route in config.routes:
-        if route.backend is not None and route.backend not in names:
-            raise ConfigError(
-                f"routes: route for {route.user!r} names backend {route.backend!r}, "
-                f"which is not among the backends ({', '.join(sorted(names))})"
-            )
-        if route.backend_group is not None and route.backend_group not in groups:
-            raise ConfigError(
-                f"routes: route for {route.user!r} names backend_group "
-                f"{route.backend_group!r}, which no backend has"
-            )
-        if route.upstream_password is not None and not config.proxy_auth:
-            raise ConfigError(
-                f"routes: route for {route.user!r} carries an upstream password, which needs "
-                "proxy_auth (clients log in to the gateway, the gateway to the backend)"
-            )
+        _check_route(route, names, groups, bool(config.proxy_auth))
+
+
+def _check_route(route: Route, names: set[str], groups: set[str], proxy_auth: bool) -> None:
+    if route.backend is not None and route.backend not in names:
+        raise ConfigError(
+            f"routes: route for {route.user!r} names backend {route.backend!r}, "
+            f"which is not among the backends ({', '.join(sorted(names))})"
+        )
+    if route.backend_group is not None and route.backend_group not in groups:
+        raise ConfigError(
+            f"routes: route for {route.user!r} names backend_group "
+            f"{route.backend_group!r}, which no backend has"
+        )
+    if route.upstream_password is not None and not proxy_auth:
+        raise ConfigError(
+            f"routes: route for {route.user!r} carries an upstream password, which needs "
+            "proxy_auth (clients log in to the gateway, the gateway to the backend)"
+        )
 
 
 def _check_ldap(config: Config) -> None:
     """The [ldap] table must describe one way to find users, over TLS."""
-    url = config.ldap.url
+    if not any(d.partition(":")[0] == "ldap" for d in config.proxy_auth):
+        return
+    _check_ldap_url(config.ldap.url, config.ldap.starttls)
+    _check_ldap_lookup(config)
+    _check_ldap_service_account(config)
+
+
+def _check_ldap_url(url: str | None, starttls: bool) -> None:
     if url is None:
         raise ConfigError("ldap.url: the ldap: checker needs the directory's URL")
     scheme = url.partition("://")[0].lower()
-    if scheme == "ldap" and not config.ldap.starttls:
+    if scheme == "ldap" and not starttls:
         # Passwords would cross the network in clear text.
         raise ConfigError("ldap.url: ldap:// needs starttls = true (or use ldaps://)")
-    if scheme == "ldaps" and config.ldap.starttls:
+    if scheme == "ldaps" and starttls:
         raise ConfigError("ldap.starttls: ldaps:// is already TLS; drop starttls")
     if scheme not in ("ldap", "ldaps"):
         raise ConfigError(f"ldap.url: expected ldaps:// or ldap://, got {url!r}")
+
+
+def _check_ldap_lookup(config: Config) -> None:
+    """Users are found by a DN template or by a search, exactly one of them."""
     template, base = config.ldap.user_dn_template, config.ldap.base_dn
     if (template is None) == (base is None):
         raise ConfigError(
@@ -1049,8 +1091,26 @@ def _check_ldap(config: Config) -> None:
         raise ConfigError("ldap.user_dn_template: must contain {user}")
     if base is not None and "{user}" not in config.ldap.filter:
         raise ConfigError("ldap.filter: must contain {user}")
+
+
+def _check_ldap_service_account(config: Config) -> None:
     if config.ldap.bind_password is not None and config.ldap.bind_password_file is not None:
         raise ConfigError("ldap.bind_password: set it or ldap.bind_password_file, not both")
     has_password = (config.ldap.bind_password or config.ldap.bind_password_file) is not None
     if has_password != (config.ldap.bind_dn is not None):
         raise ConfigError("ldap.bind_dn: the service account needs both a DN and a password")
+
+
+# The checks across settings that build runs, in order, each raising ConfigError naming the
+# setting to change: first those of the mode, before routes_file is read, then the rest.
+_MODE_CHECKS: tuple[Callable[[Config], None], ...] = (
+    _check_transparent,
+    _check_one_upstream_form,
+)
+_CHECKS: tuple[Callable[[Config], None], ...] = (
+    _check_routes,
+    _check_proxy_auth,
+    _check_upstream_proxy_protocol,
+    _check_client_tls,
+    _check_ldap,
+)

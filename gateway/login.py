@@ -210,9 +210,15 @@ class Login:
     # ------------------------------------------------------------- answers from the shell
 
     def proxy_auth_result(
-        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+        self,
+        ok: bool,
+        *,
+        throttled: bool = False,
+        unavailable: bool = False,
+        groups: frozenset[str] = frozenset(),
     ) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `groups` are
+        unused here: only reverse mode's routes (`gateway.routelogin`) match them."""
         login = self._pending
         if login is None:
             return []

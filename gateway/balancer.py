@@ -36,6 +36,7 @@ from gateway.addresses import HostPort, is_ip_literal
 from gateway.backends import Backend, Change, Pool
 from gateway.codec import Reply
 from gateway.config import Config
+from gateway.events import Event
 from gateway.tls import client_options
 
 _log = Logger(namespace="gateway.backends")
@@ -62,12 +63,12 @@ P = TypeVar("P", bound=Greeted)
 
 def tls_options(config: Config) -> Any:
     """Upstream TLS client options for a backend's effective configuration."""
-    assert config.upstream_tls_name is not None
+    assert config.tls.upstream_name is not None
     return client_options(
-        config.upstream_tls_name,
-        ca_file=config.upstream_ca_file,
-        pin=config.upstream_fingerprint,
-        min_version=config.tls_min_version,
+        config.tls.upstream_name,
+        ca_file=config.tls.upstream_ca_file,
+        pin=config.tls.upstream_fingerprint,
+        min_version=config.tls.min_version,
     )
 
 
@@ -89,7 +90,7 @@ class Balancer:
         self.reactor = reactor
         self.config = config
         self.pool = Pool(
-            config.pool_backends, config.balance, config.health_fall, config.health_rise
+            config.pool_backends, config.balance, config.health.fall, config.health.rise
         )
         #: Set by the factory: whether host:port is this gateway's own listener.
         self.is_self: Callable[[str, int], bool] = lambda host, port: False
@@ -101,7 +102,7 @@ class Balancer:
     def reconfigure(self, config: Config) -> None:
         old = self.pool.backends
         self.pool = self.pool.renewed(
-            config.pool_backends, config.balance, config.health_fall, config.health_rise
+            config.pool_backends, config.balance, config.health.fall, config.health.rise
         )
         self.config = config
         self._announce(old)
@@ -117,13 +118,13 @@ class Balancer:
                 weight=backend.weight,
                 up=self.pool.is_up(backend.name),
                 sessions=self.pool.sessions(backend.name),
-                event="backend_configured",
+                event=Event.BACKEND_CONFIGURED,
             )
         names = {backend.name for backend in self.pool.backends}
         for backend in old:
             if backend.name not in names:
                 _log.info(
-                    "Backend {backend} removed", backend=backend.name, event="backend_removed"
+                    "Backend {backend} removed", backend=backend.name, event=Event.BACKEND_REMOVED
                 )
 
     # ----------------------------------------------------------------------- sessions
@@ -171,7 +172,7 @@ class Balancer:
                     "Session from {client} sent to backend {backend}",
                     client=client,
                     backend=backend.name,
-                    event="backend_session_started",
+                    event=Event.BACKEND_SESSION_STARTED,
                 )
                 return backend, config, protocol
 
@@ -191,7 +192,7 @@ class Balancer:
         _log.debug(
             "Session left backend {backend}",
             backend=backend.name,
-            event="backend_session_ended",
+            event=Event.BACKEND_SESSION_ENDED,
         )
 
     def failed(self, backend: Backend, reason: str) -> None:
@@ -236,10 +237,10 @@ class Balancer:
         `session`, the connect time is logged (`ftp_gateway_upstream_connect_seconds`)."""
         if self.is_self(backend.host, backend.port):
             raise NoBackend("that is this gateway (a connection loop)")
-        timeout = config.health_timeout
-        endpoint: Any = _endpoint(self.reactor, backend, timeout, config.source_address)
+        timeout = config.health.timeout
+        endpoint: Any = _endpoint(self.reactor, backend, timeout, config.data.source_address)
         tls = None
-        if config.upstream_tls == "implicit":
+        if config.tls.upstream == "implicit":
             tls = tls_options(config)
             endpoint = wrapClientTLS(tls, endpoint)
         protocol = make(backend, config, tls)
@@ -252,7 +253,7 @@ class Balancer:
                 host=backend.host,
                 port=backend.port,
                 seconds=self.reactor.seconds() - started,
-                event="upstream_connected",
+                event=Event.UPSTREAM_CONNECTED,
             )
         try:
             greeting = await protocol.greeting.addTimeout(timeout, self.reactor)
@@ -286,7 +287,7 @@ def _log_change(change: Change | None) -> None:
             backend=backend.name,
             address=backend.address,
             reason=change.reason,
-            event="backend_up",
+            event=Event.BACKEND_UP,
         )
     else:
         _log.warn(
@@ -294,7 +295,7 @@ def _log_change(change: Change | None) -> None:
             backend=backend.name,
             address=backend.address,
             reason=change.reason,
-            event="backend_down",
+            event=Event.BACKEND_DOWN,
         )
 
 

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import Config, ConfigError
+from gateway.events import Event
 from gateway.userstore import (
     HtpasswdError,
     ProxyIdentity,
@@ -55,6 +56,11 @@ _log = Logger(namespace="gateway.auth")
 
 #: An attribute compared with the login name in a DN template or filter: `uid={user}`.
 _USER_ATTRIBUTE = re.compile(r"([A-Za-z][A-Za-z0-9-]*)=\{user\}")
+
+
+# A directory user's attribute values, the attributes that spell the name, and whether the
+# user is in ldap.require_group.
+_Found = tuple[dict[str, list[str]], tuple[str, ...], bool]
 
 
 class UserStoreUnavailable(Exception):
@@ -137,7 +143,7 @@ class HtpasswdChecker(TextChecker):
                     "Proxy logins through {path} fail until it is fixed: {problem}",
                     path=self.path,
                     problem=problem,
-                    event="htpasswd_unusable",
+                    event=Event.HTPASSWD_UNUSABLE,
                 )
             if not ok:
                 raise UnauthorizedLogin()
@@ -167,20 +173,20 @@ class LdapSettings:
     def from_config(cls, config: Config) -> LdapSettings:
         """Raises ConfigError (one line, naming the setting) for what `config.build` cannot
         check without reading files: the URL's parts and the service password file."""
-        url = urlsplit(config.ldap_url or "")
+        url = urlsplit(config.ldap.url or "")
         if url.scheme not in ("ldap", "ldaps") or not url.hostname:
             raise ConfigError("ldap.url: expected ldaps://HOST[:PORT] or ldap://HOST[:PORT]")
         if url.path not in ("", "/") or url.query or url.username:
             raise ConfigError("ldap.url: only ldap[s]://HOST[:PORT] is supported")
         ldaps = url.scheme == "ldaps"
-        password = config.ldap_bind_password
-        if config.ldap_bind_password_file is not None:
+        password = config.ldap.bind_password
+        if config.ldap.bind_password_file is not None:
             try:
-                password = Path(config.ldap_bind_password_file).read_text().strip()
+                password = Path(config.ldap.bind_password_file).read_text().strip()
             except OSError as e:
                 raise ConfigError(
                     f"ldap.bind_password_file: cannot read "
-                    f"{config.ldap_bind_password_file}: {e.strerror}"
+                    f"{config.ldap.bind_password_file}: {e.strerror}"
                 ) from None
         try:
             port = url.port or (636 if ldaps else 389)
@@ -190,15 +196,15 @@ class LdapSettings:
             host=url.hostname,
             port=port,
             ldaps=ldaps,
-            starttls=config.ldap_starttls,
-            ca_file=config.ldap_ca_file,
-            user_dn_template=config.ldap_user_dn_template,
-            bind_dn=config.ldap_bind_dn,
+            starttls=config.ldap.starttls,
+            ca_file=config.ldap.ca_file,
+            user_dn_template=config.ldap.user_dn_template,
+            bind_dn=config.ldap.bind_dn,
             bind_password=password,
-            base_dn=config.ldap_base_dn,
-            filter=config.ldap_filter,
-            require_group=config.ldap_require_group,
-            timeout=config.ldap_timeout,
+            base_dn=config.ldap.base_dn,
+            filter=config.ldap.filter,
+            require_group=config.ldap.require_group,
+            timeout=config.ldap.timeout,
         )
 
     def tls_options(self) -> Any:
@@ -387,35 +393,10 @@ class LdapChecker(TextChecker):
         s = self.settings
         client = await self._connect(holder)
         if s.user_dn_template is not None:
-            dn = s.user_dn_template.replace("{user}", escape_dn_value(user))
-            if not await self._bind(client, dn, password):
-                raise UnauthorizedLogin()
-            in_group = await self._in_group(client, dn)
-            spellings = _user_attributes(s.user_dn_template)
-            entries = await self._search(
-                client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", spellings
-            )
-            values = entries[0][1] if entries else {}
+            found = await self._bind_by_template(client, s.user_dn_template, user, password)
         else:
-            if s.bind_dn is not None and not await self._bind(
-                client, s.bind_dn, s.bind_password or ""
-            ):
-                raise UserStoreUnavailable("the directory refused the service account's bind")
-            assert s.base_dn is not None
-            spellings = _user_attributes(s.filter)
-            entries = await self._search(
-                client,
-                s.base_dn,
-                pureldap.LDAP_SCOPE_wholeSubtree,
-                s.filter.replace("{user}", escape_filter_value(user)),
-                spellings,
-            )
-            if len(entries) != 1:
-                raise UnauthorizedLogin()  # no such user, or the name is not unique
-            dn, values = entries[0]
-            in_group = await self._in_group(client, dn)
-            if not await self._bind(client, dn, password):
-                raise UnauthorizedLogin()
+            found = await self._search_then_bind(client, user, password)
+        values, spellings, in_group = found
         if spellings and not any(user in values.get(kind, []) for kind in spellings):
             # The directory matched the name without regard to case or spaces (uid's
             # caseIgnoreMatch, RFC 4517 section 4.2.11), but routes, rate_per_user and the
@@ -424,7 +405,7 @@ class LdapChecker(TextChecker):
                 "Proxy user {user} is not spelled as the directory spells it ({attributes})",
                 user=user,
                 attributes=", ".join(spellings),
-                event="ldap_spelling",
+                event=Event.LDAP_SPELLING,
             )
             raise UnauthorizedLogin()
         if not in_group:
@@ -432,11 +413,49 @@ class LdapChecker(TextChecker):
                 "Proxy user {user} is not a member of {group}",
                 user=user,
                 group=s.require_group,
-                event="ldap_not_in_group",
+                event=Event.LDAP_NOT_IN_GROUP,
             )
             raise UnauthorizedLogin()
         groups = frozenset({s.require_group}) if s.require_group else frozenset()
         return ProxyIdentity(user, groups)
+
+    async def _bind_by_template(
+        self, client: _Client, template: str, user: str, password: str
+    ) -> _Found:
+        """Bind as the DN the template makes of `user`, then read the entry's spellings of
+        the name."""
+        dn = template.replace("{user}", escape_dn_value(user))
+        if not await self._bind(client, dn, password):
+            raise UnauthorizedLogin()
+        in_group = await self._in_group(client, dn)
+        spellings = _user_attributes(template)
+        entries = await self._search(
+            client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", spellings
+        )
+        return (entries[0][1] if entries else {}), spellings, in_group
+
+    async def _search_then_bind(self, client: _Client, user: str, password: str) -> _Found:
+        """Find the one entry the filter matches for `user` (as the service account, if
+        any), then bind as it with the user's password."""
+        s = self.settings
+        if s.bind_dn is not None and not await self._bind(client, s.bind_dn, s.bind_password or ""):
+            raise UserStoreUnavailable("the directory refused the service account's bind")
+        assert s.base_dn is not None
+        spellings = _user_attributes(s.filter)
+        entries = await self._search(
+            client,
+            s.base_dn,
+            pureldap.LDAP_SCOPE_wholeSubtree,
+            s.filter.replace("{user}", escape_filter_value(user)),
+            spellings,
+        )
+        if len(entries) != 1:
+            raise UnauthorizedLogin()  # no such user, or the name is not unique
+        dn, values = entries[0]
+        in_group = await self._in_group(client, dn)
+        if not await self._bind(client, dn, password):
+            raise UnauthorizedLogin()
+        return values, spellings, in_group
 
     async def _in_group(self, client: _Client, dn: str) -> bool:
         group = self.settings.require_group

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.scripts import twistd
 
+from gateway.events import Event
 from gateway.startup import StartupError
 from gateway.tap import Options
 
@@ -82,6 +83,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # (where twistd's log goes instead of standard output) gets it too.
         print(f"ftp-gateway: {e}", file=sys.__stderr__)
         if server["logfile"] or server["syslog"]:
-            _log.critical("Cannot start: {error}", error=str(e), event="startup_failed")
+            _log.critical("Cannot start: {error}", error=str(e), event=Event.STARTUP_FAILED)
         raise SystemExit(2) from None
     raise SystemExit(0)

@@ -14,7 +14,12 @@ from enum import Enum, auto
 from gateway.errors import RemoteProtocolError
 
 CRLF = b"\r\n"
-DEFAULT_MAX_LINE = 4096
+#: The longest command line a client may send: the default of `limits.max_line`, kept at or
+#: below what upstreams accept (pyftpdlib takes 2048).
+DEFAULT_MAX_LINE = 2048
+#: The longest upstream reply line, or `limits.max_line` if that is larger: a server's replies
+#: (a long path in 257, a long FEAT list) may be longer than what clients send.
+MAX_REPLY_LINE = 4096
 
 # RFC 854: the Telnet commands the control connection may carry (RFC 959 section 4.1.1).
 _IAC = 255  # "interpret as command"; IAC IAC is a data byte 255
@@ -297,7 +302,7 @@ class ReplyReader:
 
     def __init__(
         self,
-        max_line: int = DEFAULT_MAX_LINE,
+        max_line: int = MAX_REPLY_LINE,
         max_lines: int = 1000,
         max_bytes: int = 256 * 1024,
     ) -> None:

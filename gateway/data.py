@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import HostPort
+from gateway.events import Event
 from gateway.proxyproto import ForwardedData
 from gateway.rates import Draw
 from gateway.throttle import ThrottledSource
@@ -417,7 +418,7 @@ class _Ignored:
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self.bytes,
                 peer=str(getattr(peer, "host", "")),
-                event="relay_ignored_bytes",
+                event=Event.RELAY_IGNORED_BYTES,
             )
 
 
@@ -517,7 +518,7 @@ class PassiveListener:
                 "(possible data-port theft)",
                 peer=peer,
                 expected=self._peer,
-                event="data_connection_dropped",
+                event=Event.DATA_CONNECTION_DROPPED,
             )
             return None
         self.connection = DataConnection(

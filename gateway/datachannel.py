@@ -19,6 +19,7 @@ from gateway.addresses import (
 )
 from gateway.codec import Command, Reply
 from gateway.effects import CloseData, Effect, ListenData, Log, Side
+from gateway.events import Event
 from gateway.policy import check_data_target
 from gateway.transfer import ClientData, ClientDataVerb
 from gateway.view import SessionView
@@ -58,7 +59,7 @@ class DataChannel:
         code, decision = check_data_target(
             self._client_peer.host,
             target,
-            allow_foreign=self._view.config.allow_foreign_data_address,
+            allow_foreign=self._view.config.data.allow_foreign_address,
             own=self._view.policy.own_addresses,
         )
         if not decision.allowed:
@@ -69,7 +70,7 @@ class DataChannel:
                     "verb": command.verb,
                     "target": str(target),
                     "reason": decision.reason,
-                    "event": "refused",
+                    "event": Event.REFUSED,
                     "refused": "data_target",
                 },
             )
@@ -117,13 +118,13 @@ class DataChannel:
     def _advertised_host(self, local: str) -> str:
         """The address a 227 reply names: the masquerade address, except for clients inside
         the networks that reach the gateway directly (`data.masquerade_except`)."""
-        masquerade = self._view.config.masquerade_address
+        masquerade = self._view.config.data.masquerade_address
         if masquerade is None:
             return local
         client = ip_address(self._client_peer.host)
         if isinstance(client, IPv6Address) and client.ipv4_mapped is not None:
             client = client.ipv4_mapped
-        if any(client in network for network in self._view.config.masquerade_except):
+        if any(client in network for network in self._view.config.data.masquerade_except):
             return local
         return masquerade
 

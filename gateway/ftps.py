@@ -39,7 +39,7 @@ class ClientFTPS:
 
     def refuses(self, verb: str) -> Reply | None:
         """530 for a command that must wait for AUTH TLS when policy requires TLS."""
-        if self._config.client_tls == "required" and not self.active and verb not in BEFORE_TLS:
+        if self._config.tls.client == "required" and not self.active and verb not in BEFORE_TLS:
             return Reply.of(530, "TLS is required on this gateway: send AUTH TLS first.")
         return None
 
@@ -116,7 +116,7 @@ class UpstreamFTPS:
 
     def negotiate(self, client_tls: bool) -> list[Effect]:
         """Start from the first step policy needs; `secured` is called at the end."""
-        mode = self._view.config.upstream_tls
+        mode = self._view.config.tls.upstream
         if mode == "implicit":
             self.active = True  # TLS started with the connection (port 990 style)
             return self._pbsz()

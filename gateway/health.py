@@ -109,7 +109,7 @@ class HealthChecks(Service):
     def _schedule(self) -> None:
         if not self.running:
             return
-        interval = self.balancer.config.health_interval
+        interval = self.balancer.config.health.interval
         if self._loop is not None and interval == self._interval:
             return
         if self._loop is not None and self._loop.running:
@@ -121,7 +121,7 @@ class HealthChecks(Service):
 
     def round(self) -> None:
         """Start one check of each backend not being checked already."""
-        if self.balancer.config.health_interval != self._interval:
+        if self.balancer.config.health.interval != self._interval:
             self.reactor.callLater(0, self._schedule)
             return
         if not self.balancer.config.backends:
@@ -156,5 +156,5 @@ class HealthChecks(Service):
                 raise HungBackend("greeted, then did not answer QUIT within health.timeout")
             return failure
 
-        answered = probe.answered.addTimeout(self.balancer.config.health_timeout, self.reactor)
+        answered = probe.answered.addTimeout(self.balancer.config.health.timeout, self.reactor)
         return answered.addErrback(hung)

@@ -29,6 +29,7 @@ from gateway.addresses import (
 )
 from gateway.codec import Command, Reply
 from gateway.effects import Authenticate, CloseUpstream, Effect, Log, ResolveUpstream, ToClient
+from gateway.events import Event
 from gateway.policy import UpstreamPolicy
 from gateway.view import Phase, SessionView
 
@@ -209,9 +210,15 @@ class Login:
     # ------------------------------------------------------------- answers from the shell
 
     def proxy_auth_result(
-        self, ok: bool, *, throttled: bool = False, unavailable: bool = False
+        self,
+        ok: bool,
+        *,
+        throttled: bool = False,
+        unavailable: bool = False,
+        groups: frozenset[str] = frozenset(),
     ) -> list[Effect]:
-        """The proxy credentials were checked (`twisted.cred`, in the shell)."""
+        """The proxy credentials were checked (`twisted.cred`, in the shell); `groups` are
+        unused here: only reverse mode's routes (`gateway.routelogin`) match them."""
         login = self._pending
         if login is None:
             return []
@@ -220,7 +227,7 @@ class Login:
             log = Log(
                 "warn",
                 "Proxy login for {user} refused: too many failures",
-                {**fields, "event": "refused", "refused": "login_throttle"},
+                {**fields, "event": Event.REFUSED, "refused": "login_throttle"},
             )
             text = "Too many failed logins from your address; try later."
             return [log, *self._view.close(Reply.of(421, text))]
@@ -230,7 +237,9 @@ class Login:
         if not ok:
             self._pending = None
             log = Log(
-                "warn", "Proxy login failed for {user}", {**fields, "event": "proxy_login_failed"}
+                "warn",
+                "Proxy login failed for {user}",
+                {**fields, "event": Event.PROXY_LOGIN_FAILED},
             )
             return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
         self.proxy_ok = True
@@ -324,7 +333,7 @@ def check_destination(
             {
                 "reason": "transparent mode, but the connection was not redirected "
                 "(made to the gateway's own address)",
-                "event": "session_refused",
+                "event": Event.SESSION_REFUSED,
                 "reason_key": "not_redirected",
             },
         )
@@ -338,5 +347,5 @@ def check_destination(
 
 def upstream_denied(host: str, reason: str) -> Log:
     """The log line (and metrics event) for an upstream the policy refused."""
-    fields = {"host": host, "reason": reason, "event": "refused", "refused": "upstream"}
+    fields = {"host": host, "reason": reason, "event": Event.REFUSED, "refused": "upstream"}
     return Log("warn", "Upstream {host} denied by policy: {reason}", fields)

@@ -49,6 +49,7 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from gateway.config import Config, ConfigError
+from gateway.events import Event
 
 _log = Logger(namespace="gateway.logs")
 
@@ -189,13 +190,13 @@ class MainLog:
                 out = sys.stdout
             else:
                 self.file = out = LogFile.fromFullPath(name or "twistd.log")
-            formatter = format_json if config.log_format == "json" else format_text
+            formatter = format_json if config.log.format == "json" else format_text
             base = FileLogObserver(out, formatter)  # type: ignore[arg-type]
         self.observer = FilteringLogObserver(
             base,
             [
-                LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.log_level]),
-                _noise_filter(config.log_level),
+                LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.log.level]),
+                _noise_filter(config.log.level),
             ],
         )
 
@@ -241,12 +242,12 @@ def xferlog_line(event: LogEvent) -> str | None:
     completion-status
     """
     kind = event.get("event")
-    if kind not in ("transfer_finished", "transfer_aborted"):
+    if kind not in (Event.TRANSFER_FINISHED, Event.TRANSFER_ABORTED):
         return None
     if event.get("verb") not in _FILE_COMMANDS:
         return None
     code = event.get("code")
-    complete = kind == "transfer_finished" and isinstance(code, int) and 200 <= code < 300
+    complete = kind == Event.TRANSFER_FINISHED and isinstance(code, int) and 200 <= code < 300
     user = event.get("user") or "*"
     when = time.localtime(event.get("log_time", time.time()))
     fields = [
@@ -352,7 +353,7 @@ class LogService(Service):
                     error=e.strerror,
                 )
                 return
-        _log.info("Log files reopened", event="logs_reopened")
+        _log.info("Log files reopened", event=Event.LOGS_REOPENED)
 
 
 class StdlibToTwisted(logging.Handler):

@@ -1,10 +1,11 @@
 """Prometheus metrics, counted from the gateway's own log events.
 
-Every event worth counting is already logged, with an `event` field naming what happened
-(`session_started`, `transfer_finished`, ...). `MetricsObserver` is a `twisted.logger` observer
-that turns those events into counters, so logs and metrics cannot disagree and no other module
-knows metrics exist. `MetricsService` registers the observer and, with `metrics.listen` set,
-serves `/metrics` (prometheus-client's text format) on that Twisted endpoint.
+Every event worth counting is already logged, with an `event` field naming what happened (a
+`gateway.events.Event`: `session_started`, `transfer_finished`, ...). `MetricsObserver` is a
+`twisted.logger` observer that turns those events into counters, so logs and metrics cannot
+disagree and no other module knows metrics exist. `MetricsService` registers the observer and,
+with `metrics.listen` set, serves `/metrics` (prometheus-client's text format) on that Twisted
+endpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from gateway import __version__
+from gateway.events import Event
 from gateway.startup import Listener
 
 #: Label values known in advance, so each series exists (at zero) before its first event:
@@ -163,15 +165,51 @@ class MetricsObserver:
         for result in _RELOAD_RESULTS:
             self.reloads.labels(result=result)
 
+        #: What each counted event does to the metrics; events not listed are not counted.
+        self.counts: dict[Event, Callable[[LogEvent], None]] = {
+            Event.SESSION_STARTED: self._session_started,
+            Event.SESSION_ENDED: lambda event: self.sessions.dec(),
+            Event.SESSION_REFUSED: self._session_refused,
+            Event.TRANSFER_FINISHED: self._transfer_finished,
+            Event.TRANSFER_ABORTED: self._transfer_aborted,
+            Event.RELAY_STARTED: lambda event: self.transfers_in_flight.inc(),
+            Event.RELAY_FINISHED: self._relay_finished,
+            Event.UPSTREAM_CONNECTED: self._upstream_connected,
+            Event.PROXY_LOGIN_FAILED: lambda event: self.logins_failed.inc(),
+            Event.UPSTREAM_LOGIN_FAILED: lambda event: self.upstream_logins_failed.inc(),
+            Event.UPSTREAM_CONNECT_FAILED: lambda event: self.upstream_failures.inc(),
+            Event.REFUSED: self._refused,
+            Event.CONFIG_RELOADED: self._config_reloaded,
+            # Reverse mode's backends (`gateway.balancer`).
+            Event.BACKEND_CONFIGURED: self._backend_configured,
+            Event.BACKEND_REMOVED: self._backend_removed,
+            Event.BACKEND_UP: lambda event: self._backend_up(event, 1),
+            Event.BACKEND_DOWN: lambda event: self._backend_up(event, 0),
+            Event.BACKEND_SESSION_STARTED: lambda event: self._backend_sessions(event).inc(),
+            Event.BACKEND_SESSION_ENDED: lambda event: self._backend_sessions(event).dec(),
+        }
+
     def __call__(self, event: LogEvent) -> None:
-        count = _COUNTS.get(event.get("event", ""))
+        kind = event.get("event")
+        # Event members hash and compare as their values, so a plain string finds its entry.
+        count = self.counts.get(kind) if isinstance(kind, str) else None
         if count is not None:
-            count(self, event)
+            count(event)
+
+    def _session_started(self, event: LogEvent) -> None:
+        self.sessions_started.inc()
+        self.sessions.inc()
+
+    def _session_refused(self, event: LogEvent) -> None:
+        self.sessions_refused.labels(reason=event.get("reason_key", "other")).inc()
 
     def _transfer_finished(self, event: LogEvent) -> None:
         code = int(event.get("code", 0))
         outcome = "complete" if 200 <= code < 300 else "failed"
         self.transfers.labels(command=event.get("verb", "?"), outcome=outcome).inc()
+
+    def _transfer_aborted(self, event: LogEvent) -> None:
+        self.transfers.labels(command=event.get("verb", "?"), outcome="aborted").inc()
 
     def _relay_finished(self, event: LogEvent) -> None:
         self.transfers_in_flight.dec()
@@ -180,53 +218,31 @@ class MetricsObserver:
         if "seconds" in event:
             self.transfer_seconds.labels(direction=direction).observe(float(event["seconds"]))
 
-    def _session_started(self, event: LogEvent) -> None:
-        self.sessions_started.inc()
-        self.sessions.inc()
+    def _upstream_connected(self, event: LogEvent) -> None:
+        self.connect_seconds.observe(float(event.get("seconds", 0.0)))
+
+    def _refused(self, event: LogEvent) -> None:
+        self.refused.labels(kind=event.get("refused", "other")).inc()
+
+    def _config_reloaded(self, event: LogEvent) -> None:
+        self.reloads.labels(result=event.get("result", "ok")).inc()
 
     def _backend_configured(self, event: LogEvent) -> None:
         backend = str(event.get("backend", "?"))
         self.backend_up.labels(backend=backend).set(1 if event.get("up", True) else 0)
         self.backend_sessions.labels(backend=backend).set(int(event.get("sessions", 0)))
 
+    def _backend_up(self, event: LogEvent, up: int) -> None:
+        self.backend_up.labels(backend=str(event.get("backend", "?"))).set(up)
+
+    def _backend_sessions(self, event: LogEvent) -> Any:
+        return self.backend_sessions.labels(backend=str(event.get("backend", "?")))
+
     def _backend_removed(self, event: LogEvent) -> None:
         backend = str(event.get("backend", "?"))
         for gauge in (self.backend_up, self.backend_sessions):
             with contextlib.suppress(KeyError):
                 gauge.remove(backend)
-
-
-#: What each log event (its `event` field) counts.
-_COUNTS: dict[str, Callable[[MetricsObserver, LogEvent], None]] = {
-    "session_started": MetricsObserver._session_started,
-    "session_ended": lambda m, e: m.sessions.dec(),
-    "session_refused": lambda m, e: m.sessions_refused.labels(
-        reason=e.get("reason_key", "other")
-    ).inc(),
-    "transfer_finished": MetricsObserver._transfer_finished,
-    "transfer_aborted": lambda m, e: m.transfers.labels(
-        command=e.get("verb", "?"), outcome="aborted"
-    ).inc(),
-    "relay_started": lambda m, e: m.transfers_in_flight.inc(),
-    "relay_finished": MetricsObserver._relay_finished,
-    "upstream_connected": lambda m, e: m.connect_seconds.observe(float(e.get("seconds", 0.0))),
-    "proxy_login_failed": lambda m, e: m.logins_failed.inc(),
-    "upstream_login_failed": lambda m, e: m.upstream_logins_failed.inc(),
-    "upstream_connect_failed": lambda m, e: m.upstream_failures.inc(),
-    "refused": lambda m, e: m.refused.labels(kind=e.get("refused", "other")).inc(),
-    "config_reloaded": lambda m, e: m.reloads.labels(result=e.get("result", "ok")).inc(),
-    # Reverse mode's backends (`gateway.balancer`).
-    "backend_configured": MetricsObserver._backend_configured,
-    "backend_removed": MetricsObserver._backend_removed,
-    "backend_up": lambda m, e: m.backend_up.labels(backend=str(e.get("backend", "?"))).set(1),
-    "backend_down": lambda m, e: m.backend_up.labels(backend=str(e.get("backend", "?"))).set(0),
-    "backend_session_started": lambda m, e: m.backend_sessions.labels(
-        backend=str(e.get("backend", "?"))
-    ).inc(),
-    "backend_session_ended": lambda m, e: m.backend_sessions.labels(
-        backend=str(e.get("backend", "?"))
-    ).dec(),
-}
 
 
 class _ScrapeSite(Site):

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from gateway.codec import Command, Reply
 from gateway.effects import Effect, Log, ToClient
+from gateway.events import Event
 from gateway.transfer import TransferType
 from gateway.view import Phase, SessionView
 
@@ -65,13 +66,13 @@ class PassThrough:
             refused: dict[str, object] = {
                 "upstream": str(self._host.upstream_peer),
                 "text": answer.lines[0],
-                "event": "upstream_login_failed",
+                "event": Event.UPSTREAM_LOGIN_FAILED,
             }
             effects.append(Log("warn", "Upstream {upstream} refused the login: {text}", refused))
         if answer.code == 230 and not self.logged_in:
             self.logged_in = True
             self.logged_in_as = self._host.user
-            fields = {"user": self._host.user, "event": "logged_in"}
+            fields = {"user": self._host.user, "event": Event.LOGGED_IN}
             effects.append(Log("info", "User {user} logged in", fields))
         if answer.code == 230 and self._host.phase is Phase.LOGIN:
             self._host.enter(Phase.READY)

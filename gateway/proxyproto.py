@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from gateway.addresses import HostPort
+from gateway.events import Event
 
 _log = Logger(namespace="gateway.session")
 _data_log = Logger(namespace="gateway.data")
@@ -164,7 +165,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             "Refused connection from {client}: {reason}",
             client=peer,
             reason=reason,
-            event="session_refused",
+            event=Event.SESSION_REFUSED,
             reason_key="proxy_header",
         )
         self.transport.abortConnection()  # type: ignore[union-attr]
@@ -272,7 +273,7 @@ class ForwardedData(Protocol):
             "Dropped forwarded data connection from {peer}: {reason}",
             peer=_describe(self.transport.getPeer()),  # type: ignore[union-attr]
             reason=reason,
-            event="data_connection_dropped",
+            event=Event.DATA_CONNECTION_DROPPED,
         )
         self.transport.abortConnection()  # type: ignore[union-attr]
 

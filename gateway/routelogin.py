@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from gateway.backends import backend_groups
 from gateway.codec import Command, Reply
 from gateway.effects import Authenticate, ConnectBackend, Effect, Log, ToClient
+from gateway.events import Event
 from gateway.login import LoginView
 from gateway.routes import Decision, decide
 from gateway.view import Phase
@@ -106,7 +107,7 @@ class RouteLogin:
             log = Log(
                 "warn",
                 "Proxy login for {user} refused: too many failures",
-                {**fields, "event": "refused", "refused": "login_throttle"},
+                {**fields, "event": Event.REFUSED, "refused": "login_throttle"},
             )
             text = "Too many failed logins from your address; try later."
             return [log, *self._view.close(Reply.of(421, text))]
@@ -117,7 +118,9 @@ class RouteLogin:
         if not ok:
             self._view.enter(Phase.PROXY_LOGIN)
             log = Log(
-                "warn", "Proxy login failed for {user}", {**fields, "event": "proxy_login_failed"}
+                "warn",
+                "Proxy login failed for {user}",
+                {**fields, "event": Event.PROXY_LOGIN_FAILED},
             )
             return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
         self.proxy_user = name
@@ -132,7 +135,7 @@ class RouteLogin:
                 log = Log(
                     "warn",
                     "No route for user {user}",
-                    {"user": name, "event": "refused", "refused": "route"},
+                    {"user": name, "event": Event.REFUSED, "refused": "route"},
                 )
                 self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
                 text = "No route for this user on this gateway."
@@ -144,7 +147,7 @@ class RouteLogin:
                 log = Log(
                     "warn",
                     "Route for user {user} gives an empty upstream name",
-                    {"user": name, "event": "refused", "refused": "route"},
+                    {"user": name, "event": Event.REFUSED, "refused": "route"},
                 )
                 self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
                 text = "The route for this user gives no name to log in with."

@@ -96,6 +96,27 @@ def decide(
 
 def parse_route(table: object, where: str) -> Route:
     """One route from a TOML table or CSV row; raises RouteError naming `where`."""
+    values = _route_values(table, where)
+    if "user" not in values:
+        raise RouteError(f"{where}: a route needs user (a login name or a pattern like *@site)")
+    if ("backend" in values) == ("backend_group" in values):
+        raise RouteError(f"{where}: a route needs backend or backend_group (one of them)")
+    template = _upstream_user(values.get("upstream_user", "{user}"), where)
+    if "upstream_password" in values and "upstream_user" not in values:
+        raise RouteError(f"{where}: upstream_password needs upstream_user")
+    return Route(
+        user=values["user"],
+        backend=values.get("backend"),
+        backend_group=values.get("backend_group"),
+        proxy_group=values.get("proxy_group"),
+        upstream_user=template,
+        upstream_password=values.get("upstream_password"),
+    )
+
+
+def _route_values(table: object, where: str) -> dict[str, str]:
+    """The route's known keys with their non-empty string values (stripped, except the
+    password, whose spaces may be part of it)."""
     if not isinstance(table, dict):
         raise RouteError(f"{where}: expected a table with user and backend or backend_group")
     unknown = set(table) - KEYS
@@ -110,11 +131,11 @@ def parse_route(table: object, where: str) -> Route:
             shown = "a value of another type" if key == "upstream_password" else repr(value)
             raise RouteError(f"{where}: {key}: expected a string, got {shown}")
         values[key] = value if key == "upstream_password" else value.strip()
-    if "user" not in values:
-        raise RouteError(f"{where}: a route needs user (a login name or a pattern like *@site)")
-    if ("backend" in values) == ("backend_group" in values):
-        raise RouteError(f"{where}: a route needs backend or backend_group (one of them)")
-    template = values.get("upstream_user", "{user}")
+    return values
+
+
+def _upstream_user(template: str, where: str) -> str:
+    """The upstream_user template, checked to name only the fields a route can fill."""
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
@@ -124,16 +145,7 @@ def parse_route(table: object, where: str) -> Route:
         raise RouteError(
             f"{where}: upstream_user: unknown field {{{bad}}}; use {{user}}, {{local}}, {{domain}}"
         )
-    if "upstream_password" in values and "upstream_user" not in values:
-        raise RouteError(f"{where}: upstream_password needs upstream_user")
-    return Route(
-        user=values["user"],
-        backend=values.get("backend"),
-        backend_group=values.get("backend_group"),
-        proxy_group=values.get("proxy_group"),
-        upstream_user=template,
-        upstream_password=values.get("upstream_password"),
-    )
+    return template
 
 
 def parse_routes(tables: object, where: str) -> tuple[Route, ...]:

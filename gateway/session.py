@@ -15,6 +15,7 @@ concern is a small machine of its own that sees the session only through a narro
 - `gateway.datachannel`  PORT, EPRT, PASV, EPSV and EPSV ALL
 - `gateway.transfer`     the transfer driver, from the data command to its final reply
 - `gateway.passthrough`  commands passed through unchanged, and what their replies mean
+- `gateway.endings`      timers, shutdown, unread or unanswering peers: whether they end it
 
 Three rules shape it:
 
@@ -49,6 +50,7 @@ from gateway.effects import (
     Side,
     ToClient,
 )
+from gateway.endings import SHUTDOWN_TEXT, Endings
 from gateway.errors import ProtocolError
 from gateway.ftps import ClientFTPS
 from gateway.login import Login, check_destination
@@ -62,20 +64,8 @@ from gateway.view import ACCEPTS_COMMANDS, Phase
 
 __all__ = ["MAX_OWED_REPLIES", "MAX_UNSOLICITED_REPLIES", "SHUTDOWN_TEXT", "Session"]
 
-#: RFC 959 section 4.2: 421 when the service is shutting down.
-SHUTDOWN_TEXT = "Service shutting down."
-
 #: How the upstream is chosen.
 Mode = Literal["reverse", "forward", "transparent"]
-
-#: Commands answered before an upstream is chosen in forward mode.
-_PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
-
-#: Texts of the session timers' 421 (RFC 959 section 4.2).
-_TIMEOUT_TEXTS = {
-    "login": "Login timed out; closing the connection.",
-    "idle": "Idle timeout; closing the connection.",
-}
 
 
 class Session:
@@ -99,15 +89,13 @@ class Session:
         self.fixed_upstream: tuple[str, int] | None = None
         if config.transparent and destination is not None:
             self.fixed_upstream = (destination.host, destination.port)
-        self.policy = policy or UpstreamPolicy(rules=config.upstream_rules)
-        self.commands = CommandPolicy(config.denied_commands, config.read_only)
+        self.policy = policy or UpstreamPolicy(rules=config.upstream_policy_rules)
+        self.commands = CommandPolicy(config.commands.deny, config.commands.read_only)
         self.client_peer = client_peer
         self.client_local = client_local
         self.phase = Phase.LOGIN
         #: The user name last sent upstream (never the password), for the logs.
         self.user: str | None = None
-        #: The gateway is stopping: the command in progress is the last one served.
-        self._shutting_down = False
         self._in_progress = False  # a client command waits for its final reply
         self._serving = False  # `_serve_queue` is running (it must not re-enter itself)
         self._queue: deque[Command | BadLine] = deque()
@@ -122,6 +110,7 @@ class Session:
         self.data_channel: DataChannel = DataChannel(self, client_peer, client_local)
         self.transfers: TransferDriver = TransferDriver(self)
         self.passing = PassThrough(self)
+        self.endings = Endings(self)
 
     @property
     def logged_in(self) -> bool:
@@ -209,10 +198,10 @@ class Session:
             return []
         if isinstance(event, Command) and event.verb == "ABOR" and self.transferring:
             if self._pairing.owed >= MAX_OWED_REPLIES:
-                return self._upstream_not_answering()
+                return self.endings.upstream_not_answering()
             return self.transfers.abort()
         if self._in_progress or self._queue or self.phase not in ACCEPTS_COMMANDS:
-            if len(self._queue) >= self.config.max_pending_commands:
+            if len(self._queue) >= self.config.limits.max_pending_commands:
                 text = "Too many commands sent without waiting for replies; closing."
                 return self.close(Reply.of(421, text))
             self._queue.append(event)
@@ -279,11 +268,9 @@ class Session:
         `groups`: the proxy user's directory groups, which routes may match."""
         if self.closed:
             return []
-        if isinstance(self.login, RouteLogin):
-            return self.login.proxy_auth_result(
-                ok, throttled=throttled, unavailable=unavailable, groups=groups
-            )
-        return self.login.proxy_auth_result(ok, throttled=throttled, unavailable=unavailable)
+        return self.login.proxy_auth_result(
+            ok, throttled=throttled, unavailable=unavailable, groups=groups
+        )
 
     def timed_out(self, what: str, mark: int | None = None) -> list[Effect]:
         """A session timer ran out: `login`, `idle`, or `reply` (armed with the mark
@@ -292,45 +279,19 @@ class Session:
         transfer's own timeouts bound it), and a reply timer counts only if no reply came since
         it was armed. A timer that counts ends the session with 421 (RFC 959 section 4.2),
         except the reply timer of a transfer, which ends only the transfer, with 426."""
-        if self.closed or (what == "login" and self.logged_in):
-            return []
-        if what == "idle" and self.transferring:
-            return []
-        if what == "reply":
-            if mark is None or mark != self.awaiting_reply:
-                return []
-            return self.upstream.reply_timed_out()
-        return [
-            Log("info", "Session {what} timeout", {"what": what}),
-            *self.close(Reply.of(421, _TIMEOUT_TEXTS[what])),
-        ]
+        return self.endings.timed_out(what, mark)
 
     def shutdown(self, *, immediate: bool = False) -> list[Effect]:
         """The gateway is stopping. An idle session gets 421 and closes now (RFC 959 section
         4.2); a running transfer may finish, after which the session gets 421 instead of
         serving another command. With `immediate` (the grace period is over, or a second
         signal), the transfer ends with 426, so the client knows its file is incomplete."""
-        if self.closed:
-            return []
-        self._shutting_down = True
-        if not self.transferring:
-            return self.close(Reply.of(421, SHUTDOWN_TEXT))
-        if not immediate:
-            return []
-        return self.transfers.give_up(
-            Reply.of(426, "Transfer aborted: the gateway is shutting down.")
-        )
+        return self.endings.shutdown(immediate)
 
     def peer_not_reading(self, side: Side, seconds: float) -> list[Effect]:
         """`side` left a full buffer of what the gateway sent it unread for `seconds`: 421 and
         close (RFC 959 section 4.2), so a peer that never reads cannot hold the session."""
-        who = "client" if side is Side.CLIENT else "upstream"
-        fields = {"side": who, "seconds": seconds, "event": "control_not_read"}
-        text = f"The {who} did not read the control connection for {seconds:g} seconds; closing."
-        return [
-            Log("warn", "The {side} left its control connection unread for {seconds} s", fields),
-            *self.close(Reply.of(421, text)),
-        ]
+        return self.endings.peer_not_reading(side, seconds)
 
     # ------------------------------------------------------------------- data connections
 
@@ -385,14 +346,15 @@ class Session:
     def answer(self, reply: Reply, *then: Effect) -> list[Effect]:
         return self._answer(reply, *then)
 
-    def _upstream_not_answering(self) -> list[Effect]:
-        """ABOR while the upstream owes `MAX_OWED_REPLIES` replies: it reads or answers nothing,
-        and sending on would only pile up commands (RFC 959 section 4.2: 421, closing)."""
-        owed = self._pairing.owed
-        fields = {"owed": owed, "event": "upstream_not_answering"}
-        text = f"The upstream server left {owed} commands unanswered; closing."
-        log = Log("warn", "The upstream left {owed} commands unanswered", fields)
-        return [log, *self.close(Reply.of(421, text))]
+    @property
+    def owed_replies(self) -> int:
+        return self._pairing.owed
+
+    def reply_timed_out(self) -> list[Effect]:
+        return self.upstream.reply_timed_out()
+
+    def give_up_transfer(self, answer: Reply) -> list[Effect]:
+        return self.transfers.give_up(answer)
 
     def close(self, last: Reply | None) -> list[Effect]:
         """End the session: `last` to the client, then close everything."""
@@ -429,8 +391,8 @@ class Session:
         self._in_progress = False
         if self.phase is Phase.TRANSFER:
             self.phase = Phase.READY if self.logged_in else Phase.LOGIN
-        if self._shutting_down:
-            return [ToClient(reply), *then, *self.close(Reply.of(421, SHUTDOWN_TEXT))]
+        if self.endings.shutting_down:
+            return [ToClient(reply), *then, *self.endings.after_answer()]
         return [ToClient(reply), *then, *self._serve_queue()]
 
     def _serve_queue(self) -> list[Effect]:
@@ -450,41 +412,6 @@ class Session:
         if isinstance(event, BadLine):
             return self._answer(event.reply)
         try:
-            return self._command(event)
+            return verbs.serve(self, event)
         except ProtocolError as e:
             return self._answer(Reply.of(e.reply_code, e.message))
-
-    def _command(self, command: Command) -> list[Effect]:
-        verb = command.verb
-        refusal = self.client_ftps.refuses(verb) if verb != "QUIT" else None
-        if refusal is not None:
-            return self._answer(refusal)
-        if verb in verbs.ALWAYS:
-            return verbs.ALWAYS[verb](self, command)
-        login_verb = self.login.handler(command) if self.own_login else None
-        if login_verb is not None:
-            return login_verb(command)
-        refused = self.refused_by_policy(command)
-        if refused is not None:
-            return refused
-        if self.upstream_peer is None:
-            if verb in _PRE_LOGIN_COMMANDS:
-                text = (
-                    "OK." if verb == "NOOP" else f"{verb} is available after USER name@host[:port]."
-                )
-                return self._answer(Reply.of(200 if verb == "NOOP" else 502, text))
-            return self._answer(Reply.of(530, "Please log in with USER name@host[:port] first."))
-        return verbs.CONNECTED.get(verb, verbs.pass_through)(self, command)
-
-    def refused_by_policy(self, command: Command) -> list[Effect] | None:
-        verb = command.verb
-        refusal = self.commands.check(verb, command.arg)
-        if refusal is None:
-            return None
-        code, text = refusal
-        log = Log(
-            "info",
-            "Refused {verb} by command policy",
-            {"verb": verb, "event": "refused", "refused": "command"},
-        )
-        return [log, *self._answer(Reply.of(code, text))]

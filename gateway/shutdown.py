@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gateway.control import ClientControl, GatewayFactory
+from gateway.events import Event
 
 _log = Logger(namespace="gateway.shutdown")
 
@@ -59,7 +60,7 @@ class GracefulShutdown(Service):
             idle=len(sessions) - len(transferring),
             transfers=len(transferring),
             grace=self.grace,
-            event="shutdown_started",
+            event=Event.SHUTDOWN_STARTED,
         )
         self._transfers_at_start = len(transferring)
         # A second SIGTERM or SIGINT ends the transfers at once (twistd's own handler would
@@ -86,7 +87,7 @@ class GracefulShutdown(Service):
             "Shutdown: ending {count} transfers with 426 ({why})",
             count=len(remaining),
             why="grace period over" if why == "grace" else "second signal",
-            event="shutdown_forced",
+            event=Event.SHUTDOWN_FORCED,
         )
         self._aborted = len(remaining)
         for protocol in remaining:
@@ -110,7 +111,7 @@ class GracefulShutdown(Service):
             "Shutdown complete: {finished} transfers ran to their end, {aborted} ended with 426",
             finished=self._transfers_at_start - self._aborted,
             aborted=self._aborted,
-            event="shutdown_complete",
+            event=Event.SHUTDOWN_COMPLETE,
         )
         # twistd ends the process by re-raising the signal that stopped the reactor (exit
         # status "killed by SIGTERM"); a stop that let every session end as it should is a

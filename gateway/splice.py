@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from gateway.data import DataConnection, RelayResult, _describe
 from gateway.data import relay as copy_relay
+from gateway.events import Event
 from gateway.rates import Draw
 from gateway.throttle import Pacer
 
@@ -485,7 +486,7 @@ class SpliceRelay:
                 "Dropped {ignored} bytes sent by the receiving side {peer} of a transfer",
                 ignored=self._discarded,
                 peer=str(getattr(peer, "host", "")),
-                event="relay_ignored_bytes",
+                event=Event.RELAY_IGNORED_BYTES,
             )
         for connection in (self._source, self._sink):
             connection.on_abort = None

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from gateway import __version__, proxyproto
 from gateway.checkers import make_checker
 from gateway.config import SETTINGS, Config, ConfigError, build, load_file
+from gateway.events import Event
 from gateway.tls import TLSConfigError, server_options
 
 _log = Logger(namespace="gateway.startup")
@@ -53,9 +54,9 @@ def check(
     except ConfigError as e:
         return None, [str(e)]
     problems += _checker_problems(config, reactor)
-    if config.tls_certificate is not None:
+    if config.tls.certificate is not None:
         try:
-            server_options(config.tls_certificate, config.tls_private_key, config.tls_min_version)
+            server_options(config.tls.certificate, config.tls.private_key, config.tls.min_version)
         except TLSConfigError as e:
             problems.append(f"tls.certificate: {e}")
     return config, problems + _endpoint_problems(config, reactor, dry_run=dry_run)
@@ -98,8 +99,8 @@ def _checker_problems(config: Config, reactor: Any) -> list[str]:
 
 def _endpoint_problems(config: Config, reactor: Any, *, dry_run: bool) -> list[str]:
     endpoints = [("listen", endpoint) for endpoint in config.listen]
-    if config.metrics_listen:
-        endpoints.append(("metrics.listen", config.metrics_listen))
+    if config.metrics.listen:
+        endpoints.append(("metrics.listen", config.metrics.listen))
     problems: list[str] = []
     for setting_key, description in endpoints:
         if dry_run and description.lower().startswith("systemd:"):
@@ -178,7 +179,7 @@ class Listener(StreamServerEndpointService):
             "Listening on {endpoint}: {summary}",
             endpoint=self.description,
             summary=self.line,
-            event="listening",
+            event=Event.LISTENING,
         )
 
 
@@ -200,13 +201,13 @@ def describe(config: Config, config_file: str | None) -> str:
     if not config.forward and config.reverse:
         policy = ""
     else:
-        allowed = sum(rule.action == "allow" for rule in config.upstream_rules)
-        denied = len(config.upstream_rules) - allowed
+        allowed = sum(rule.action == "allow" for rule in config.upstream_policy_rules)
+        denied = len(config.upstream_policy_rules) - allowed
         policy = (
             f", upstream policy: {allowed} allow / {denied} deny rules "
             "over the default (public addresses only)"
         )
-    client_tls = config.client_tls if config.client_tls_available else "off"
-    tls = f"TLS to clients {client_tls}, to upstreams {config.upstream_tls}"
+    client_tls = config.tls.client if config.client_tls_available else "off"
+    tls = f"TLS to clients {client_tls}, to upstreams {config.tls.upstream}"
     where = f"configuration file {config_file}" if config_file else "no configuration file"
     return f"{mode}{policy}; {tls}; ftp-gateway {__version__}; {where}"

@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from operator import attrgetter
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -16,8 +17,9 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from gateway import __version__, capacity, splice, startup
-from gateway.config import Config, ConfigError
+from gateway.config import SETTINGS, Config, ConfigError, Setting, with_setting
 from gateway.control import GatewayFactory
+from gateway.events import Event
 from gateway.health import HealthChecks
 from gateway.listeners import report_bound
 from gateway.logs import LogService, MainLog, check_transfer_log, install_main_observer
@@ -27,6 +29,26 @@ from gateway.shutdown import GracefulShutdown
 from gateway.tls import TLSConfigError
 
 _log = Logger(namespace="gateway.config")
+
+
+#: The settings the command line can set, as `Config` declares them (`option=`): a flag for a
+#: true-or-false setting, a repeatable option for a list, an option with a value otherwise.
+_OPTIONS = tuple(setting for setting in SETTINGS if setting.option)
+_FLAGS = tuple(setting for setting in _OPTIONS if setting.type == "bool")
+_REPEATABLE = tuple(setting for setting in _OPTIONS if setting.type.endswith(", ...]"))
+_VALUES = tuple(s for s in _OPTIONS if s not in _FLAGS and s not in _REPEATABLE)
+_SHORT = {"upstream": "u"}
+
+
+def _help(setting: Setting) -> str:
+    """An option's --help text: its setting's help, its default and the setting's key."""
+    text = setting.help + (" Repeatable." if setting in _REPEATABLE else "")
+    default = setting.default
+    if isinstance(default, tuple) and default and all(isinstance(d, str) for d in default):
+        text += f" Default: {', '.join(default)}."
+    elif isinstance(default, str):
+        text += f" Default: {default}."
+    return f"{text} (setting {setting.key})"
 
 
 class Options(usage.Options):
@@ -41,28 +63,11 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
-        ["upstream", "u", None, "Reverse mode: HOST:PORT of the upstream FTP server."],
-        [
-            "upstream-data-mode",
-            None,
-            None,
-            "Upstream data connections: passive, pasv, epsv, active or client.",
-        ],
-        ["passive-ports", None, None, "Port range for passive listeners, e.g. 30000-30999."],
-        ["masquerade-address", None, None, "IPv4 address to advertise in 227 replies."],
-        ["source-address", None, None, "Local IP address for connections to upstreams."],
-        ["data-relay", None, None, "How plain TCP data moves: auto, splice or copy."],
-        ["log-level", None, None, "Least severe log level written: debug, info, warn, error."],
+        *([s.option, _SHORT.get(s.option), None, _help(s)] for s in _VALUES),
     ]
     optFlags = [
         ["demo", None, "Also start a sample upstream FTP server on loopback and proxy to it."],
-        [
-            "transparent",
-            None,
-            "Transparent mode: serve connections that a NAT redirect (nftables/iptables REDIRECT "
-            "or DNAT) sent here, each to the server the client connected to. Needs "
-            "--passive-ports, redirected by the edge like the control port.",
-        ],
+        *([s.option, None, _help(s)] for s in _FLAGS),
         [
             "check-config",
             None,
@@ -73,9 +78,8 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = []
-        self["allow-upstream"] = []
-        self["deny-upstream"] = []
+        for setting in _REPEATABLE:
+            self[setting.option] = []
 
     def getSynopsis(self) -> str:
         if self.parent is None:
@@ -87,35 +91,16 @@ class Options(usage.Options):
         print(f"ftp-gateway {__version__}")
         raise SystemExit(0)
 
-    def opt_listen(self, endpoint: str) -> None:
-        """Twisted server endpoint to accept clients on (repeatable; default
-        tcp:2121:interface=127.0.0.1)."""
-        self["listen"].append(endpoint)
-
-    def opt_allow_upstream(self, cidr: str) -> None:
-        """Forward mode: allow upstreams in this CIDR network (repeatable)."""
-        self["allow-upstream"].append(cidr)
-
-    def opt_deny_upstream(self, cidr: str) -> None:
-        """Forward mode: deny upstreams in this CIDR network (repeatable)."""
-        self["deny-upstream"].append(cidr)
-
     def overrides(self) -> dict[str, Any]:
         """The settings given on the command line, as dotted configuration keys."""
-        pairs = {
-            "listen": self["listen"],
-            "upstream": self["upstream"],
-            "allow_upstream": self["allow-upstream"],
-            "deny_upstream": self["deny-upstream"],
-            "data.upstream_mode": self["upstream-data-mode"],
-            "data.passive_ports": self["passive-ports"],
-            "data.masquerade_address": self["masquerade-address"],
-            "data.source_address": self["source-address"],
-            "data.relay": self["data-relay"],
-            "log.level": self["log-level"],
-            "transparent": True if self["transparent"] else None,
-        }
-        return {key: value for key, value in pairs.items() if value not in (None, [])}
+        values: dict[str, Any] = {}
+        for setting in _OPTIONS:
+            value = self[setting.option]
+            if setting in _FLAGS:
+                value = True if value else None
+            if value not in (None, []):
+                values[setting.key] = value
+        return values
 
     def postOptions(self) -> None:
         config, problems = self.check()
@@ -148,10 +133,10 @@ class Options(usage.Options):
         if config is None:
             return config, problems
         # These too, beside the problems found so far: one line per problem, all at once.
-        if config.data_relay == "splice" and not splice.available():
+        if config.data.relay == "splice" and not splice.available():
             problems.append("data.relay: splice needs Linux (splice(2)); use auto or copy")
         try:
-            check_transfer_log(config.transfer_log)
+            check_transfer_log(config.log.transfer_log)
         except ConfigError as e:
             problems.append(str(e))
         try:
@@ -171,14 +156,14 @@ class Options(usage.Options):
 def resolve_masquerade(config: Config) -> Config:
     """A masquerade host name becomes its IPv4 address at start and on each reload: 227 replies
     need an address, and resolving per session would let DNS changes half-apply."""
-    name = config.masquerade_address
+    name = config.data.masquerade_address
     if name is None or _is_ipv4(name):
         return config
     try:
         address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
     except OSError as e:
         raise ConfigError(f"data.masquerade_address: cannot resolve {name}: {e}") from None
-    return replace(config, masquerade_address=str(address))
+    return replace(config, data=replace(config.data, masquerade_address=str(address)))
 
 
 def _is_ipv4(text: str) -> bool:
@@ -201,7 +186,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # twistd's own options (--logfile, --syslog, ...) name where the main log goes.
     main_log = MainLog(config, getattr(options, "parent", None))
     top = _Application(main_log)
-    LogService(main_log, config.transfer_log, reactor).setServiceParent(top)
+    LogService(main_log, config.log.transfer_log, reactor).setServiceParent(top)
     demo_upstream = None
     if options["demo"]:
         from gateway.demo import DemoUpstream
@@ -211,11 +196,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         demo_upstream = ("127.0.0.1", demo.port)
         config = replace(config, upstream=demo_upstream)
     # First, so its observer counts the events of everything started after it.
-    MetricsService(config.metrics_listen, reactor).setServiceParent(top)
+    MetricsService(config.metrics.listen, reactor).setServiceParent(top)
     raise_open_files(config)
     factory = GatewayFactory(config, reactor)
     # Before the listeners: services stop in reverse order, so they stop accepting first.
-    GracefulShutdown(factory, config.shutdown_timeout, reactor).setServiceParent(top.sessions)
+    GracefulShutdown(factory, config.timeouts.shutdown, reactor).setServiceParent(top.sessions)
     backlog = capacity.backlog_for(_somaxconn())
     line = startup.describe(config, options["config"])
     for endpoint in config.listen:
@@ -225,7 +210,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             factory,
             reactor,
             line,
-            header_timeout=config.login_timeout,
+            header_timeout=config.timeouts.login,
         )
         listener.description = endpoint  # start-up lines name the endpoint as configured
         report_bound(listener, factory.add_listener)
@@ -255,7 +240,7 @@ def raise_open_files(config: Config) -> int:
     figure, and warn in one line when it cannot hold `limits.max_sessions` sessions. Many
     systems start services with a soft limit of 1024, about 240 sessions."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = capacity.open_files_target(soft, hard, config.max_open_files)
+    target = capacity.open_files_target(soft, hard, config.limits.max_open_files)
     if target != soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
@@ -266,17 +251,17 @@ def raise_open_files(config: Config) -> int:
         "Open files limit: {limit} (hard limit {hard})",
         limit=soft,
         hard=hard,
-        event="open_files_limit",
+        event=Event.OPEN_FILES_LIMIT,
     )
     supported = capacity.sessions_supported(soft)
-    if supported < config.max_sessions:
+    if supported < config.limits.max_sessions:
         _log.warn(
             "limits.max_sessions is {sessions} but {limit} open files hold about {supported} "
             "sessions; raise the hard limit (LimitNOFILE=) or lower max_sessions",
-            sessions=config.max_sessions,
+            sessions=config.limits.max_sessions,
             limit=soft,
             supported=supported,
-            event="open_files_limit",
+            event=Event.OPEN_FILES_LIMIT,
         )
     return soft
 
@@ -308,6 +293,31 @@ class _Application(MultiService):
     def setServiceParent(self, parent: Any) -> Any:
         install_main_observer(parent, self.main_log)
         return super().setServiceParent(parent)
+
+
+def _collect(setting: Setting) -> Callable[[Options, str], None]:
+    """The handler of a repeatable option: each use adds one value."""
+
+    def collect(self: Options, value: str) -> None:
+        self[setting.option].append(value)
+
+    collect.__doc__ = _help(setting)
+    return collect
+
+
+for _setting in _REPEATABLE:
+    assert _setting.option is not None
+    setattr(Options, "opt_" + _setting.option.replace("-", "_"), _collect(_setting))
+
+
+#: Settings bound at start (listeners, log files): a reload keeps their running values.
+_RESTART_ONLY = (
+    "listen",
+    "metrics.listen",
+    "log.level",
+    "log.format",
+    "log.transfer_log",
+)
 
 
 class ReloadOnHangup(Service):
@@ -343,24 +353,14 @@ class ReloadOnHangup(Service):
             _log.error(
                 "Reload failed, keeping the running configuration: {error}",
                 error=str(e),
-                event="config_reloaded",
+                event=Event.CONFIG_RELOADED,
                 result="failed",
             )
             return
         running = self.factory.config
-        for setting, value in (
-            ("listen", running.listen),
-            ("metrics_listen", running.metrics_listen),
-            ("log_level", running.log_level),
-            ("log_format", running.log_format),
-            ("transfer_log", running.transfer_log),
-        ):
-            if getattr(config, setting) != value:
-                _log.warn(
-                    "Reload: {setting} changes only on restart",
-                    setting=setting,
-                    event="reload_needs_restart",
-                )
-                config = replace(config, **{setting: value})
+        for key in _RESTART_ONLY:
+            if attrgetter(key)(config) != attrgetter(key)(running):
+                _log.warn("Reload: {setting} changes only on restart", setting=key)
+                config = with_setting(config, key, attrgetter(key)(running))
         self.factory.reconfigure(config)
-        _log.info("Configuration reloaded", event="config_reloaded", result="ok")
+        _log.info("Configuration reloaded", event=Event.CONFIG_RELOADED, result="ok")

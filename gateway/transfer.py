@@ -40,6 +40,7 @@ from gateway.effects import (
     StartRelay,
     ToClient,
 )
+from gateway.events import Event
 from gateway.numbers import is_ascii_number
 from gateway.pairing import ignore
 from gateway.view import SessionView
@@ -125,7 +126,7 @@ def upstream_mode(
 ) -> UpstreamMode:
     """The upstream data mode for one transfer: "active", "pasv" or "epsv".
 
-    `setting` is `Config.upstream_data_mode`; "passive" means EPSV until the upstream refused
+    `setting` is `config.data.upstream_mode`; "passive" means EPSV until the upstream refused
     it once in this session, then PASV; "client" mirrors the client's own choice.
     """
     if setting == "client":
@@ -249,7 +250,7 @@ class TransferDriver:
         """Why a transfer cannot start with the client's data channel `client`, or None."""
         if client is None:
             return Reply.of(425, "Use PORT, EPRT, PASV or EPSV first.")
-        if self._view.config.client_tls == "required" and not client.tls:
+        if self._view.config.tls.client == "required" and not client.tls:
             # RFC 4217 section 9: 521 when policy refuses the data protection level.
             return Reply.of(521, "Data connections must be protected: send PROT P first.")
         return None
@@ -263,7 +264,7 @@ class TransferDriver:
         upstream = self._view.upstream_peer
         assert upstream is not None
         mode = upstream_mode(
-            self._view.config.upstream_data_mode, client.verb, self._epsv_refused, upstream.family
+            self._view.config.data.upstream_mode, client.verb, self._epsv_refused, upstream.family
         )
         transfer = Transfer(command, SOURCES[command.verb], client, restart=restart, mode=mode)
         if client.connected:
@@ -283,7 +284,7 @@ class TransferDriver:
         if answer.code == 229:
             target = HostPort.of(upstream.host, parse_epsv_reply(answer.text))
             return [ConnectData(Side.UPSTREAM, target, tls=self.upstream_protected)]
-        if self._view.config.upstream_data_mode == "passive" and answer.permanent:
+        if self._view.config.data.upstream_mode == "passive" and answer.permanent:
             # RFC 2428 section 3: a server without EPSV answers 500/502; fall back to PASV and
             # remember, so later transfers in this session go straight to PASV.
             self._epsv_refused = True
@@ -303,7 +304,7 @@ class TransferDriver:
         if named.host != upstream.host:
             config = self._view.config
             if (
-                config.follow_pasv_address
+                config.data.follow_pasv_address
                 and self._view.policy.check(named.host, named.port).allowed
             ):
                 target = named
@@ -322,7 +323,7 @@ class TransferDriver:
         if transfer is None:
             return []
         if address.family == 4 and not (
-            self._view.config.upstream_data_mode == "client" and transfer.client.verb == "EPRT"
+            self._view.config.data.upstream_mode == "client" and transfer.client.verb == "EPRT"
         ):
             command = Command("PORT", format_port_argument(address))
         else:
@@ -477,7 +478,7 @@ class TransferDriver:
                 **self._record(transfer),
                 "code": answer.code,
                 "text": answer.lines[0],
-                "event": "transfer_finished",
+                "event": Event.TRANSFER_FINISHED,
             },
         )
         return [CloseData(), *self._view.answer(answer, record)]
@@ -492,7 +493,7 @@ class TransferDriver:
         record = Log(
             "info",
             "Transfer {verb} {path} aborted by client",
-            {**self._record(transfer), "event": "transfer_aborted"},
+            {**self._record(transfer), "event": Event.TRANSFER_ABORTED},
         )
         return [
             CloseData(),

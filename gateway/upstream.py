@@ -16,6 +16,7 @@ from gateway.addresses import HostPort
 from gateway.codec import Reply
 from gateway.effects import ConnectUpstream, Effect, Log, StartUpstreamTLS, ToClient
 from gateway.errors import ProtocolError
+from gateway.events import Event
 from gateway.ftps import UpstreamFTPS
 from gateway.login import Login
 from gateway.pairing import Pairing
@@ -77,8 +78,8 @@ class Upstream:
 
     def _tls_name(self) -> str:
         """The name the upstream's certificate must carry."""
-        if self._host.config.upstream_tls_name:
-            return self._host.config.upstream_tls_name
+        if self._host.config.tls.upstream_name:
+            return self._host.config.tls.upstream_name
         if self._host.fixed_upstream is not None:
             return self._host.fixed_upstream[0]
         # Reverse mode's backends always carry a name (`Config.for_backend`).
@@ -87,7 +88,7 @@ class Upstream:
 
     def connect(self, host: str, port: int) -> list[Effect]:
         """Open the connection to `host`, an address policy approved (or the configured name)."""
-        if self._host.config.upstream_tls != "implicit":
+        if self._host.config.tls.upstream != "implicit":
             return [ConnectUpstream(host, port)]
         return [ConnectUpstream(host, port, implicit_tls=True, tls_name=self._tls_name())]
 
@@ -95,7 +96,7 @@ class Upstream:
         log = Log(
             "warn",
             "Cannot connect to the upstream: {reason}",
-            {"reason": reason, "event": "upstream_connect_failed"},
+            {"reason": reason, "event": Event.UPSTREAM_CONNECT_FAILED},
         )
         if self._host.forward:
             assert isinstance(self._host.login, Login)
@@ -103,7 +104,7 @@ class Upstream:
         return [log, *self._host.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
 
     def tls_failed(self, reason: str) -> list[Effect]:
-        if self._host.config.upstream_tls == "auto" and "certificate" in reason:
+        if self._host.config.tls.upstream == "auto" and "certificate" in reason:
             # An administrator meets this first with a self-signed upstream: name the fix.
             reason += (
                 "; to trust it set tls.upstream_ca_file or tls.upstream_fingerprint, "
@@ -150,7 +151,7 @@ class Upstream:
                 return self._host.login.greeted(answer)
         elif not answer.positive:
             return self._host.close(answer)
-        elif self._host.config.upstream_tls == "auto":
+        elif self._host.config.tls.upstream == "auto":
             # Reverse mode, opportunistic TLS: the client sees the upstream's greeting as its
             # own at once, while FEAT asks whether the upstream offers TLS. The client's
             # commands wait in the queue until the upstream side is secured (or found not to
@@ -171,7 +172,7 @@ class Upstream:
         follows it into TLS, if it is connected and not protected yet; client commands wait
         until it is."""
         if (
-            self._host.config.upstream_tls != "match_client"
+            self._host.config.tls.upstream != "match_client"
             or self.peer is None
             or self.ftps.active
         ):
@@ -235,14 +236,14 @@ class Upstream:
             return self._host.close(Reply.of(421, text))
         if self._unsolicited > 1:
             return []
-        fields = {"reply": str(answer.code), "event": "unsolicited_reply"}
+        fields = {"reply": str(answer.code), "event": Event.UNSOLICITED_REPLY}
         return [Log("warn", "Unsolicited upstream reply {reply}", fields)]
 
     def unsolicited_summary(self) -> list[Effect]:
         """The session ends: how many unsolicited replies there were, if more than one."""
         if self._unsolicited <= 1:
             return []
-        fields = {"count": self._unsolicited, "event": "unsolicited_replies"}
+        fields = {"count": self._unsolicited, "event": Event.UNSOLICITED_REPLIES}
         return [Log("warn", "Upstream sent {count} unsolicited replies in all", fields)]
 
     @property
@@ -261,11 +262,11 @@ class Upstream:
     def reply_timed_out(self) -> list[Effect]:
         """The upstream left a command unanswered for `timeouts.reply` seconds: a transfer
         ends with 426, anything else ends the session with 421 (221 after QUIT)."""
-        seconds = f"{self._host.config.reply_timeout:g}"
+        seconds = f"{self._host.config.timeouts.reply:g}"
         log = Log(
             "warn",
             "Upstream {peer} sent no reply within {seconds} seconds",
-            {"peer": str(self.peer), "seconds": seconds, "event": "reply_timeout"},
+            {"peer": str(self.peer), "seconds": seconds, "event": Event.REPLY_TIMEOUT},
         )
         if self._host.phase is Phase.CLOSING:
             return [log, *self._host.close(Reply.of(221, "Goodbye."))]

@@ -1,7 +1,7 @@
 """What each client verb does: the one table the session dispatches with. Pure, no I/O.
 
-`Session._command` applies the rules that hold for every verb (TLS required, forward mode's
-login, the command policy, a connected upstream) and then looks the verb up here. `ALWAYS` holds
+`serve` applies the rules that hold for every verb (TLS required, the login machine's verbs,
+the command policy, a connected upstream) and then looks the verb up here. `ALWAYS` holds
 the verbs served in any phase, before the command policy; `CONNECTED` those the gateway serves
 itself once an upstream is connected. Any other verb is passed through to the upstream.
 """
@@ -14,8 +14,12 @@ from typing import Protocol
 from gateway import features
 from gateway.codec import Command, Reply
 from gateway.datachannel import DataChannel
-from gateway.effects import Effect, StartClientTLS
+from gateway.effects import Effect, Log, StartClientTLS
+from gateway.events import Event
 from gateway.ftps import ClientFTPS
+from gateway.login import Login
+from gateway.policy import CommandPolicy
+from gateway.routelogin import RouteLogin
 from gateway.transfer import SOURCES, TransferDriver
 from gateway.upstream import Upstream
 from gateway.view import Phase, SessionView
@@ -29,15 +33,65 @@ class Session(SessionView, Protocol):
     upstream: Upstream
     data_channel: DataChannel
     transfers: TransferDriver
+    login: Login | RouteLogin
+    commands: CommandPolicy
+
+    @property
+    def own_login(self) -> bool: ...
 
     def enter(self, phase: Phase) -> None: ...
 
     def pass_through(self, command: Command) -> list[Effect]: ...
 
-    def refused_by_policy(self, command: Command) -> list[Effect] | None: ...
-
 
 Verb = Callable[[Session, Command], list[Effect]]
+
+#: Commands answered before an upstream is chosen in forward mode.
+_PRE_LOGIN_COMMANDS = ("NOOP", "SYST", "HELP")
+
+
+def serve(session: Session, command: Command) -> list[Effect]:
+    """Serve the client's `command`: the rules that hold for every verb, in order, then the
+    verb's entry in the tables below."""
+    verb = command.verb
+    refusal = session.client_ftps.refuses(verb) if verb != "QUIT" else None
+    if refusal is not None:
+        return session.answer(refusal)
+    if verb in ALWAYS:
+        return ALWAYS[verb](session, command)
+    login_verb = session.login.handler(command) if session.own_login else None
+    if login_verb is not None:
+        return login_verb(command)
+    refused = refused_by_policy(session, command)
+    if refused is not None:
+        return refused
+    if session.upstream_peer is None:
+        return _before_upstream(session, command)
+    return CONNECTED.get(verb, pass_through)(session, command)
+
+
+def _before_upstream(session: Session, command: Command) -> list[Effect]:
+    """Forward mode before `USER name@host`: a few verbs are answered, the rest need a login."""
+    verb = command.verb
+    if verb in _PRE_LOGIN_COMMANDS:
+        text = "OK." if verb == "NOOP" else f"{verb} is available after USER name@host[:port]."
+        return session.answer(Reply.of(200 if verb == "NOOP" else 502, text))
+    return session.answer(Reply.of(530, "Please log in with USER name@host[:port] first."))
+
+
+def refused_by_policy(session: Session, command: Command) -> list[Effect] | None:
+    """The command policy's refusal of `command` (`commands.deny`, `commands.read_only`),
+    answered and logged; None: allowed."""
+    refusal = session.commands.check(command.verb, command.arg)
+    if refusal is None:
+        return None
+    code, text = refusal
+    log = Log(
+        "info",
+        "Refused {verb} by command policy",
+        {"verb": command.verb, "event": Event.REFUSED, "refused": "command"},
+    )
+    return [log, *session.answer(Reply.of(code, text))]
 
 
 def pass_through(session: Session, command: Command) -> list[Effect]:
@@ -57,7 +111,7 @@ def feat(session: Session, command: Command) -> list[Effect]:
     tls = session.config.client_tls_available
     if session.upstream_peer is None:
         return session.answer(features.for_client(None, tls))
-    refused = session.refused_by_policy(command)
+    refused = refused_by_policy(session, command)
     if refused is not None:
         return refused
     return session.send(command, lambda r: session.answer(features.for_client(r, tls)))

@@ -5,10 +5,29 @@ from __future__ import annotations
 import ftplib
 import hashlib
 import io
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
 TIMEOUT = 60
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST rather than FIN (SO_LINGER 0): a crash, not an end of file."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def login(
+    host: str, port: int, user: str, password: str, *, timeout: float = TIMEOUT
+) -> ftplib.FTP:
+    """An ftplib session logged in at host:port, in binary mode (TYPE I)."""
+    ftp = ftplib.FTP(timeout=timeout)
+    ftp.connect(host, port)
+    ftp.login(user, password)
+    ftp.voidcmd("TYPE I")
+    return ftp
 
 
 def sha256(data: bytes) -> str:

@@ -7,8 +7,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +44,8 @@ def wait_for_port(
 
 @dataclass
 class GatewayProcess:
+    """A running gateway; `stop()` it (or use it as a context manager)."""
+
     proc: subprocess.Popen[bytes]
     host: str
     port: int
@@ -64,6 +68,17 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+#: Starts a gateway with these command-line arguments and, with `config`, this TOML text as
+#: its configuration file (the `gateways` and `module_gateways` fixtures).
+StartGateway = Callable[..., GatewayProcess]
 
 
 def start_gateway(

@@ -50,12 +50,13 @@ import contextlib
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import BinaryIO, Self
+
+from clients import reset
 
 HOST = "127.0.0.1"
 TIMEOUT = 15.0
@@ -91,12 +92,6 @@ class Mode(StrEnum):
     DEAF_AFTER_LOGIN = "deaf-after-login"
     ANSWERS_WITHOUT_READING = "answers-without-reading"
     ENDLESS_1XX_REPLY = "endless-1xx-reply"
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN (SO_LINGER 0): a crash, not an end of file."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 class HostileUpstream:

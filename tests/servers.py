@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Self
 
+from gateway_process import free_port
+
 KINDS: Final = ("pyftpdlib", "vsftpd", "pure-ftpd", "proftpd")
 TLS_MODES: Final = (None, "explicit", "required", "implicit")
 TLS_VERSIONS: Final = ("1.2", "1.3")
@@ -181,7 +183,7 @@ def start_server(
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "root"
     root.mkdir(exist_ok=True)
-    port = port or _free_port(host)
+    port = port or free_port(host)  # the server binds it a moment later
     launch = _LAUNCHERS[kind](options, workdir, root, port)
     output_path = workdir / f"{kind}.out"
     with output_path.open("wb") as output:
@@ -578,14 +580,6 @@ def _run_checked(
             f"{argv[0]} exited with {result.returncode}: {result.stderr.decode(errors='replace')}"
         )
     return result
-
-
-def _free_port(host: str) -> int:
-    """A port the kernel just handed out; the server binds it a moment later."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 _FINAL_REPLY_LINE: Final = re.compile(rb"^\d{3}(?: |$)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway, wait_for_port
-from pki import Pki, make_pki
+from pki import Pki
 
 from gateway import __version__
 
@@ -53,11 +53,6 @@ def one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -73,9 +73,9 @@ def test_later_layers_win_and_rules_keep_their_order() -> None:
         },
     )
     assert config.upstream == ("ftp.example.net", 2121)
-    assert config.idle_timeout == 7
-    assert [rule.action for rule in config.upstream_rules] == ["deny", "deny", "allow"]
-    assert config.upstream_rules[0] == Rule("deny", None, "*.bad.example", None)
+    assert config.timeouts.idle == 7
+    assert [rule.action for rule in config.upstream_policy_rules] == ["deny", "deny", "allow"]
+    assert config.upstream_policy_rules[0] == Rule("deny", None, "*.bad.example", None)
 
 
 def test_bad_toml_is_one_line(tmp_path: Path) -> None:
@@ -93,8 +93,8 @@ def test_shipped_examples_load_and_the_egress_policy_is_safe() -> None:
     examples = SHIPPED.parent / "examples"
     configs = {path.stem: build(load_file(path)) for path in examples.glob("*.toml")}
     assert set(configs) == {"nat-edge", "egress-proxy"}
-    assert configs["nat-edge"].passive_ports == (30000, 30999)
-    policy = UpstreamPolicy(rules=configs["egress-proxy"].upstream_rules)
+    assert configs["nat-edge"].data.passive_ports == (30000, 30999)
+    policy = UpstreamPolicy(rules=configs["egress-proxy"].upstream_policy_rules)
     assert policy.check("8.8.8.8", 21, "ftp.example.net").allowed
     assert not policy.check("8.8.8.8", 22, "ftp.example.net").allowed
     assert not policy.check("10.0.0.1", 21, "files").allowed
@@ -103,7 +103,7 @@ def test_shipped_examples_load_and_the_egress_policy_is_safe() -> None:
 
 def test_masquerade_except_takes_networks() -> None:
     config = build({"data.masquerade_except": ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]})
-    assert [str(n) for n in config.masquerade_except] == [
+    assert [str(n) for n in config.data.masquerade_except] == [
         "10.0.0.0/8",
         "fd00::/8",
         "192.168.1.7/32",

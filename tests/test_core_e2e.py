@@ -31,13 +31,6 @@ from clients import (
 from gateway_process import GatewayProcess, free_port, start_gateway, wait_for_port
 from servers import RunningServer, start_server
 
-BIG = 4 * 1024 * 1024 + 12345  # several megabytes, not a multiple of any buffer size
-
-
-@pytest.fixture(scope="module")
-def payload() -> bytes:
-    return os.urandom(BIG)
-
 
 @pytest.fixture(scope="module")
 def vsftpd_passive_only(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.codec import Command, Reply
-from gateway.config import Config
+from gateway.config import Config, Tls
 from gateway.effects import Effect, StartUpstreamTLS, ToClient
 from gateway.ftps import ClientFTPS, UpstreamFTPS, UpstreamStep
 from gateway.pairing import Handler, Pairing, ignore
@@ -35,7 +35,7 @@ class View:
 
 
 def machine(mode: str) -> tuple[UpstreamFTPS, View, list[str]]:
-    view = View(Config(upstream=("ftp.test", 21), upstream_tls=mode))  # type: ignore[arg-type]
+    view = View(Config(upstream=("ftp.test", 21), tls=Tls(upstream=mode)))  # type: ignore[arg-type]
     done: list[str] = []
 
     def secured() -> list[Effect]:
@@ -77,7 +77,7 @@ def test_required_tls_refused_closes_and_never_goes_on_in_clear_text() -> None:
 
 
 def test_client_prot_needs_pbsz_after_auth() -> None:
-    client = ClientFTPS(Config(tls_certificate="cert.pem"), implicit=False)
+    client = ClientFTPS(Config(tls=Tls(certificate="cert.pem")), implicit=False)
     assert client.prot(Command("PROT", "P")).code == 503
     assert client.auth(Command("AUTH", "TLS")).code == 234
     assert client.prot(Command("PROT", "P")).code == 503

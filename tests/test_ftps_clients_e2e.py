@@ -5,34 +5,21 @@ the cases where a missing close_notify or a reset must still fail the transfer."
 from __future__ import annotations
 
 import ftplib
-import os
 import re
 import socket
 import ssl
-import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clients import file_sha256, run, sha256
+from clients import file_sha256, reset, run, sha256
 from gateway_process import GatewayProcess, start_gateway
-from pki import Pki, make_pki
+from pki import Pki
 from servers import RunningServer, start_server
 from test_tls_e2e import ftps, gateway_config
 
-PAYLOAD_BYTES = 3 * 1024 * 1024 + 17
 NAMES = ("file.bin", "other.txt")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def payload() -> bytes:
-    return os.urandom(PAYLOAD_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +142,6 @@ def _protected_data_connection(ftp: ftplib.FTP_TLS, command: str, pki: Pki) -> s
     return context.wrap_socket(raw, server_hostname="localhost")
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0) instead of FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 @pytest.mark.parametrize("ending", ["fin", "reset"])
 def test_upload_without_close_notify_gets_426(
     site: tuple[RunningServer, GatewayProcess], pki: Pki, payload: bytes, ending: str
@@ -174,7 +155,7 @@ def test_upload_without_close_notify_gets_426(
     data.sendall(payload)
     raw = socket.socket(fileno=data.detach())  # drop TLS: no close_notify
     if ending == "reset":
-        _reset(raw)
+        reset(raw)
     else:
         raw.close()
     with pytest.raises(ftplib.error_temp) as failed:
@@ -195,7 +176,7 @@ def test_download_received_then_reset_gets_426(
     while chunk := data.recv(65536):  # ends at the gateway's close_notify
         received += chunk
     assert sha256(bytes(received)) == sha256(payload)
-    _reset(socket.socket(fileno=data.detach()))
+    reset(socket.socket(fileno=data.detach()))
     with pytest.raises(ftplib.error_temp) as failed:
         ftp.voidresp()
     assert str(failed.value).startswith("426"), failed.value

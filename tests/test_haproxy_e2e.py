@@ -30,7 +30,7 @@ import pytest
 from clients import curl, sent_commands
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway, wait_for_port
 from pki import Pki, make_pki
-from servers import RunningServer, start_server
+from servers import RunningServer
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 
@@ -100,12 +100,7 @@ class Balancer:
                 self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("pyftpdlib"))
-    (server.root / "file.bin").write_bytes(PAYLOAD)
-    yield server
-    server.stop()
+SERVED = {"file.bin": PAYLOAD}
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,16 @@ import random
 import re
 import select
 import socket
-import struct
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+import clients
 import pytest
-from gateway_process import GatewayProcess, start_gateway
+from clients import reset
+from gateway_process import GatewayProcess, StartGateway
 from hostile_upstream import HostileUpstream, Mode
-from servers import RunningServer, start_server
+from servers import RunningServer
 
 MIB = 1024 * 1024
 TIMEOUT = 30.0
@@ -53,10 +52,13 @@ RSS_SLACK_MANY_SESSIONS_KIB = 50 * 1024
 # resolver thread): small slack, far below the 1,000 a leak per connection would show.
 FD_SLACK = 4
 
+# The random streams send PORT to random ports of 127.0.0.1: where some other process listens
+# there, the data connection opens and then carries nothing, which the stall timeout ends.
 CONFIG = """\
 allow_upstream = ["127.0.0.0/8"]
 [timeouts]
 data_connect = 2
+stall = 3
 """
 DATA_CONNECT_TIMEOUT = 2.0
 
@@ -66,21 +68,12 @@ _REPLY_LINE = re.compile(rb"([1-5][0-9][0-9])([ -])")
 # ---------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def ftpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("ftpd"))
-    (server.root / HEALTH).write_bytes(HEALTH_DATA)
-    yield server
-    server.stop()
+SERVED = {HEALTH: HEALTH_DATA}
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
-    config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG)
-    gw = start_gateway(tmp_path, "--config", str(config))
-    yield gw
-    gw.stop()
+def gateway(gateways: StartGateway) -> GatewayProcess:
+    return gateways(config=CONFIG)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -100,17 +93,13 @@ def control(ftp: ftplib.FTP) -> socket.socket:
 
 def login(gw: GatewayProcess, server: RunningServer) -> ftplib.FTP:
     """A normal forward-mode session: USER name@host:port through the gateway."""
-    ftp = connect(gw)
-    ftp.login(f"{server.user}@{server.host}:{server.port}", server.password)
-    ftp.voidcmd("TYPE I")
-    return ftp
+    user = f"{server.user}@{server.host}:{server.port}"
+    return clients.login(gw.host, gw.port, user, server.password, timeout=TIMEOUT)
 
 
 def login_hostile(gw: GatewayProcess, upstream: HostileUpstream) -> ftplib.FTP:
-    ftp = connect(gw)
-    ftp.login(f"anon@{upstream.host}:{upstream.port}", "secret")
-    ftp.voidcmd("TYPE I")
-    return ftp
+    user = f"anon@{upstream.host}:{upstream.port}"
+    return clients.login(gw.host, gw.port, user, "secret", timeout=TIMEOUT)
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -140,12 +129,6 @@ def assert_download_works(ftp: ftplib.FTP) -> None:
     data, final = retr(ftp, HEALTH)
     assert final.startswith("226"), final
     assert data == HEALTH_DATA
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def fd_count(gw: GatewayProcess) -> int:
@@ -376,22 +359,22 @@ class StreamClient:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_command_streams(gateway: GatewayProcess, ftpd: RunningServer, seed: int) -> None:
-    base = before_attack(gateway, ftpd)
+def test_random_command_streams(gateway: GatewayProcess, server: RunningServer, seed: int) -> None:
+    base = before_attack(gateway, server)
     rng = random.Random(seed)
     lines = closes = 0
     for logged_in, verbs, chunks in (
         (False, VERBS_BEFORE_LOGIN, 10),
         (True, VERBS_AFTER_LOGIN, 30),
     ):
-        client = StreamClient(gateway, ftpd, logged_in)
+        client = StreamClient(gateway, server, logged_in)
         for _ in range(chunks):
             batch = [_random_line(rng, verbs) for _ in range(rng.randint(1, 16))]
             lines += len(batch)
             if client.exchange(b"".join(batch)) is None:
                 closes += 1
                 client.close()
-                client = StreamClient(gateway, ftpd, logged_in)
+                client = StreamClient(gateway, server, logged_in)
         client.close()
     assert lines > 250
     assert closes <= 2, f"{closes} sessions closed by the gateway during the random streams"
@@ -402,10 +385,10 @@ def test_random_command_streams(gateway: GatewayProcess, ftpd: RunningServer, se
 
 
 def test_megabyte_line_without_crlf_gets_500_and_is_not_buffered(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
-    base = before_attack(gateway, ftpd)
-    ftp = login(gateway, ftpd)
+    base = before_attack(gateway, server)
+    ftp = login(gateway, server)
     control(ftp).sendall(b"NOOP " + b"A" * MIB)  # 1 MiB and no line end
     # The 500 comes as soon as the line passes max_line, long before it ends.
     answer = ftp.getline()
@@ -426,9 +409,9 @@ def test_megabyte_line_without_crlf_gets_500_and_is_not_buffered(
     after_attack(base)
 
 
-def test_nul_and_non_utf8_bytes(gateway: GatewayProcess, ftpd: RunningServer) -> None:
-    base = before_attack(gateway, ftpd)
-    ftp = login(gateway, ftpd)
+def test_nul_and_non_utf8_bytes(gateway: GatewayProcess, server: RunningServer) -> None:
+    base = before_attack(gateway, server)
+    ftp = login(gateway, server)
     client_port = control(ftp).getsockname()[1]
     cases = [
         (b"NOOP\x00\r\n", "500"),  # NUL: the gateway refuses, nothing reaches the upstream
@@ -459,10 +442,10 @@ def test_nul_and_non_utf8_bytes(gateway: GatewayProcess, ftpd: RunningServer) ->
     ],
 )
 def test_telnet_iac_flood(
-    gateway: GatewayProcess, ftpd: RunningServer, name: str, flood: bytes, expected: list[str]
+    gateway: GatewayProcess, server: RunningServer, name: str, flood: bytes, expected: list[str]
 ) -> None:
-    base = before_attack(gateway, ftpd)
-    ftp = login(gateway, ftpd)
+    base = before_attack(gateway, server)
+    ftp = login(gateway, server)
     started = time.monotonic()
     control(ftp).sendall(flood + b"NOOP\r\n")
     answers = [ftp.getmultiline() for _ in expected]
@@ -474,9 +457,9 @@ def test_telnet_iac_flood(
 
 
 def test_slowloris_clients_do_not_hold_up_other_sessions(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     slow = [connect(gateway, source=f"127.0.3.{i}") for i in range(1, 11)]
     message = b"NOOP\r\n"
     done = threading.Event()
@@ -506,9 +489,9 @@ def test_slowloris_clients_do_not_hold_up_other_sessions(
 
 
 def test_thousand_connections_opened_and_dropped(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     fds_before = fd_count(gateway)
     started = time.monotonic()
     held: list[socket.socket] = []
@@ -556,9 +539,9 @@ def test_thousand_connections_opened_and_dropped(
     after_attack(base, RSS_SLACK_MANY_SESSIONS_KIB)
 
 
-def test_pasv_port_never_connected_gets_425(gateway: GatewayProcess, ftpd: RunningServer) -> None:
-    base = before_attack(gateway, ftpd)
-    ftp = login(gateway, ftpd)
+def test_pasv_port_never_connected_gets_425(gateway: GatewayProcess, server: RunningServer) -> None:
+    base = before_attack(gateway, server)
+    ftp = login(gateway, server)
     host, port = ftplib.parse227(ftp.sendcmd("PASV"))
     started = time.monotonic()
     ftp.putcmd(f"RETR {HEALTH}")
@@ -576,9 +559,11 @@ def test_pasv_port_never_connected_gets_425(gateway: GatewayProcess, ftpd: Runni
     after_attack(base)
 
 
-def test_second_host_on_pasv_port_is_dropped(gateway: GatewayProcess, ftpd: RunningServer) -> None:
-    base = before_attack(gateway, ftpd)
-    ftp = login(gateway, ftpd)
+def test_second_host_on_pasv_port_is_dropped(
+    gateway: GatewayProcess, server: RunningServer
+) -> None:
+    base = before_attack(gateway, server)
+    ftp = login(gateway, server)
     host, port = ftplib.parse227(ftp.sendcmd("PASV"))
     ftp.putcmd(f"RETR {HEALTH}")
     assert ftp.getmultiline().startswith("1")  # the transfer is under way, data waiting
@@ -611,13 +596,13 @@ def test_second_host_on_pasv_port_is_dropped(gateway: GatewayProcess, ftpd: Runn
     ],
 )
 def test_port_and_eprt_bounce_is_refused(
-    gateway: GatewayProcess, ftpd: RunningServer, command: str, code: str, foreign: bool
+    gateway: GatewayProcess, server: RunningServer, command: str, code: str, foreign: bool
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     # The third host the bounce aims at: it must never see a connection.
     with socket.create_server(("127.0.0.2", 0)) as victim:
         port = victim.getsockname()[1]
-        ftp = login(gateway, ftpd)
+        ftp = login(gateway, server)
         line = command.format(p1=port >> 8, p2=port & 0xFF, port=port)
         ftp.putcmd(line)
         try:
@@ -648,7 +633,7 @@ def assert_download_works_active(ftp: ftplib.FTP) -> None:
 
 
 def test_hostile_upstream_harness_serves_a_normal_transfer(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
     """The harness itself is sound, so the failures below are the hostile behaviour's."""
     with HostileUpstream(Mode.NORMAL, payload=PAYLOAD) as upstream:
@@ -674,9 +659,9 @@ def _third_host_listener() -> socket.socket:
 
 
 def test_upstream_227_naming_a_third_host_is_not_followed(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with _third_host_listener() as third_host:
         named = ("127.0.0.2", third_host.getsockname()[1])
         with HostileUpstream(Mode.THIRD_HOST_PASV, payload=PAYLOAD, pasv_address=named) as up:
@@ -707,9 +692,9 @@ _GREETING_ATTACKS = (Mode.ENDLESS_GREETING, Mode.ENDLESS_1XX_GREETING, Mode.BAD_
     ],
 )
 def test_upstream_breaking_the_reply_grammar_ends_the_session_with_421(
-    gateway: GatewayProcess, ftpd: RunningServer, mode: Mode, reason: str
+    gateway: GatewayProcess, server: RunningServer, mode: Mode, reason: str
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(mode) as up:
         ftp = connect(gateway)
         if mode in _GREETING_ATTACKS:  # the greeting is the attack
@@ -734,12 +719,12 @@ def test_upstream_breaking_the_reply_grammar_ends_the_session_with_421(
 
 
 def test_endless_1xx_replies_to_a_command_end_the_session_with_421(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
     """Single-line 1yz replies count towards the bounds of the reply to the same command, as
     in the greeting: an upstream answering PWD with "150" lines forever is cut off at
     `limits.max_reply_lines`, though the client is shown the 1yz lines that came before."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.ENDLESS_1XX_REPLY) as up:
         ftp = login_hostile(gateway, up)
         ftp.putcmd("PWD")
@@ -763,9 +748,9 @@ def test_endless_1xx_replies_to_a_command_end_the_session_with_421(
 
 
 def test_upstream_reset_mid_retr_gives_426_not_its_226(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.RESET_MID_RETR, payload=PAYLOAD) as up:
         ftp = login_hostile(gateway, up)
         data, final = retr(ftp, "file")
@@ -779,9 +764,9 @@ def test_upstream_reset_mid_retr_gives_426_not_its_226(
 
 
 def test_upstream_early_close_then_426_reaches_client_as_4xx(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.EARLY_CLOSE_426, payload=PAYLOAD) as up:
         ftp = login_hostile(gateway, up)
         data, final = retr(ftp, "file")
@@ -793,11 +778,11 @@ def test_upstream_early_close_then_426_reaches_client_as_4xx(
 
 
 def test_unsolicited_upstream_reply_is_not_paired_with_the_next_command(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
     """An upstream answering one command twice must not shift the pairing of replies: the
     extra reply arrived before the gateway sent the next command, so it cannot be its reply."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.DOUBLE_REPLY) as up:
         ftp = login_hostile(gateway, up)
         control(ftp).sendall(b"NOOP\r\nPWD\r\n")  # pipelined: PWD waits in the gateway's queue

@@ -21,19 +21,20 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from gateway_process import GatewayProcess, start_gateway
+from gateway_process import GatewayProcess, StartGateway, start_gateway
 from hostile_upstream import BIG_STAT_BYTES, JUNK_SECONDS, HostileUpstream, Mode
 from servers import RunningServer
 from test_hostile import (
+    HEALTH,
+    HEALTH_DATA,
     RSS_SLACK_KIB,
     TIMEOUT,
     after_attack,
     before_attack,
-    ftpd,  # noqa: F401 (a fixture)
     login,
     login_hostile,
     read_until_closed,
@@ -57,14 +58,12 @@ ATTACK_SECONDS = 5.0
 ATTACK_BYTES = 160 * MIB
 
 
+SERVED = {HEALTH: HEALTH_DATA, BIG: BIG_DATA}
+
+
 @pytest.fixture
-def gateway(tmp_path: Path, ftpd: RunningServer) -> Iterator[GatewayProcess]:  # noqa: F811
-    (ftpd.root / BIG).write_bytes(BIG_DATA)
-    config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG)
-    gw = start_gateway(tmp_path, "--config", str(config))
-    yield gw
-    gw.stop()
+def gateway(gateways: StartGateway) -> GatewayProcess:
+    return gateways(config=CONFIG)
 
 
 class Peak:
@@ -135,14 +134,14 @@ def assert_closed_soon(sock: socket.socket, timeout: float = 10.0) -> None:
 
 def test_client_writing_into_its_download_connection_is_not_stored(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """RETR: the client's data connection carries nothing towards the gateway. A client that
     writes into it as fast as it can, while it reads nothing, does not grow the gateway; the
     download still completes, byte for byte, with 226."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
-    ftp = login(gateway, ftpd)
+    ftp = login(gateway, server)
     host, port = ftplib.parse227(ftp.sendcmd("PASV"))
     with socket.create_connection((host, port), timeout=TIMEOUT) as data:
         ftp.putcmd(f"RETR {BIG}")
@@ -162,11 +161,11 @@ def test_client_writing_into_its_download_connection_is_not_stored(
 
 def test_upstream_writing_into_its_upload_connection_is_not_stored(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """STOR: the upstream's data connection carries nothing towards the gateway; an upstream
     writing into it while the client uploads does not grow the gateway."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     upload = random.Random(959).randbytes(2 * MIB)
     with HostileUpstream(Mode.JUNK_INTO_STOR) as up:
@@ -199,12 +198,12 @@ def test_upstream_writing_into_its_upload_connection_is_not_stored(
 
 def test_client_not_reading_pre_login_replies_is_not_read_and_is_closed(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """Before any login, a client pipelines USER lines whose 501 replies echo their long
     argument, and reads nothing: the gateway stops reading it once its replies fill the
     buffer, and closes it after `timeouts.control_send`."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT) as sock:
         assert sock.recv(4096).startswith(b"220")
@@ -219,12 +218,12 @@ def test_client_not_reading_pre_login_replies_is_not_read_and_is_closed(
 
 def test_client_not_reading_large_stat_replies_pauses_the_upstream(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """A client that sends STAT after STAT and reads none of the large replies: the gateway
     stops reading the upstream and the client, holds about one reply, and ends the session
     after `timeouts.control_send`."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     with HostileUpstream(Mode.BIG_STAT) as up:
         ftp = login_hostile(gateway, up)
@@ -245,14 +244,14 @@ def test_client_not_reading_large_stat_replies_pauses_the_upstream(
 
 def test_aborts_while_the_upstream_stops_reading_end_with_421(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """After login the upstream stops reading its control connection and answers nothing. The
     client starts a transfer and aborts it, over and over, reading every reply: each cycle
     has the gateway send EPSV and ABOR upstream and answer the client at once (200, 426,
     226). The gateway must not keep sending, and remembering, commands that are never
     answered: once the upstream owes a few dozen replies the session ends with 421."""
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     peak = Peak(gateway, base.rss_kib)
     with HostileUpstream(Mode.DEAF_AFTER_LOGIN) as up:
         ftp = login_hostile(gateway, up)
@@ -288,7 +287,7 @@ def test_aborts_while_the_upstream_stops_reading_end_with_421(
 
 def test_upstream_answering_without_reading_stops_the_client_being_read(
     tmp_path: Path,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
     """After login the upstream stops reading its control connection but still answers each
     command (as the test allows it, once the gateway has sent that command). A client that
@@ -299,7 +298,7 @@ def test_upstream_answering_without_reading_stops_the_client_being_read(
     config.write_text(CONFIG + "[limits]\nmax_line = 65536\n")
     gw = start_gateway(tmp_path, "--config", str(config))
     try:
-        base = before_attack(gw, ftpd)
+        base = before_attack(gw, server)
         peak = Peak(gw, base.rss_kib)
         with HostileUpstream(Mode.ANSWERS_WITHOUT_READING) as up:
             ftp = login_hostile(gw, up)
@@ -336,9 +335,9 @@ def test_upstream_answering_without_reading_stops_the_client_being_read(
 
 def test_unsolicited_reply_flood_ends_with_421_and_two_log_lines(
     gateway: GatewayProcess,
-    ftpd: RunningServer,  # noqa: F811
+    server: RunningServer,
 ) -> None:
-    base = before_attack(gateway, ftpd)
+    base = before_attack(gateway, server)
     with HostileUpstream(Mode.UNSOLICITED_FLOOD) as up:
         ftp = login_hostile(gateway, up)
         assert ftp.sendcmd("NOOP").startswith("200")

@@ -15,14 +15,14 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+import clients
 import pytest
-from gateway_process import GatewayProcess, start_gateway
+from gateway_process import GatewayProcess, StartGateway, start_gateway
 from hostile_upstream import HostileUpstream, Mode
-from pki import Pki, make_pki
-from servers import RunningServer, start_server
+from pki import Pki
+from servers import RunningServer
 
 MIB = 1024 * 1024
 HEALTH = "health.bin"
@@ -41,12 +41,7 @@ reply = 2
 """
 
 
-@pytest.fixture(scope="module")
-def ftpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("ftpd"))
-    (server.root / HEALTH).write_bytes(HEALTH_DATA)
-    yield server
-    server.stop()
+SERVED = {HEALTH: HEALTH_DATA}
 
 
 def run_gateway(tmp_path: Path, extra: str = "", *args: str) -> GatewayProcess:
@@ -56,10 +51,8 @@ def run_gateway(tmp_path: Path, extra: str = "", *args: str) -> GatewayProcess:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
-    gw = run_gateway(tmp_path)
-    yield gw
-    gw.stop()
+def gateway(gateways: StartGateway) -> GatewayProcess:
+    return gateways(config=CONFIG)
 
 
 def connect(gw: GatewayProcess) -> ftplib.FTP:
@@ -69,10 +62,7 @@ def connect(gw: GatewayProcess) -> ftplib.FTP:
 
 
 def login(gw: GatewayProcess, host: str, port: int, user: str, password: str) -> ftplib.FTP:
-    ftp = connect(gw)
-    ftp.login(f"{user}@{host}:{port}", password)
-    ftp.voidcmd("TYPE I")
-    return ftp
+    return clients.login(gw.host, gw.port, f"{user}@{host}:{port}", password, timeout=TIMEOUT)
 
 
 def login_ftpd(gw: GatewayProcess, server: RunningServer) -> ftplib.FTP:
@@ -127,13 +117,13 @@ def assert_download_works(ftp: ftplib.FTP) -> None:
 
 @pytest.mark.parametrize("verb", ["PASV", "EPSV"])
 def test_taken_passive_range_gets_425_and_the_session_goes_on(
-    tmp_path: Path, ftpd: RunningServer, verb: str
+    tmp_path: Path, server: RunningServer, verb: str
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as holder:
         taken = holder.getsockname()[1]
         gw = run_gateway(tmp_path, f'[data]\npassive_ports = "{taken}-{taken}"\n')
         try:
-            ftp = login_ftpd(gw, ftpd)
+            ftp = login_ftpd(gw, server)
             # Pipelined behind the passive command: each still gets its own reply, in order.
             assert ftp.sock is not None
             ftp.sock.sendall(f"{verb}\r\nNOOP\r\nPWD\r\n".encode())
@@ -149,14 +139,14 @@ def test_taken_passive_range_gets_425_and_the_session_goes_on(
 
 
 def test_port_to_a_closed_port_gets_425_and_the_session_goes_on(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
     # A bound socket that does not listen: connections to its port are refused, and no other
     # process can take the port while the test runs.
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-        ftp = login_ftpd(gateway, ftpd)
+        ftp = login_ftpd(gateway, server)
         ftp.voidcmd(f"PORT 127,0,0,1,{port >> 8},{port & 0xFF}")
         final = answer(ftp, f"RETR {HEALTH}")
         assert final.startswith("425") and "refused" in final.lower(), final
@@ -169,7 +159,7 @@ def test_port_to_a_closed_port_gets_425_and_the_session_goes_on(
 
 
 def test_upstream_that_never_answers_a_command_gets_421(
-    gateway: GatewayProcess, ftpd: RunningServer
+    gateway: GatewayProcess, server: RunningServer
 ) -> None:
     with HostileUpstream(Mode.SILENT_PWD) as up:
         ftp = login_hostile(gateway, up)
@@ -178,7 +168,7 @@ def test_upstream_that_never_answers_a_command_gets_421(
         assert_closed(ftp)
         wait_for_log(gateway, "sent no reply within 2 seconds")
     # Other sessions are unaffected.
-    ftp = login_ftpd(gateway, ftpd)
+    ftp = login_ftpd(gateway, server)
     assert_download_works(ftp)
     ftp.quit()
 
@@ -264,21 +254,16 @@ def test_upstream_success_without_1xx_to_an_active_client_is_not_226(
 # ------------------------------------------------- a data-connection TLS handshake stalls
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def test_client_data_tls_handshake_that_never_completes_gets_425(
-    tmp_path: Path, pki: Pki, ftpd: RunningServer
+    tmp_path: Path, pki: Pki, server: RunningServer
 ) -> None:
     tls = f'[tls]\ncertificate = "{pki.server_chain}"\nprivate_key = "{pki.server_key}"\n'
-    gw = run_gateway(tmp_path, tls, "--upstream", f"127.0.0.1:{ftpd.port}")
+    gw = run_gateway(tmp_path, tls, "--upstream", f"127.0.0.1:{server.port}")
     try:
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         ftp = ftplib.FTP_TLS(context=context, timeout=TIMEOUT)
         ftp.connect("localhost", gw.port)
-        ftp.login(ftpd.user, ftpd.password)
+        ftp.login(server.user, server.password)
         ftp.prot_p()
         ftp.voidcmd("TYPE I")
         host, port = ftplib.parse227(ftp.sendcmd("PASV"))

@@ -10,25 +10,19 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from clients import lftp
 from gateway_process import PROJECT, GatewayProcess, start_gateway
-from servers import RunningServer, start_server
+from servers import RunningServer
 from test_reload import hang_up
 
 CONTENT = b"behind an htpasswd proxy login\n"
 PASSWORDS = {"alice": "alice-bcrypt-pw", "bob": "bob-argon2-pw", "carol": "carol-later-pw"}
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("up"))
-    (server.root / "f.txt").write_bytes(CONTENT)
-    yield server
-    server.stop()
+SERVED = {"f.txt": CONTENT}
 
 
 def passwd(path: Path, user: str, password: str, *extra: str) -> None:
@@ -81,7 +75,7 @@ def assert_no_password_logged(gw: GatewayProcess) -> None:
 
 
 def test_bcrypt_user_downloads_through_lftp_proxy_login(
-    tmp_path: Path, upstream: RunningServer
+    tmp_path: Path, server: RunningServer
 ) -> None:
     gw = start(tmp_path, make_users(tmp_path))
     try:
@@ -89,15 +83,15 @@ def test_bcrypt_user_downloads_through_lftp_proxy_login(
         result = lftp(
             f"set ftp:proxy ftp://alice:{PASSWORDS['alice']}@127.0.0.1:{gw.port}; "
             "set ftp:proxy-auth-type user; "
-            f"open -u {upstream.user},{upstream.password} -p {upstream.port} 127.0.0.1; "
+            f"open -u {server.user},{server.password} -p {server.port} 127.0.0.1; "
             f"get f.txt -o {out}"
         )
         assert result.returncode == 0, result.stderr.decode() + gw.log()[-2000:]
         assert out.read_bytes() == CONTENT
         # argon2 entry, ftplib, USER name@host after the proxy login.
         ftp = proxy_login(gw, "bob", PASSWORDS["bob"])
-        ftp.sendcmd(f"USER {upstream.user}@127.0.0.1:{upstream.port}")
-        assert ftp.sendcmd(f"PASS {upstream.password}").startswith("230")
+        ftp.sendcmd(f"USER {server.user}@127.0.0.1:{server.port}")
+        assert ftp.sendcmd(f"PASS {server.password}").startswith("230")
         assert ftp.nlst() == ["f.txt"]
         ftp.quit()
         assert "Proxy user alice authenticated" in gw.log()

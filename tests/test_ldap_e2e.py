@@ -16,25 +16,15 @@ from pathlib import Path
 import pytest
 from clients import lftp
 from gateway_process import GatewayProcess, free_port, start_gateway
-from pki import Pki, make_pki
-from servers import RunningServer, start_server
+from pki import Pki
+from servers import RunningServer
 from slapd import GROUP_DN, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, USERS, RunningSlapd, start_slapd
 
 CONTENT = b"behind a directory login\n"
 ALICE = USERS["alice"]
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("up"))
-    (server.root / "f.txt").write_bytes(CONTENT)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+SERVED = {"f.txt": CONTENT}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +75,7 @@ def assert_no_password_logged(gw: GatewayProcess) -> None:
 
 
 def test_ldaps_search_then_bind_with_required_group(
-    tmp_path: Path, directory: RunningSlapd, pki: Pki, upstream: RunningServer
+    tmp_path: Path, directory: RunningSlapd, pki: Pki, server: RunningServer
 ) -> None:
     gw = gateway(tmp_path, search_then_bind(tmp_path, directory.ldaps_url, pki))
     try:
@@ -93,15 +83,15 @@ def test_ldaps_search_then_bind_with_required_group(
         result = lftp(
             f"set ftp:proxy ftp://alice:{ALICE}@127.0.0.1:{gw.port}; "
             "set ftp:proxy-auth-type user; "
-            f"open -u {upstream.user},{upstream.password} -p {upstream.port} 127.0.0.1; "
+            f"open -u {server.user},{server.password} -p {server.port} 127.0.0.1; "
             f"get f.txt -o {out}"
         )
         assert result.returncode == 0, result.stderr.decode() + gw.log()[-3000:]
         assert out.read_bytes() == CONTENT
         # A name with a comma and an apostrophe, found through an escaped filter.
         ftp = proxy_login(gw, "o'brien, jr", USERS["o'brien, jr"])
-        ftp.sendcmd(f"USER {upstream.user}@127.0.0.1:{upstream.port}")
-        assert ftp.sendcmd(f"PASS {upstream.password}").startswith("230")
+        ftp.sendcmd(f"USER {server.user}@127.0.0.1:{server.port}")
+        assert ftp.sendcmd(f"PASS {server.password}").startswith("230")
         ftp.quit()
         refused(gw, "alice", "wrong-password")
         refused(gw, "bob", USERS["bob"])  # right password, not in the group
@@ -119,7 +109,7 @@ def test_ldaps_search_then_bind_with_required_group(
 
 
 def test_starttls_with_a_dn_template(
-    tmp_path: Path, directory: RunningSlapd, pki: Pki, upstream: RunningServer
+    tmp_path: Path, directory: RunningSlapd, pki: Pki, server: RunningServer
 ) -> None:
     ldap = (
         f'url = "{directory.url}"\nstarttls = true\nca_file = "{pki.ca_cert}"\n'
@@ -128,8 +118,8 @@ def test_starttls_with_a_dn_template(
     gw = gateway(tmp_path, ldap)
     try:
         ftp = proxy_login(gw, "alice", ALICE)
-        ftp.sendcmd(f"USER {upstream.user}@127.0.0.1:{upstream.port}")
-        assert ftp.sendcmd(f"PASS {upstream.password}").startswith("230")
+        ftp.sendcmd(f"USER {server.user}@127.0.0.1:{server.port}")
+        assert ftp.sendcmd(f"PASS {server.password}").startswith("230")
         assert ftp.nlst() == ["f.txt"]
         ftp.quit()
         proxy_login(gw, "o'brien, jr", USERS["o'brien, jr"]).quit()  # the comma is escaped

@@ -14,23 +14,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway
-from servers import RunningServer, start_server
+from servers import RunningServer
 
 TIMEOUT = 30.0
 PAYLOAD = bytes(range(256)) * 400  # 102400 bytes
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("pyftpdlib"))
-    (server.root / "data.bin").write_bytes(PAYLOAD)
-    yield server
-    server.stop()
+SERVED = {"data.bin": PAYLOAD}
 
 
 def reverse_gateway(tmp_path: Path, server: RunningServer, config: str) -> GatewayProcess:

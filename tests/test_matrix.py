@@ -24,7 +24,7 @@ Sections:
 - `test_address_family_crossings`: an IPv6 client on ::1 to an IPv4 server (EPSV, EPRT: a client
   on IPv6 cannot say PASV or PORT, RFC 2428 section 1) and an IPv4 client to a server on ::1
   (every mode), for every client and server.
-- `test_upstream_mode_matrix`: every `upstream_data_mode` (pasv, epsv, active, client) against
+- `test_upstream_mode_matrix`: every `data.upstream_mode` (pasv, epsv, active, client) against
   every client mode, for every server, with ftplib. For upstream active mode the server refuses
   passive connections (pure-ftpd: `--natmode`), so the transfer can only have worked actively.
 """

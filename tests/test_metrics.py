@@ -15,19 +15,13 @@ import pytest
 from clients import ftplib_get, ftplib_put, ftplib_session, sha256
 from gateway_process import GatewayProcess, free_port, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
-from servers import RunningServer, start_server
+from servers import RunningServer
 
 from gateway import __version__
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 5)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("pyftpdlib"), active=False)
-    (server.root / "data.bin").write_bytes(PAYLOAD)
-    yield server
-    server.stop()
+SERVED = {"data.bin": PAYLOAD}
+SERVER_OPTIONS = {"active": False}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +35,8 @@ def gateway(
         f'upstream = "{server.host}:{server.port}"\n'
         f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
     )
-    gw = start_gateway(workdir, "--config", str(config))
-    yield gw, metrics_port, config
-    gw.stop()
+    with start_gateway(workdir, "--config", str(config)) as gw:
+        yield gw, metrics_port, config
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

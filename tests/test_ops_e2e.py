@@ -11,24 +11,16 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gateway_process import PROJECT, GatewayProcess, free_port, start_gateway
-from pki import Pki, make_pki
+from pki import Pki
 from servers import RunningServer, start_server
 
 TIMEOUT = 30.0
 PAYLOAD = os.urandom(200_000)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("pyftpdlib"))
-    (server.root / "file.bin").write_bytes(PAYLOAD)
-    yield server
-    server.stop()
+SERVED = {"file.bin": PAYLOAD}
 
 
 def wait_for_log(gateway: GatewayProcess, text: str) -> str:
@@ -108,11 +100,6 @@ def test_unredirected_connection_in_transparent_mode_is_logged_at_warn(tmp_path:
     assert len(lines) == 2, log
     # At warn, with the session's id (gateway.logs).
     assert all(re.search(r"#warn\] \[[0-9a-f]{8}\] Refused 127\.0\.0\.1:", line) for line in lines)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_auto_tls_meeting_an_untrusted_certificate_names_the_fix(tmp_path: Path, pki: Pki) -> None:

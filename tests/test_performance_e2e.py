@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import clients
 import pytest
 from clients import file_sha256, ftplib_get, ftplib_put, ftplib_session, sha256
 from gateway_process import GatewayProcess, free_port, start_gateway
@@ -42,11 +43,7 @@ def relay_paths(gw: GatewayProcess) -> list[str]:
 
 
 def login(gw: GatewayProcess, server: RunningServer) -> ftplib.FTP:
-    ftp = ftplib.FTP(timeout=60)
-    ftp.connect("127.0.0.1", gw.port)
-    ftp.login(server.user, server.password)
-    ftp.voidcmd("TYPE I")
-    return ftp
+    return clients.login("127.0.0.1", gw.port, server.user, server.password, timeout=60)
 
 
 def passive_data(ftp: ftplib.FTP) -> socket.socket:

@@ -16,17 +16,12 @@ from pathlib import Path
 import pytest
 from clients import curl, lftp, lftp_sent
 from gateway_process import PROJECT, GatewayProcess, start_gateway, wait_for_port
-from servers import RunningServer, start_server
+from servers import RunningServer
 
 CONTENT = b"through the proxy\n"
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("up"))
-    (server.root / "f.txt").write_bytes(CONTENT)
-    yield server
-    server.stop()
+SERVED = {"f.txt": CONTENT}
 
 
 def config(tmp: Path, text: str) -> str:
@@ -51,14 +46,14 @@ def auth_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPr
 
 @pytest.mark.parametrize("style", ["user", "joined", "joined-acct", "open", "proxy-user@host"])
 def test_lftp_proxy_auth_styles(
-    auth_gateway: GatewayProcess, upstream: RunningServer, tmp_path: Path, style: str
+    auth_gateway: GatewayProcess, server: RunningServer, tmp_path: Path, style: str
 ) -> None:
     out = tmp_path / "f.txt"
     log = tmp_path / "lftp.log"
     result = lftp(
         f"set ftp:proxy ftp://proxy:secret@127.0.0.1:{auth_gateway.port}; "
         f"set ftp:proxy-auth-type {style}; "
-        f"open -u {upstream.user},{upstream.password} -p {upstream.port} 127.0.0.1; "
+        f"open -u {server.user},{server.password} -p {server.port} 127.0.0.1; "
         f"get f.txt -o {out}",
         log=log,
     )
@@ -72,13 +67,13 @@ def test_lftp_proxy_auth_styles(
 
 
 def test_file_checker_and_wrong_password(
-    auth_gateway: GatewayProcess, upstream: RunningServer
+    auth_gateway: GatewayProcess, server: RunningServer
 ) -> None:
     ftp = ftplib.FTP(timeout=30)
     ftp.connect("127.0.0.1", auth_gateway.port)
     ftp.login("fileuser", "filepass")
-    ftp.sendcmd(f"USER {upstream.user}@127.0.0.1:{upstream.port}")
-    assert ftp.sendcmd(f"PASS {upstream.password}").startswith("230")
+    ftp.sendcmd(f"USER {server.user}@127.0.0.1:{server.port}")
+    assert ftp.sendcmd(f"PASS {server.password}").startswith("230")
     ftp.quit()
     ftp = ftplib.FTP(timeout=30)
     ftp.connect("127.0.0.1", auth_gateway.port)
@@ -88,13 +83,13 @@ def test_file_checker_and_wrong_password(
 
 
 def test_unauthenticated_client_cannot_reach_any_upstream(
-    auth_gateway: GatewayProcess, upstream: RunningServer
+    auth_gateway: GatewayProcess, server: RunningServer
 ) -> None:
     ftp = ftplib.FTP(timeout=30)
     ftp.connect("127.0.0.1", auth_gateway.port)
-    ftp.sendcmd(f"USER {upstream.user}@127.0.0.1:{upstream.port}")
+    ftp.sendcmd(f"USER {server.user}@127.0.0.1:{server.port}")
     with pytest.raises(ftplib.error_perm):
-        ftp.sendcmd(f"PASS {upstream.password}")  # taken as the proxy password: refused
+        ftp.sendcmd(f"PASS {server.password}")  # taken as the proxy password: refused
     with pytest.raises(ftplib.error_perm, match="530"):
         ftp.sendcmd("OPEN 127.0.0.1")
     ftp.close()
@@ -152,23 +147,23 @@ def test_per_ip_session_limit(tmp_path: Path) -> None:
         gw.stop()
 
 
-def test_read_only_preset_and_deny_list(tmp_path: Path, upstream: RunningServer) -> None:
+def test_read_only_preset_and_deny_list(tmp_path: Path, server: RunningServer) -> None:
     text = '[commands]\nread_only = true\ndeny = ["MDTM"]\n'
     gw = start_gateway(
-        tmp_path, "--upstream", f"127.0.0.1:{upstream.port}", "--config", config(tmp_path, text)
+        tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", config(tmp_path, text)
     )
     try:
         src = tmp_path / "up.txt"
         src.write_bytes(b"nope")
         result = curl(
-            f"ftp://{upstream.user}:{upstream.password}@127.0.0.1:{gw.port}/x.txt", "-T", str(src)
+            f"ftp://{server.user}:{server.password}@127.0.0.1:{gw.port}/x.txt", "-T", str(src)
         )
         assert result.returncode != 0
         assert b"550 STOR is not allowed: this gateway is read-only." in result.stderr
-        assert not (upstream.root / "x.txt").exists()
+        assert not (server.root / "x.txt").exists()
         ftp = ftplib.FTP(timeout=30)
         ftp.connect("127.0.0.1", gw.port)
-        ftp.login(upstream.user, upstream.password)
+        ftp.login(server.user, server.password)
         with pytest.raises(ftplib.error_perm, match="502"):
             ftp.sendcmd("MDTM f.txt")
         with pytest.raises(ftplib.error_perm, match="550"):
@@ -180,10 +175,10 @@ def test_read_only_preset_and_deny_list(tmp_path: Path, upstream: RunningServer)
         gw.stop()
 
 
-def test_login_and_idle_timeouts(tmp_path: Path, upstream: RunningServer) -> None:
+def test_login_and_idle_timeouts(tmp_path: Path, server: RunningServer) -> None:
     text = "[timeouts]\nlogin = 1\nidle = 2\n"
     gw = start_gateway(
-        tmp_path, "--upstream", f"127.0.0.1:{upstream.port}", "--config", config(tmp_path, text)
+        tmp_path, "--upstream", f"127.0.0.1:{server.port}", "--config", config(tmp_path, text)
     )
     try:
         with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
@@ -193,7 +188,7 @@ def test_login_and_idle_timeouts(tmp_path: Path, upstream: RunningServer) -> Non
             assert f.readline() == b""  # closed
         ftp = ftplib.FTP(timeout=10)
         ftp.connect("127.0.0.1", gw.port)
-        ftp.login(upstream.user, upstream.password)
+        ftp.login(server.user, server.password)
         time.sleep(3)
         with pytest.raises((ftplib.error_temp, EOFError, OSError)) as closed:
             ftp.voidcmd("NOOP")

@@ -16,12 +16,11 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gateway_process import GatewayProcess, free_port, start_gateway
-from servers import RunningServer, start_server
+from servers import RunningServer
 
 from gateway.listeners import interface_addresses
 
@@ -29,12 +28,7 @@ TIMEOUT = 20.0
 CONTENT = b"honest file\n"
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("up"))
-    (server.root / "f.txt").write_bytes(CONTENT)
-    yield server
-    server.stop()
+SERVED = {"f.txt": CONTENT}
 
 
 def config(tmp: Path, text: str) -> str:
@@ -144,7 +138,7 @@ def settled_sessions(gw: GatewayProcess, at_least: int = 1) -> int:
 
 @pytest.mark.parametrize("interface", ["127.0.0.1", "0.0.0.0"])
 def test_nested_login_through_a_second_listener_is_refused(
-    tmp_path: Path, upstream: RunningServer, interface: str
+    tmp_path: Path, server: RunningServer, interface: str
 ) -> None:
     # The second listener has had no client yet; with 0.0.0.0 the target is a loopback
     # address and an interface address it never named.
@@ -162,14 +156,14 @@ def test_nested_login_through_a_second_listener_is_refused(
         for target in targets:
             ftp = ftplib.FTP(timeout=TIMEOUT)
             ftp.connect("127.0.0.1", gw.port)
-            nested = f"{upstream.user}@127.0.0.1:{upstream.port}@{target}:{second}"
+            nested = f"{server.user}@127.0.0.1:{server.port}@{target}:{second}"
             with pytest.raises(ftplib.error_perm) as refused:
-                ftp.login(nested, upstream.password)
+                ftp.login(nested, server.password)
             assert str(refused.value).startswith("530") and "loop" in str(refused.value)
             ftp.close()
         ftp = ftplib.FTP(timeout=TIMEOUT)  # and the gateway still works
         ftp.connect("127.0.0.1", gw.port)
-        ftp.login(f"{upstream.user}@127.0.0.1:{upstream.port}", upstream.password)
+        ftp.login(f"{server.user}@127.0.0.1:{server.port}", server.password)
         ftp.quit()
         # Only that last session reached an upstream: none was nested inside the gateway.
         assert gw.log().count("Connected to upstream") == 1
@@ -179,14 +173,14 @@ def test_nested_login_through_a_second_listener_is_refused(
 
 @pytest.mark.parametrize("verb", ["PORT", "EPRT"])
 def test_port_naming_the_gateways_own_control_port_is_refused(
-    tmp_path: Path, upstream: RunningServer, verb: str
+    tmp_path: Path, server: RunningServer, verb: str
 ) -> None:
-    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{upstream.port}")
+    gw = start_gateway(tmp_path, "--upstream", f"127.0.0.1:{server.port}")
     before = settled_sessions(gw)
     try:
         ftp = ftplib.FTP(timeout=TIMEOUT)
         ftp.connect("127.0.0.1", gw.port)
-        ftp.login(upstream.user, upstream.password)
+        ftp.login(server.user, server.password)
         p = gw.port
         arg = f"127,0,0,1,{p >> 8},{p & 0xFF}" if verb == "PORT" else f"|1|127.0.0.1|{p}|"
         with pytest.raises(ftplib.error_perm) as refused:
@@ -266,7 +260,7 @@ def test_special_purpose_upstreams_are_refused_before_connecting(
 
 
 def test_host_name_rules_match_a_trailing_dot_and_any_case(
-    tmp_path: Path, upstream: RunningServer
+    tmp_path: Path, server: RunningServer
 ) -> None:
     text = (
         '[[upstream_rules]]\naction = "deny"\nhost = "LocalHost."\n'
@@ -278,7 +272,7 @@ def test_host_name_rules_match_a_trailing_dot_and_any_case(
             ftp = ftplib.FTP(timeout=TIMEOUT)
             ftp.connect("127.0.0.1", gw.port)
             with pytest.raises(ftplib.error_perm, match="denied by"):
-                ftp.login(f"{upstream.user}@{name}:{upstream.port}", upstream.password)
+                ftp.login(f"{server.user}@{name}:{server.port}", server.password)
             ftp.close()
     finally:
         gw.stop()
@@ -288,18 +282,18 @@ def test_host_name_rules_match_a_trailing_dot_and_any_case(
 
 
 def test_read_only_gateway_refuses_every_way_to_set_a_time(
-    tmp_path: Path, upstream: RunningServer
+    tmp_path: Path, server: RunningServer
 ) -> None:
     text = "[commands]\nread_only = true\n"
     gw = start_gateway(
-        tmp_path, "--config", config(tmp_path, text), "--upstream", f"127.0.0.1:{upstream.port}"
+        tmp_path, "--config", config(tmp_path, text), "--upstream", f"127.0.0.1:{server.port}"
     )
-    path = upstream.root / "f.txt"
+    path = server.root / "f.txt"
     before = path.stat().st_mtime
     try:
         ftp = ftplib.FTP(timeout=TIMEOUT)
         ftp.connect("127.0.0.1", gw.port)
-        ftp.login(upstream.user, upstream.password)
+        ftp.login(server.user, server.password)
         for command in (
             "MFMT 20000101000000 f.txt",
             "MDTM 20000101000000 f.txt",

@@ -73,10 +73,10 @@ def test_rate_settings_take_one_number_or_a_table_per_direction() -> None:
             "limits.rate_total": {"download": "8M", "upload": 2 * MIB},
         }
     )
-    assert config.rate_per_session == Rate(download=MIB, upload=MIB)
-    assert config.rate_per_user == Rate(download=512 * 1024, upload=None)
-    assert config.rate_total == Rate(download=8 * MIB, upload=2 * MIB)
-    assert Config().rate_per_session == Rate() and not Rate().limited
+    assert config.limits.rate_per_session == Rate(download=MIB, upload=MIB)
+    assert config.limits.rate_per_user == Rate(download=512 * 1024, upload=None)
+    assert config.limits.rate_total == Rate(download=8 * MIB, upload=2 * MIB)
+    assert Config().limits.rate_per_session == Rate() and not Rate().limited
 
 
 def test_rate_tables_read_from_toml(tmp_path: Path) -> None:
@@ -85,8 +85,8 @@ def test_rate_tables_read_from_toml(tmp_path: Path) -> None:
         '[limits]\nrate_per_user = { upload = "256k", download = 0 }\nrate_total = "4M"\n'
     )
     config = build(load_file(path))
-    assert config.rate_per_user == Rate(download=None, upload=256 * 1024)
-    assert config.rate_total == Rate(download=4 * MIB, upload=4 * MIB)
+    assert config.limits.rate_per_user == Rate(download=None, upload=256 * 1024)
+    assert config.limits.rate_total == Rate(download=4 * MIB, upload=4 * MIB)
 
 
 @pytest.mark.parametrize(

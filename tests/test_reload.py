@@ -14,16 +14,9 @@ from pathlib import Path
 import pytest
 from gateway_process import GatewayProcess, start_gateway
 from pki import make_pki
-from servers import RunningServer, start_server
+from servers import RunningServer
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server("pyftpdlib", tmp_path_factory.mktemp("pyftpdlib"))
-    yield server
-    server.stop()
 
 
 def hang_up(gateway: GatewayProcess, expect: str) -> None:

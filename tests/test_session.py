@@ -6,7 +6,7 @@ import pytest
 
 from gateway.addresses import HostPort
 from gateway.codec import Command, CommandReader, Reply
-from gateway.config import Config, build
+from gateway.config import Config, Data, Limits, Tls, build
 from gateway.effects import (
     Authenticate,
     CloseClient,
@@ -89,7 +89,7 @@ def test_commands_are_relayed_and_replies_paired_in_order_when_pipelined() -> No
 
 
 def test_too_many_pipelined_commands_close_the_session_with_421() -> None:
-    s = reverse(Config(upstream=("ftp.test", 21), max_pending_commands=2))
+    s = reverse(Config(upstream=("ftp.test", 21), limits=Limits(max_pending_commands=2)))
     s.client_line(line("NOOP"))
     s.client_line(line("NOOP"))
     s.client_line(line("NOOP"))
@@ -219,7 +219,7 @@ def test_upload_relay_starts_with_client_as_source() -> None:
 
 
 def test_masquerade_address_replaces_the_227_address() -> None:
-    s = reverse(Config(upstream=("ftp.test", 21), masquerade_address="203.0.113.99"))
+    s = reverse(Config(upstream=("ftp.test", 21), data=Data(masquerade_address="203.0.113.99")))
     s.client_line(line("PASV"))
     effects = s.data_listening(Side.CLIENT, HostPort.of(LOCAL.host, 30001))
     assert to_client(effects) == [(227, "Entering Passive Mode (203,0,113,99,117,49).")]
@@ -335,7 +335,7 @@ def test_feat_advertises_gateway_features_and_hides_tls() -> None:
 
 
 def test_feat_advertises_tls_when_a_certificate_is_configured() -> None:
-    s = reverse(Config(upstream=("ftp.test", 21), tls_certificate="gw.pem"))
+    s = reverse(Config(upstream=("ftp.test", 21), tls=Tls(certificate="gw.pem")))
     s.client_line(line("FEAT"))
     ((code, text),) = to_client(s.upstream_reply(Reply(211, ("Features:", " AUTH TLS", "End"))))
     assert code == 211
@@ -572,7 +572,7 @@ def test_timeouts_close_with_421() -> None:
 
 def test_upstream_active_mode_sends_the_command_once_when_the_server_connects_early() -> None:
     """pyftpdlib connects to a PORT address before it answers 200; RETR must still go once."""
-    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s = reverse(Config(upstream=("ftp.test", 21), data=Data(upstream_mode="active")))
     s.client_line(line("PASV"))
     s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
     assert without_logs(s.client_line(line("RETR f"))) == [ListenData(Side.UPSTREAM, tls=False)]
@@ -591,7 +591,7 @@ def test_upstream_active_mode_sends_the_command_once_when_the_server_connects_ea
 def test_upstream_active_mode_relay_that_starts_before_the_port_reply_still_ends_in_226() -> None:
     """The client is already connected and pyftpdlib connects before answering PORT: the relay
     starts before RETR goes out, and its outcome still decides the final reply."""
-    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s = reverse(Config(upstream=("ftp.test", 21), data=Data(upstream_mode="active")))
     s.client_line(line("PASV"))
     s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
     assert s.data_connected(Side.CLIENT) == []
@@ -662,7 +662,7 @@ def test_auto_tls_that_fails_after_the_greeting_closes_with_421_and_sends_no_use
 
 
 def test_required_tls_holds_the_greeting_until_secured() -> None:
-    config = Config(upstream=("ftp.test", 21), upstream_tls="required")
+    config = Config(upstream=("ftp.test", 21), tls=Tls(upstream="required"))
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
     s.backend_connected(config.for_backend(config.pool_backends[0]))
@@ -672,7 +672,7 @@ def test_required_tls_holds_the_greeting_until_secured() -> None:
 
 
 def test_required_tls_upstream_that_refuses_auth_is_closed_with_421() -> None:
-    config = Config(upstream=("ftp.test", 21), upstream_tls="required")
+    config = Config(upstream=("ftp.test", 21), tls=Tls(upstream="required"))
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
     s.backend_connected(config.for_backend(config.pool_backends[0]))
@@ -687,7 +687,7 @@ def test_replies_read_with_the_234_are_dropped_and_none_answers_a_later_command(
     """RFC 4217 section 4: what followed 234 in the same clear-text read is not from the TLS
     peer. The session, not the shell, drops it; and no reply of that read can answer the PBSZ
     sent after it (the horizon)."""
-    config = Config(upstream=("ftp.test", 21), upstream_tls="required")
+    config = Config(upstream=("ftp.test", 21), tls=Tls(upstream="required"))
     s = Session(config, client_peer=CLIENT, client_local=LOCAL)
     s.start()
     s.backend_connected(config.for_backend(config.pool_backends[0]))
@@ -852,7 +852,7 @@ def test_idle_and_login_timers_count_only_when_the_session_decides_so() -> None:
 
 
 def test_upstream_success_without_1xx_or_data_connection_is_451_not_226() -> None:
-    s = reverse(Config(upstream=("ftp.test", 21), upstream_data_mode="active"))
+    s = reverse(Config(upstream=("ftp.test", 21), data=Data(upstream_mode="active")))
     s.client_line(line("PASV"))
     s.data_listening(Side.CLIENT, HostPort.of("192.0.2.1", 5000))
     s.data_connected(Side.CLIENT)
@@ -920,7 +920,9 @@ def test_untrusted_upstream_certificate_in_auto_mode_names_the_settings(
     mode: str, hint: bool
 ) -> None:
     s = Session(
-        Config(upstream=("ftp.test", 21), upstream_tls=mode), client_peer=CLIENT, client_local=LOCAL
+        Config(upstream=("ftp.test", 21), tls=Tls(upstream=mode)),
+        client_peer=CLIENT,
+        client_local=LOCAL,
     )
     s.start()
     s.upstream_connected(UP_LOCAL, UP_PEER)

@@ -4,7 +4,6 @@ ftplib.FTP_TLS, curl --ssl-reqd and lftp as clients, and certificates that must 
 from __future__ import annotations
 
 import ftplib
-import os
 import socket
 import ssl
 import subprocess
@@ -24,20 +23,10 @@ from clients import (
     sha256,
 )
 from gateway_process import GatewayProcess, free_port, start_gateway
-from pki import Pki, make_pki
+from pki import Pki
 from servers import RunningServer, start_server
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def payload() -> bytes:
-    return os.urandom(3 * MIB + 17)
 
 
 def _serve(server: RunningServer, payload: bytes) -> RunningServer:
@@ -85,9 +74,9 @@ def gateway(
 ) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("gw-tls")
     config = gateway_config(tmp, pki, upstream="required")
-    gw = start_gateway(tmp, "--upstream", f"127.0.0.1:{vsftpd_tls.port}", "--config", str(config))
-    yield gw
-    gw.stop()
+    upstream = f"127.0.0.1:{vsftpd_tls.port}"
+    with start_gateway(tmp, "--upstream", upstream, "--config", str(config)) as gw:
+        yield gw
 
 
 def ftps(port: int, pki: Pki, server: RunningServer, *, passive: bool = True) -> ftplib.FTP_TLS:

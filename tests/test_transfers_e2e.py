@@ -7,15 +7,15 @@ import ftplib
 import os
 import re
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import clients
 import pytest
-from clients import curl, file_sha256, ftplib_get, ftplib_put, ftplib_session, sha256
-from gateway_process import GatewayProcess, start_gateway
+from clients import curl, file_sha256, ftplib_get, ftplib_put, ftplib_session, reset, sha256
+from gateway_process import GatewayProcess, StartGateway, start_gateway
 from servers import RunningServer, start_server
 
 MIB = 1024 * 1024
@@ -36,32 +36,18 @@ def vsftpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    tmp_path_factory: pytest.TempPathFactory, vsftpd: RunningServer
-) -> Iterator[GatewayProcess]:
-    gw = start_gateway(tmp_path_factory.mktemp("gw"), "--upstream", f"{vsftpd.host}:{vsftpd.port}")
-    yield gw
-    gw.stop()
+def gateway(module_gateways: StartGateway, vsftpd: RunningServer) -> GatewayProcess:
+    return module_gateways("--upstream", f"{vsftpd.host}:{vsftpd.port}")
 
 
 def login(gw: GatewayProcess, server: RunningServer, host: str = "127.0.0.1") -> ftplib.FTP:
-    ftp = ftplib.FTP(timeout=60)
-    ftp.connect(host, gw.port)
-    ftp.login(server.user, server.password)
-    ftp.voidcmd("TYPE I")
-    return ftp
+    return clients.login(host, gw.port, server.user, server.password, timeout=60)
 
 
 def passive_data(ftp: ftplib.FTP) -> socket.socket:
     """EPSV, then connect: a data socket the test controls byte by byte."""
     port = int(ftp.sendcmd("EPSV").split("|")[3])
     return socket.create_connection((ftp.sock.getpeername()[0], port), timeout=30)
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN: a crash, not an end of file."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def test_upload_cut_by_client_reset_is_not_reported_as_226(

@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 from gateway_process import GatewayProcess, start_gateway
 from impostor_upstream import ImpostorUpstream
-from pki import Pki, make_pki
+from pki import Pki
 
 PAYLOAD = os.urandom(256 * 1024)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _settings(trust: str, pki: Pki) -> str:

@@ -36,3 +36,39 @@ def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
     assert results["idle"]["30"]["logged_in"] == 30
     for part in ("1. Throughput", "2. FTPS", "3. Session set-up", "4. Concurrency", "5. Idle"):
         assert part in run.stdout
+
+
+def test_benchmark_runs_only_the_parts_and_relays_asked_for(tmp_path: Path) -> None:
+    """`--parts throughput --relays splice` measures direct and spliced throughput only."""
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)),
+            *("--parts", "throughput", "--relays", "splice"),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(out.read_text())
+    for case in ("RETR passive", "RETR active", "STOR passive", "STOR active"):
+        assert set(results["throughput"][case]) == {"direct", "splice"}
+        assert results["throughput"][case]["splice"]["median"] > 0
+    assert not {"ftps", "setup", "concurrency", "idle"} & set(results)
+    assert "1. Throughput" in run.stdout and "2. FTPS" not in run.stdout
+
+
+def test_benchmark_refuses_an_unknown_part(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--parts", "throughput,speed"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "unknown part(s): speed" in run.stderr

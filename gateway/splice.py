@@ -292,25 +292,42 @@ class SpliceRelay:
         most one grant of the pacer."""
         if self._done.called:
             return
-        pacer = self._pacer
+        flat = self._exchange(from_source)
+        if flat is not None:
+            self._watch(flat)
+
+    def _exchange(self, from_source: bool) -> bool | None:
+        """Move bytes in turns, fill then drain, while `_another_turn` says so: whether a
+        readable source gave nothing for all the room in the pipe (its slots may be full), or
+        None when the relay failed."""
         budget = BURST
-        flat = True  # a readable source gave nothing, for all the room in the pipe
+        flat = True
         while True:
             got = 0
             if not self._source_ended and self._in_pipe < self._pipe_size:
                 got = self._fill(min(budget, self._pipe_size - self._in_pipe))
                 if got < 0:
-                    return  # failed
+                    return None
                 budget -= got
             if got or self._source_ended or not from_source:
                 flat = False
             sent = self._drain()
             if sent < 0:
-                return  # failed
-            if self._in_pipe and not sent:
-                break  # the sink takes no more: wait for it to be writable
-            if not (got or sent) or budget <= 0 or self._source_ended or pacer is not None:
-                break
+                return None
+            if not self._another_turn(got, sent, budget):
+                return flat
+
+    def _another_turn(self, got: int, sent: int, budget: int) -> bool:
+        """Both sides may move more now: the sink took what the pipe held, something moved,
+        the wake-up's budget is not spent, the source has not ended, and no pacer limits the
+        wake-up to one grant."""
+        if self._in_pipe and not sent:
+            return False  # the sink takes no more: wait for it to be writable
+        moved = bool(got or sent)
+        return moved and budget > 0 and not self._source_ended and self._pacer is None
+
+    def _watch(self, flat: bool) -> None:
+        """Which sockets the reactor watches after a wake-up (see `_pump`)."""
         self._want_write(self._in_pipe > 0)
         if self._source_ended:
             self._pause_source()  # a source at its end stays readable
@@ -320,7 +337,7 @@ class SpliceRelay:
             # No room in the pipe (by bytes, or by its slots when a readable source gave
             # nothing): the sink's next write event reads on.
             self._pause_source()
-        elif pacer is not None and not pacer.allowance():
+        elif self._pacer is not None and not self._pacer.allowance():
             self._pause_source()  # the pacer resumes it when the buckets have refilled
         else:
             self._resume_source()

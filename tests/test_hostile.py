@@ -52,13 +52,10 @@ RSS_SLACK_MANY_SESSIONS_KIB = 50 * 1024
 # resolver thread): small slack, far below the 1,000 a leak per connection would show.
 FD_SLACK = 4
 
-# The random streams send PORT to random ports of 127.0.0.1: where some other process listens
-# there, the data connection opens and then carries nothing, which the stall timeout ends.
 CONFIG = """\
 allow_upstream = ["127.0.0.0/8"]
 [timeouts]
 data_connect = 2
-stall = 3
 """
 DATA_CONNECT_TIMEOUT = 2.0
 
@@ -255,6 +252,22 @@ _PRINTABLE = bytes(range(0x20, 0x7F))
 _ANY_BUT_LF = bytes(b for b in range(256) if b != 0x0A)
 
 
+def _closed_port(host: str) -> int:
+    """A port of `host` that is bound and never listens, held for the whole run, so a data
+    connection to it is refused at once. The random streams' PORT and EPRT name it instead of a
+    random port, where another process (an FTP server of another test) may be listening and
+    make a transfer wait for its stall timeout."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held = socket.socket(family, socket.SOCK_STREAM)
+    held.bind((host, 0))
+    _HELD_PORTS.append(held)
+    return int(held.getsockname()[1])
+
+
+_HELD_PORTS: list[socket.socket] = []
+_CLOSED = {"127.0.0.1": _closed_port("127.0.0.1"), "::1": _closed_port("::1")}
+
+
 def _random_arg(rng: random.Random) -> bytes:
     kind = rng.random()
     if kind < 0.25:
@@ -264,11 +277,16 @@ def _random_arg(rng: random.Random) -> bytes:
     if kind < 0.55:
         numbers = ",".join(str(rng.randint(0, 300)) for _ in range(rng.randint(1, 7)))
         return numbers.encode()
-    if kind < 0.62:  # the client's own address: a PORT the gateway accepts
-        return f"127,0,0,1,{rng.randint(4, 255)},{rng.randint(0, 255)}".encode()
+    if kind < 0.62:  # the client's own address: a PORT the gateway accepts (refused port)
+        rng.randint(4, 255), rng.randint(0, 255)  # keep the stream as it was
+        port = _CLOSED["127.0.0.1"]
+        return f"127,0,0,1,{port >> 8},{port & 0xFF}".encode()
     if kind < 0.7:
         family, host = rng.choice([("1", "127.0.0.1"), ("2", "::1"), ("x", "h"), ("1", "")])
-        return f"|{family}|{host}|{rng.randint(0, 70000)}|".encode()
+        port = rng.randint(0, 70000)
+        if host in _CLOSED and 1024 <= port <= 65535:
+            port = _CLOSED[host]
+        return f"|{family}|{host}|{port}|".encode()
     if kind < 0.93:  # anything but LF: CR, NUL, Telnet IAC, invalid UTF-8
         return bytes(rng.choices(_ANY_BUT_LF, k=rng.randint(1, 60)))
     # Around the gateway's max_line (4096): relayed below it, refused with 500 above it.

@@ -223,25 +223,12 @@ class Login:
         if login is None:
             return []
         fields = {"user": login.proxy_user}
-        if throttled:
-            log = Log(
-                "warn",
-                "Proxy login for {user} refused: too many failures",
-                {**fields, "event": Event.REFUSED, "refused": "login_throttle"},
-            )
-            text = "Too many failed logins from your address; try later."
-            return [log, *self._view.close(Reply.of(421, text))]
-        if unavailable:
-            text = "Proxy login cannot be checked now (user store unavailable); try later."
-            return self._view.close(Reply.of(421, text))
+        closing = proxy_check_closes(self._view, login.proxy_user, throttled, unavailable)
+        if closing is not None:
+            return closing
         if not ok:
             self._pending = None
-            log = Log(
-                "warn",
-                "Proxy login failed for {user}",
-                {**fields, "event": Event.PROXY_LOGIN_FAILED},
-            )
-            return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
+            return proxy_login_refused(self._view, login.proxy_user)
         self.proxy_ok = True
         self.proxy_user = login.proxy_user
         self._view.enter(Phase.LOGIN)
@@ -317,6 +304,33 @@ class Login:
         self._view.forget_upstream()
         self._view.enter(Phase.LOGIN)
         return self._view.answer(Reply.of(530, text))
+
+
+def proxy_check_closes(
+    view: SessionView, user: str, throttled: bool, unavailable: bool
+) -> list[Effect] | None:
+    """A proxy-credential check that ends the session: the client's address has failed too
+    often, or the user store cannot answer (421, RFC 959 section 4.2). None otherwise."""
+    if throttled:
+        log = Log(
+            "warn",
+            "Proxy login for {user} refused: too many failures",
+            {"user": user, "event": Event.REFUSED, "refused": "login_throttle"},
+        )
+        text = "Too many failed logins from your address; try later."
+        return [log, *view.close(Reply.of(421, text))]
+    if unavailable:
+        text = "Proxy login cannot be checked now (user store unavailable); try later."
+        return view.close(Reply.of(421, text))
+    return None
+
+
+def proxy_login_refused(view: SessionView, user: str) -> list[Effect]:
+    """Wrong proxy credentials: logged, and the login command answered with 530."""
+    log = Log(
+        "warn", "Proxy login failed for {user}", {"user": user, "event": Event.PROXY_LOGIN_FAILED}
+    )
+    return [log, *view.answer(Reply.of(530, "Proxy login incorrect."))]
 
 
 def check_destination(

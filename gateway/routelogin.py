@@ -21,7 +21,7 @@ from gateway.backends import backend_groups
 from gateway.codec import Command, Reply
 from gateway.effects import Authenticate, ConnectBackend, Effect, Log, ToClient
 from gateway.events import Event
-from gateway.login import LoginView
+from gateway.login import LoginView, proxy_check_closes, proxy_login_refused
 from gateway.routes import Decision, decide
 from gateway.view import Phase
 
@@ -102,29 +102,15 @@ class RouteLogin:
         name, plan = self._pending, self._plan
         if name is None or plan is None:
             return []
-        fields = {"user": name}
-        if throttled:
-            log = Log(
-                "warn",
-                "Proxy login for {user} refused: too many failures",
-                {**fields, "event": Event.REFUSED, "refused": "login_throttle"},
-            )
-            text = "Too many failed logins from your address; try later."
-            return [log, *self._view.close(Reply.of(421, text))]
-        if unavailable:
-            text = "Proxy login cannot be checked now (user store unavailable); try later."
-            return self._view.close(Reply.of(421, text))
+        closing = proxy_check_closes(self._view, name, throttled, unavailable)
+        if closing is not None:
+            return closing
         self._pending = self._plan = None
         if not ok:
             self._view.enter(Phase.PROXY_LOGIN)
-            log = Log(
-                "warn",
-                "Proxy login failed for {user}",
-                {**fields, "event": Event.PROXY_LOGIN_FAILED},
-            )
-            return [log, *self._view.answer(Reply.of(530, "Proxy login incorrect."))]
+            return proxy_login_refused(self._view, name)
         self.proxy_user = name
-        log = Log("info", "Proxy user {user} authenticated", fields)
+        log = Log("info", "Proxy user {user} authenticated", {"user": name})
         return [log, *self._route(name, groups, plan.password)]
 
     def _route(self, name: str, groups: frozenset[str], password: str | None) -> list[Effect]:

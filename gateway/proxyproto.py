@@ -82,6 +82,19 @@ class HeaderReader:
             data, self._buffer = head, b""
         return self._parser.feed(data)
 
+    def read(self, data: bytes) -> tuple[bool, IPv4Address | IPv6Address | None, bytes | None]:
+        """Feed `data`: (False, None, None) until the header is complete, then (True, its TCP
+        source or None for a header that names none, the bytes after it). Raises
+        InvalidProxyHeader whose one argument is the sentence to log."""
+        try:
+            info, rest = self.feed(data)
+            if info is None:
+                return False, None, None
+            return True, tcp_source(info), rest
+        except InvalidProxyHeader as e:
+            detail = e.args[0] if e.args else type(e).__name__
+            raise InvalidProxyHeader(f"invalid PROXY header ({detail})") from None
+
 
 def tcp_source(info: Any) -> IPv4Address | IPv6Address | None:
     """The header's TCP source in the gateway's canonical form; None for a header that names
@@ -132,12 +145,11 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if self._timer is None:  # already refused; the connection is closing
             return
         try:
-            info, rest = self._reader.feed(data)
-            source = None if info is None else tcp_source(info)
+            complete, source, rest = self._reader.read(data)
         except InvalidProxyHeader as e:
-            self._refuse(f"invalid PROXY header ({e.args[0] if e.args else type(e).__name__})")
+            self._refuse(e.args[0])
             return
-        if info is None:
+        if not complete:
             return
         self._timer.cancel()
         self._timer = None
@@ -242,12 +254,11 @@ class ForwardedData(Protocol):
         if self._timer is None:
             return
         try:
-            info, rest = self._reader.feed(data)
-            source = None if info is None else tcp_source(info)
+            complete, source, rest = self._reader.read(data)
         except InvalidProxyHeader as e:
-            self._drop(f"invalid PROXY header ({e.args[0] if e.args else type(e).__name__})")
+            self._drop(e.args[0])
             return
-        if info is None:
+        if not complete:
             return
         if source is None:
             self._drop("the PROXY header names no client")

@@ -97,3 +97,26 @@ def lftp_sent(log: Path) -> list[str]:
         if "---> " in raw:
             verbs.append(raw.split("---> ", 1)[1].split(" ", 1)[0].upper())
     return verbs
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything until the peer closes; a reset ends it too (it is what some tests test)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def retr_passive(ftp: ftplib.FTP, name: str, timeout: float) -> tuple[bytes, str]:
+    """RETR over PASV: the bytes received and the final reply, whatever it is (no raising)."""
+    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    with socket.create_connection((host, port), timeout=timeout) as data:
+        ftp.putcmd(f"RETR {name}")
+        first = ftp.getmultiline()
+        if not first.startswith("1"):
+            return b"", first
+        received = read_until_closed(data)
+    return received, ftp.getmultiline()

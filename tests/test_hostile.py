@@ -99,31 +99,8 @@ def login_hostile(gw: GatewayProcess, upstream: HostileUpstream) -> ftplib.FTP:
     return clients.login(gw.host, gw.port, user, "secret", timeout=TIMEOUT)
 
 
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything until the peer closes; a reset ends it too (it is what is being tested)."""
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
-def retr(ftp: ftplib.FTP, name: str) -> tuple[bytes, str]:
-    """RETR over PASV: the bytes received and the final reply, whatever it is (no raising)."""
-    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
-    with socket.create_connection((host, port), timeout=TIMEOUT) as data:
-        ftp.putcmd(f"RETR {name}")
-        first = ftp.getmultiline()
-        if not first.startswith("1"):
-            return b"", first
-        received = read_until_closed(data)
-    return received, ftp.getmultiline()
-
-
 def assert_download_works(ftp: ftplib.FTP) -> None:
-    data, final = retr(ftp, HEALTH)
+    data, final = clients.retr_passive(ftp, HEALTH, TIMEOUT)
     assert final.startswith("226"), final
     assert data == HEALTH_DATA
 
@@ -150,7 +127,7 @@ def assert_listener_closes(host: str, port: int, timeout: float = 2.0) -> None:
     while True:
         try:
             with socket.create_connection((host, port), timeout=5) as late:
-                assert read_until_closed(late) == b"", "a late connection was given data"
+                assert clients.read_until_closed(late) == b"", "a late connection was given data"
         except ConnectionRefusedError:
             return
         assert time.monotonic() < deadline, f"{host}:{port} still accepts connections"
@@ -587,11 +564,11 @@ def test_second_host_on_pasv_port_is_dropped(
     assert ftp.getmultiline().startswith("1")  # the transfer is under way, data waiting
     # Another host races the client to the advertised port (RFC 2577 section 5).
     thief = socket.create_connection((host, port), timeout=5, source_address=("127.0.0.2", 0))
-    stolen = read_until_closed(thief)
+    stolen = clients.read_until_closed(thief)
     thief.close()
     assert stolen == b"", f"a second host got {len(stolen)} bytes of the client's file"
     with socket.create_connection((host, port), timeout=TIMEOUT) as data:
-        received = read_until_closed(data)
+        received = clients.read_until_closed(data)
     assert ftp.getmultiline().startswith("226")
     assert received == HEALTH_DATA
     log = wait_for_log(gateway, "possible data-port theft")
@@ -656,7 +633,7 @@ def test_hostile_upstream_harness_serves_a_normal_transfer(
     """The harness itself is sound, so the failures below are the hostile behaviour's."""
     with HostileUpstream(Mode.NORMAL, payload=PAYLOAD) as upstream:
         ftp = login_hostile(gateway, upstream)
-        data, final = retr(ftp, "file")
+        data, final = clients.retr_passive(ftp, "file", TIMEOUT)
         assert final.startswith("226"), final
         assert data == PAYLOAD
         ftp.quit()
@@ -684,7 +661,7 @@ def test_upstream_227_naming_a_third_host_is_not_followed(
         named = ("127.0.0.2", third_host.getsockname()[1])
         with HostileUpstream(Mode.THIRD_HOST_PASV, payload=PAYLOAD, pasv_address=named) as up:
             ftp = login_hostile(gateway, up)
-            data, final = retr(ftp, "file")
+            data, final = clients.retr_passive(ftp, "file", TIMEOUT)
             assert final.startswith("226"), final
             assert data == PAYLOAD  # from the control peer's address, at the named port
             assert up.data_peers == ["127.0.0.1"]
@@ -771,7 +748,7 @@ def test_upstream_reset_mid_retr_gives_426_not_its_226(
     base = before_attack(gateway, server)
     with HostileUpstream(Mode.RESET_MID_RETR, payload=PAYLOAD) as up:
         ftp = login_hostile(gateway, up)
-        data, final = retr(ftp, "file")
+        data, final = clients.retr_passive(ftp, "file", TIMEOUT)
         assert final.startswith("426"), final  # the upstream claimed 226 after its reset
         assert len(data) < len(PAYLOAD) and PAYLOAD.startswith(data)
         assert any("reset the data connection" in event for event in up.events)
@@ -787,7 +764,7 @@ def test_upstream_early_close_then_426_reaches_client_as_4xx(
     base = before_attack(gateway, server)
     with HostileUpstream(Mode.EARLY_CLOSE_426, payload=PAYLOAD) as up:
         ftp = login_hostile(gateway, up)
-        data, final = retr(ftp, "file")
+        data, final = clients.retr_passive(ftp, "file", TIMEOUT)
         assert final.startswith("4"), final  # the upstream's 426, not a 226
         assert data == PAYLOAD[: len(PAYLOAD) // 4]  # what the upstream sent, relayed as is
         assert ftp.voidcmd("NOOP").startswith("200")

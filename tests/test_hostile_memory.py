@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import clients
 import pytest
 from gateway_process import GatewayProcess, StartGateway, start_gateway
 from hostile_upstream import BIG_STAT_BYTES, JUNK_SECONDS, HostileUpstream, Mode
@@ -37,7 +38,6 @@ from test_hostile import (
     before_attack,
     login,
     login_hostile,
-    read_until_closed,
     tail,
     wait_for_log,
 )
@@ -151,7 +151,7 @@ def test_client_writing_into_its_download_connection_is_not_stored(
         assert sent > 4 * RSS_SLACK_KIB * 1024, f"the gateway read only {sent} bytes"
         peak.check()
         time.sleep(0.5)  # let the gateway read (and drop) the last of them
-        received = read_until_closed(data)
+        received = clients.read_until_closed(data)
     assert ftp.getmultiline().startswith("226")
     assert received == BIG_DATA
     wait_for_log(gateway, "sent by the receiving side")
@@ -182,7 +182,7 @@ def test_upstream_writing_into_its_upload_connection_is_not_stored(
                 peak.sample()
                 time.sleep(pace)
             data.shutdown(socket.SHUT_WR)
-            read_until_closed(data)
+            clients.read_until_closed(data)
         assert ftp.getmultiline().startswith("226")
         assert up.received == upload
         wrote = [event for event in up.events if event.startswith("wrote ")]

@@ -82,16 +82,6 @@ def answer(ftp: ftplib.FTP, command: str) -> str:
     return reply
 
 
-def read_until_closed(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
 def assert_closed(ftp: ftplib.FTP) -> None:
     with pytest.raises((EOFError, ConnectionResetError)):
         ftp.getline()
@@ -173,24 +163,12 @@ def test_upstream_that_never_answers_a_command_gets_421(
     ftp.quit()
 
 
-def retr_passive(ftp: ftplib.FTP, name: str) -> tuple[bytes, str]:
-    """RETR over PASV: the bytes received and the final reply, whatever it is."""
-    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
-    with socket.create_connection((host, port), timeout=TIMEOUT) as data:
-        ftp.putcmd(f"RETR {name}")
-        first = ftp.getmultiline()
-        if not first.startswith("1"):
-            return b"", first
-        received = read_until_closed(data)
-    return received, ftp.getmultiline()
-
-
 def test_upstream_without_a_final_reply_after_the_transfer_gets_426_then_421(
     gateway: GatewayProcess,
 ) -> None:
     with HostileUpstream(Mode.SILENT_AFTER_RETR, payload=PAYLOAD) as up:
         ftp = login_hostile(gateway, up)
-        data, final = retr_passive(ftp, "file")
+        data, final = clients.retr_passive(ftp, "file", TIMEOUT)
         assert data == PAYLOAD  # every byte arrived, but the upstream never confirmed
         assert final.startswith("426") and "no reply within 2 seconds" in final, final
         # The session went on; the upstream stays silent, so the next command ends it.
@@ -202,7 +180,7 @@ def test_upstream_without_a_final_reply_after_the_transfer_gets_426_then_421(
 def test_upstream_stalling_after_150_gets_426(gateway: GatewayProcess) -> None:
     with HostileUpstream(Mode.STALL_AFTER_150, payload=PAYLOAD) as up:
         ftp = login_hostile(gateway, up)
-        data, final = retr_passive(ftp, "file")
+        data, final = clients.retr_passive(ftp, "file", TIMEOUT)
         assert data == b""
         assert final.startswith("426"), final
         assert "sent 150, then nothing" in up.events
@@ -225,7 +203,7 @@ def test_upstream_success_without_data_connection_is_not_226(tmp_path: Path) -> 
                 final = answer(ftp, "RETR file")
                 assert final.startswith("451"), final
                 assert "without ever opening a data connection" in final
-                assert read_until_closed(data) == b""
+                assert clients.read_until_closed(data) == b""
             assert "answered RETR 226 without a data connection" in up.events
             wait_for_log(gw, "without ever opening a data connection")
             assert ftp.voidcmd("NOOP").startswith("200")  # the session goes on
@@ -272,7 +250,7 @@ def test_client_data_tls_handshake_that_never_completes_gets_425(
             final = answer(ftp, f"RETR {HEALTH}")
             assert final.startswith("425"), final
             assert "TLS handshake not complete within 2 seconds" in final
-            assert read_until_closed(data) == b""
+            assert clients.read_until_closed(data) == b""
         assert ftp.voidcmd("NOOP").startswith("200")
         chunks: list[bytes] = []  # a client that does complete its handshake is served
         assert ftp.retrbinary(f"RETR {HEALTH}", chunks.append).startswith("226")
@@ -310,7 +288,7 @@ def test_upstream_data_tls_handshake_that_never_completes_gets_425(
     try:
         with HostileUpstream(Mode.TLS_DATA_STALL, tls_context=context) as up:
             ftp = login_hostile(gw, up)
-            data, final = retr_passive(ftp, "file")
+            data, final = clients.retr_passive(ftp, "file", TIMEOUT)
             assert data == b""
             assert final.startswith("425"), final
             assert "TLS handshake not complete within 2 seconds" in final

@@ -94,34 +94,12 @@ class Mode(StrEnum):
     ENDLESS_1XX_REPLY = "endless-1xx-reply"
 
 
-class HostileUpstream:
-    """The server; use it as a context manager, or `start()` and `stop()` it.
+class ScriptedServer:
+    """A scripted server on loopback: one thread per connection runs the subclass's `_serve`.
+    Use it as a context manager, or `start()` and `stop()` it; `events` records what it did."""
 
-    `payload` is what RETR serves, whatever the name; the misbehaving RETR modes send its first
-    quarter. `pasv_address` is the (host, port) THIRD_HOST_PASV names in its 227 reply.
-    """
-
-    def __init__(
-        self,
-        mode: Mode,
-        *,
-        payload: bytes = b"",
-        pasv_address: tuple[str, int] | None = None,
-        tls_context: ssl.SSLContext | None = None,
-    ) -> None:
-        if Mode(mode) is Mode.THIRD_HOST_PASV and pasv_address is None:
-            raise ValueError("THIRD_HOST_PASV needs the pasv_address to name")
-        if Mode(mode) is Mode.TLS_DATA_STALL and tls_context is None:
-            raise ValueError("TLS_DATA_STALL needs a tls_context")
-        self.tls_context = tls_context
-        self.mode = Mode(mode)
-        self.payload = payload
-        self.pasv_address = pasv_address
+    def __init__(self) -> None:
         self.events: list[str] = []
-        self.received = b""
-        """What the last STOR received."""
-        self.data_peers: list[str] = []
-        """Addresses data connections came from, in order."""
         self._listener = socket.create_server((HOST, 0))
         self._listener.settimeout(0.2)
         self.host = HOST
@@ -130,9 +108,6 @@ class HostileUpstream:
         self._threads: list[threading.Thread] = []
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._replies_allowed = threading.Semaphore(0)
-
-    # ------------------------------------------------------------------------- lifecycle
 
     def start(self) -> Self:
         self._spawn(self._accept_loop)
@@ -151,10 +126,6 @@ class HostileUpstream:
         self._listener.close()
         for thread in list(self._threads):
             thread.join(timeout=5)
-
-    def allow_reply(self) -> None:
-        """ANSWERS_WITHOUT_READING: send one more "200" reply."""
-        self._replies_allowed.release()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -185,6 +156,44 @@ class HostileUpstream:
             except OSError:
                 return
             self._spawn(self._serve, self._track(conn))
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class HostileUpstream(ScriptedServer):
+    """The server; use it as a context manager, or `start()` and `stop()` it.
+
+    `payload` is what RETR serves, whatever the name; the misbehaving RETR modes send its first
+    quarter. `pasv_address` is the (host, port) THIRD_HOST_PASV names in its 227 reply.
+    """
+
+    def __init__(
+        self,
+        mode: Mode,
+        *,
+        payload: bytes = b"",
+        pasv_address: tuple[str, int] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if Mode(mode) is Mode.THIRD_HOST_PASV and pasv_address is None:
+            raise ValueError("THIRD_HOST_PASV needs the pasv_address to name")
+        if Mode(mode) is Mode.TLS_DATA_STALL and tls_context is None:
+            raise ValueError("TLS_DATA_STALL needs a tls_context")
+        super().__init__()
+        self.tls_context = tls_context
+        self.mode = Mode(mode)
+        self.payload = payload
+        self.pasv_address = pasv_address
+        self.received = b""
+        """What the last STOR received."""
+        self.data_peers: list[str] = []
+        """Addresses data connections came from, in order."""
+        self._replies_allowed = threading.Semaphore(0)
+
+    def allow_reply(self) -> None:
+        """ANSWERS_WITHOUT_READING: send one more "200" reply."""
+        self._replies_allowed.release()
 
     # --------------------------------------------------------------------------- session
 

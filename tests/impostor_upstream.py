@@ -17,12 +17,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import threading
 from pathlib import Path
-from typing import Self
 
-HOST = "127.0.0.1"
-TIMEOUT = 15.0
+from hostile_upstream import HOST, TIMEOUT, ScriptedServer
 
 _SIMPLE = {
     "PBSZ": b"200 PBSZ=0\r\n",
@@ -43,64 +40,16 @@ def _server_context(pair: tuple[Path, Path]) -> ssl.SSLContext:
     return context
 
 
-class ImpostorUpstream:
+class ImpostorUpstream(ScriptedServer):
     """The server; use it as a context manager."""
 
     def __init__(
         self, control: tuple[Path, Path], data: tuple[Path, Path], *, payload: bytes = b""
     ) -> None:
+        super().__init__()
         self.payload = payload
-        self.events: list[str] = []
         self._control_tls = _server_context(control)
         self._data_tls = _server_context(data)
-        self._listener = socket.create_server((HOST, 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> Self:
-        self._spawn(self._accept_loop)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stopping.set()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def _spawn(self, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
-        self._threads.append(thread)
-        thread.start()
-
-    def _track(self, sock: socket.socket) -> socket.socket:
-        with self._lock:
-            self._sockets.append(sock)
-        return sock
-
-    def _event(self, text: str) -> None:
-        with self._lock:
-            self.events.append(text)
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._spawn(self._serve, self._track(conn))
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(TIMEOUT)

@@ -287,16 +287,7 @@ class Login:
         if isinstance(plan, Announce):
             text = f"Connected to {target.host}; log in with USER and PASS."
             return self._view.answer(Reply.of(plan.code, text))
-        password = plan.password
-
-        def on_user(answer: Reply) -> list[Effect]:
-            if answer.code == 331 and password is not None:
-                return self._view.pass_through(Command("PASS", password))
-            return self._view.pass_back(answer, login=True)
-
-        return self._view.send(
-            Command("USER", plan.user), on_user, on_preliminary=lambda r: [ToClient(r)]
-        )
+        return log_in_upstream(self._view, plan.user, plan.password)
 
     def refused(self, text: str) -> list[Effect]:
         """The chosen upstream cannot be used: forget it and answer 530."""
@@ -304,6 +295,18 @@ class Login:
         self._view.forget_upstream()
         self._view.enter(Phase.LOGIN)
         return self._view.answer(Reply.of(530, text))
+
+
+def log_in_upstream(view: LoginView, user: str, password: str | None) -> list[Effect]:
+    """Send USER upstream and, on 331, the PASS the gateway holds; any other answer (and the
+    answer to PASS) goes to the client as the login's reply."""
+
+    def on_user(answer: Reply) -> list[Effect]:
+        if answer.code == 331 and password is not None:
+            return view.pass_through(Command("PASS", password))
+        return view.pass_back(answer, login=True)
+
+    return view.send(Command("USER", user), on_user, on_preliminary=lambda r: [ToClient(r)])
 
 
 def proxy_check_closes(

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from gateway.backends import backend_groups
 from gateway.codec import Command, Reply
-from gateway.effects import Authenticate, ConnectBackend, Effect, Log, ToClient
+from gateway.effects import Authenticate, ConnectBackend, Effect, Log
 from gateway.events import Event
-from gateway.login import LoginView, proxy_check_closes, proxy_login_refused
+from gateway.login import LoginView, log_in_upstream, proxy_check_closes, proxy_login_refused
 from gateway.routes import Decision, decide
 from gateway.view import Phase
 
@@ -165,13 +165,4 @@ class RouteLogin:
         plan = self._plan
         assert plan is not None
         self._plan = None
-        password = plan.password
-
-        def on_user(answer: Reply) -> list[Effect]:
-            if answer.code == 331 and password is not None:
-                return self._view.pass_through(Command("PASS", password))
-            return self._view.pass_back(answer, login=True)
-
-        return self._view.send(
-            Command("USER", plan.user), on_user, on_preliminary=lambda r: [ToClient(r)]
-        )
+        return log_in_upstream(self._view, plan.user, plan.password)

@@ -10,7 +10,11 @@ still exists:
 - a final reply goes to `on_final`, once, and the command leaves the line;
 - a 1xx reply goes to `on_preliminary`, or nowhere if the sender did not ask for it;
 - `drop(owner)` keeps the commands of an abandoned piece of work (an aborted transfer) in the
-  line, so their replies are still consumed in order, but delivers those replies to nobody.
+  line, so their replies are still consumed in order, but delivers those replies to nobody;
+- `abort(owner)` drops them and sends ABOR. A server whose transfer had not started yet may
+  answer ABOR alone, with 225, and never give the transfer command a final reply (pyftpdlib
+  does, while it waits for the data connection). 225 answers nothing but ABOR (RFC 959 section
+  5.4), so a 225 that reaches an aborted command ends that command's wait too.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class _Waiting:
     on_final: Handler
     on_preliminary: Handler
     owner: object | None
+    #: The command was aborted: a 225 is ABOR's reply, and this command will get none.
+    aborted: bool = False
 
 
 class Pairing:
@@ -78,8 +84,16 @@ class Pairing:
         """Hand `answer` to the handler of the oldest waiting command, or return None when no
         command can own it (an unsolicited reply). `horizon` is `sent` plus one as it was when
         the reply's bytes were read: the reply cannot answer a command sent after that."""
-        if not self._waiting or (horizon is not None and self._waiting[0].number >= horizon):
+        skip = 0
+        if answer.code == 225:
+            while skip < len(self._waiting) - 1 and self._waiting[skip].aborted:
+                skip += 1
+        if len(self._waiting) <= skip or (
+            horizon is not None and self._waiting[skip].number >= horizon
+        ):
             return None
+        for _ in range(skip):
+            self._waiting.popleft()
         waiting = self._waiting[0]
         self.delivered += 1
         if not answer.final:
@@ -92,6 +106,15 @@ class Pairing:
         for waiting in self._waiting:
             if waiting.owner is owner:
                 waiting.on_final = waiting.on_preliminary = ignore
+
+    def abort(self, owner: object) -> list[Effect]:
+        """ABOR the work `owner` stands for (RFC 959 section 4.1.3): its commands' replies,
+        and ABOR's own, reach nobody."""
+        self.drop(owner)
+        for waiting in self._waiting:
+            if waiting.owner is owner:
+                waiting.aborted = True
+        return self.send(Command("ABOR", ""), ignore)
 
     def clear(self) -> None:
         """The upstream connection is gone (or was never kept): nothing will be answered."""

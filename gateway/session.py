@@ -343,6 +343,9 @@ class Session:
     def drop(self, owner: object) -> None:
         self._pairing.drop(owner)
 
+    def abort_upstream(self, owner: object) -> list[Effect]:
+        return self._pairing.abort(owner)
+
     def answer(self, reply: Reply, *then: Effect) -> list[Effect]:
         return self._answer(reply, *then)
 

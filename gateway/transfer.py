@@ -42,7 +42,6 @@ from gateway.effects import (
 )
 from gateway.events import Event
 from gateway.numbers import is_ascii_number
-from gateway.pairing import ignore
 from gateway.view import SessionView
 
 #: Commands that move data, and which side the bytes come from.
@@ -435,7 +434,15 @@ class TransferDriver:
         if not command_sent:
             # Nothing is pending upstream for this transfer: answer now.
             return [CloseData(), *self._end(transfer, setup_failure(transfer))]
-        return [CloseData(), *self._decide(transfer)]
+        if transfer.upstream_final is not None:
+            return [CloseData(), *self._decide(transfer)]
+        # The upstream has the command and may wait for a data connection that will never
+        # come now, without ever answering it (pyftpdlib does): ABOR it, and answer at once.
+        return [
+            CloseData(),
+            *self._view.abort_upstream(transfer),
+            *self._end(transfer, setup_failure(transfer)),
+        ]
 
     def relay_finished(self, ok: bool, detail: str) -> list[Effect]:
         transfer = self.current
@@ -498,7 +505,7 @@ class TransferDriver:
         return [
             CloseData(),
             record,
-            *self._drop_and_abort(transfer),
+            *self._view.abort_upstream(transfer),
             *self._view.answer(
                 Reply.of(426, "Connection closed; transfer aborted."),
                 ToClient(Reply.of(226, "ABOR command successful.")),
@@ -515,7 +522,3 @@ class TransferDriver:
             "user": self._view.user,
             "type": self._view.transfer_type,
         }
-
-    def _drop_and_abort(self, transfer: Transfer) -> list[Effect]:
-        self._view.drop(transfer)
-        return self._view.send(Command("ABOR", ""), ignore)

@@ -84,6 +84,10 @@ class SessionView(Protocol):
         for it reach nobody (`Pairing.drop`)."""
         ...
 
+    def abort_upstream(self, owner: object) -> list[Effect]:
+        """Abandon the work `owner` stands for and send ABOR upstream (`Pairing.abort`)."""
+        ...
+
     def answer(self, reply: Reply, *then: Effect) -> list[Effect]:
         """Give the client command in progress its final `reply`, carry out `then`, and serve
         the next queued command."""

@@ -36,6 +36,9 @@ FEAT, TYPE, PWD, NOOP, EPSV, PASV, RETR, QUIT) and misbehaves at one point chose
   reading its control connection but sends "200" each time the test calls `allow_reply()`.
 - DEAF_AFTER_LOGIN (TYPE): answers the TYPE that ends `login_hostile`, then stops reading
   its control connection and answers nothing more, holding the connection open.
+- WAITS_FOR_DATA (STOR): like pyftpdlib when its data connection is not accepted yet: sends
+  150, then waits for a data connection and never answers STOR; ABOR closes its listener and
+  is answered with a lone 225.
 - TLS_DATA_STALL (RETR): an FTPS server (AUTH TLS with `tls_context`, PROT P) that accepts
   the data connection, sends 150 and never answers the TLS handshake on it; once the gateway
   closes the data connection it replies 426.
@@ -92,6 +95,7 @@ class Mode(StrEnum):
     DEAF_AFTER_LOGIN = "deaf-after-login"
     ANSWERS_WITHOUT_READING = "answers-without-reading"
     ENDLESS_1XX_REPLY = "endless-1xx-reply"
+    WAITS_FOR_DATA = "waits-for-data"
 
 
 class ScriptedServer:
@@ -269,6 +273,15 @@ class HostileUpstream(ScriptedServer):
                         return
                     elif verb == "STAT" and self.mode is Mode.BIG_STAT:
                         conn.sendall(_big_stat())
+                    elif verb == "STOR" and self.mode is Mode.WAITS_FOR_DATA:
+                        conn.sendall(b"150 File status okay. About to open data connection.\r\n")
+                        self._event("sent 150 for STOR, waiting for a data connection")
+                    elif verb == "ABOR" and self.mode is Mode.WAITS_FOR_DATA:
+                        if data_listener is not None:
+                            data_listener.close()
+                            data_listener = None
+                        conn.sendall(b"225 ABOR command successful; data channel closed.\r\n")
+                        self._event("answered ABOR with 225")
                     elif verb == "STOR":
                         self._stor(conn, data_listener)
                         data_listener = None

@@ -145,6 +145,26 @@ def test_port_to_a_closed_port_gets_425_and_the_session_goes_on(
         assert ftp.quit().startswith("221")
 
 
+def test_port_refused_while_the_upstream_waits_for_its_data_connection_gets_425_at_once(
+    gateway: GatewayProcess,
+) -> None:
+    # The upstream has sent 150 for STOR and waits for a data connection the gateway closes
+    # when the client's port refuses; it never answers STOR, only ABOR (with 225), as
+    # pyftpdlib does. The client gets 425, not the reply timeout's 426 and 421, and the
+    # session stays in step.
+    with socket.socket() as closed, HostileUpstream(Mode.WAITS_FOR_DATA) as up:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        ftp = login_hostile(gateway, up)
+        ftp.voidcmd(f"PORT 127,0,0,1,{port >> 8},{port & 0xFF}")
+        final = answer(ftp, "STOR upload")
+        assert final.startswith("425") and "refused" in final.lower(), final
+        assert ftp.voidcmd("NOOP").startswith("200")
+        assert ftp.pwd() == "/"
+        assert "answered ABOR with 225" in up.events
+        assert ftp.quit().startswith("221")
+
+
 # ---------------------------------------------------------------- an upstream falls silent
 
 

@@ -82,3 +82,41 @@ def test_the_greeting_is_awaited_without_a_command() -> None:
     pairing.expect(Recorder(seen, "greeting"))
     assert pairing.deliver(r(220), pairing.horizon) == [ToClient(r(220))]
     assert seen == [("greeting", 220)] and pairing.sent == 0
+
+
+def test_a_225_to_abor_also_ends_the_aborted_command_that_got_no_final_reply() -> None:
+    # pyftpdlib answers ABOR of a transfer still waiting for its data connection with one
+    # 225 and never answers the transfer command: 225 answers only ABOR (RFC 959 section 5.4).
+    seen: list[tuple[str, int]] = []
+    pairing = Pairing()
+    transfer = object()
+    pairing.send(Command("STOR", "f"), Recorder(seen, "stor"), owner=transfer)
+    assert pairing.abort(transfer) == [ToUpstream(Command("ABOR", ""))]
+    pairing.send(Command("NOOP", ""), Recorder(seen, "noop"))
+    assert pairing.deliver(r(225)) == []
+    assert pairing.deliver(r(200)) == [ToClient(r(200))]
+    assert seen == [("noop", 200)]
+    assert not pairing.waiting
+
+
+def test_426_then_226_after_abor_pair_with_the_transfer_and_abor_as_before() -> None:
+    seen: list[tuple[str, int]] = []
+    pairing = Pairing()
+    transfer = object()
+    pairing.send(Command("RETR", "f"), Recorder(seen, "retr"), owner=transfer)
+    pairing.abort(transfer)
+    pairing.send(Command("NOOP", ""), Recorder(seen, "noop"))
+    pairing.deliver(r(426))  # the transfer's
+    pairing.deliver(r(226))  # ABOR's
+    assert pairing.owed == 1  # NOOP still waits: neither reply was taken for it
+    pairing.deliver(r(200))
+    assert seen == [("noop", 200)]
+
+
+def test_a_225_reaching_a_command_that_was_not_aborted_is_its_reply() -> None:
+    seen: list[tuple[str, int]] = []
+    pairing = Pairing()
+    pairing.send(Command("SITE", "x"), Recorder(seen, "site"))
+    pairing.send(Command("NOOP", ""), Recorder(seen, "noop"))
+    pairing.deliver(r(225))
+    assert seen == [("site", 225)]

@@ -960,3 +960,26 @@ def test_login_name_after_a_proxy_login_is_the_proxy_user() -> None:
     s.upstream_reply(r(331, "password"))
     s.upstream_reply(r(230, "in"))
     assert s.logged_in and s.login_name == "proxy"  # not the site user "site"
+
+
+def test_client_data_failure_after_the_upstream_1xx_answers_425_at_once_and_aborts() -> None:
+    # The upstream has the command and waits for a data connection the gateway closed; some
+    # servers (pyftpdlib) never give the command a final reply then, and answer ABOR alone
+    # with 225. The client must not wait for a reply that will not come.
+    s = reverse()
+    s.client_line(line("PORT 192,0,2,10,156,64"))
+    s.client_line(line("STOR f"))
+    s.upstream_reply(r(229, "(|||6446|)"))
+    assert to_upstream(s.data_opened(Side.UPSTREAM)) == ["STOR f"]
+    s.data_connected(Side.UPSTREAM)
+    effects = s.upstream_reply(r(150, "About to open data connection."))
+    assert ConnectData(Side.CLIENT, HostPort.of("192.0.2.10", 40000)) in effects
+    effects = s.data_failed(Side.CLIENT, "Connection refused")
+    assert to_upstream(effects) == ["ABOR"]
+    (answer,) = to_client(effects)
+    assert answer[0] == 425 and "Connection refused" in answer[1]
+    assert CloseData() in effects
+    # The next command waits behind the ABOR; ABOR's lone 225 ends the aborted STOR too.
+    assert to_upstream(s.client_line(line("NOOP"))) == ["NOOP"]
+    assert to_client(s.upstream_reply(r(225, "ABOR command successful."))) == []
+    assert to_client(s.upstream_reply(r(200, "NOOP ok."))) == [(200, "NOOP ok.")]

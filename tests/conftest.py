@@ -50,16 +50,9 @@ DATA_PATH_MODULES = frozenset(
 )
 
 
-#: Tests of those files that the copy-relay run leaves out, to keep the suite's time down: the
-#: address-family crossings vary only the families of the connections, which both relays take
-#: from Twisted's transports alike; every client x server x mode cell still runs on both.
-DATA_PATH_EXCEPT = frozenset({"test_address_family_crossings"})
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        name = getattr(item, "originalname", item.name)
-        if item.path.stem in DATA_PATH_MODULES and name not in DATA_PATH_EXCEPT:
+        if item.path.stem in DATA_PATH_MODULES:
             item.add_marker(pytest.mark.data_path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -20,8 +21,37 @@ PROJECT = Path(__file__).resolve().parent.parent
 RELAY = os.environ.get("FTP_GATEWAY_TEST_RELAY", "")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+#: Ports the tests choose for their listeners come from below the kernel's ephemeral range
+#: (net.ipv4.ip_local_port_range, 32768 and up by default), where no outgoing connection and
+#: no bind to port 0 can take a port between the moment a test chooses it and the moment a
+#: server binds it; each pytest-xdist worker has a slice of its own, so workers never race for
+#: one either. Where the ephemeral range starts lower, the kernel chooses (bind to port 0).
+PORT_SLICE = 2000
+_PORTS_FROM = 12000
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_OWN_SLICE = _PORTS_FROM + (_WORKER % 8) * PORT_SLICE
+_next_port = itertools.count()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port of `host` nothing is bound to now, for a server a test is about to start."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if _ephemeral_low() >= _PORTS_FROM + 8 * PORT_SLICE:
+        for _ in range(PORT_SLICE):
+            port = _OWN_SLICE + next(_next_port) % PORT_SLICE
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))  # no SO_REUSEADDR: a port in TIME_WAIT is passed over
+                except OSError:
+                    continue
+                return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -151,6 +151,16 @@ class ScriptedServer:
         with self._lock:
             self.events.append(text)
 
+    def saw(self, text: str, timeout: float = TIMEOUT) -> bool:
+        """Whether `text` is among the events within `timeout` seconds: the server's threads
+        record what they see a moment after the gateway has answered its client."""
+        deadline = time.monotonic() + timeout
+        while text not in self.events:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
             try:

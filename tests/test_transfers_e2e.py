@@ -270,7 +270,7 @@ def test_upstream_data_modes(tmp_path: Path, vsftpd: RunningServer, mode: str) -
 
 def test_passive_port_range_and_masquerade_address(tmp_path: Path, vsftpd: RunningServer) -> None:
     config = tmp_path / "gw.toml"
-    config.write_text('[data]\npassive_ports = "41000-41009"\nmasquerade_address = "127.0.0.1"\n')
+    config.write_text('[data]\npassive_ports = "29000-29009"\nmasquerade_address = "127.0.0.1"\n')
     gw = start_gateway(
         tmp_path, "--upstream", f"{vsftpd.host}:{vsftpd.port}", "--config", str(config)
     )
@@ -278,7 +278,7 @@ def test_passive_port_range_and_masquerade_address(tmp_path: Path, vsftpd: Runni
         ftp = login(gw, vsftpd)
         for _ in range(3):
             host, port = ftplib.parse227(ftp.sendcmd("PASV"))
-            assert host == "127.0.0.1" and 41000 <= port <= 41009
+            assert host == "127.0.0.1" and 29000 <= port <= 29009
         ftp.quit()
     finally:
         gw.stop()

@@ -253,12 +253,15 @@ class ClientControl(Protocol):
         if self._refused:
             self.factory.session_ended(self)
             return
+        proxy_user = self.session.proxy_user
         self.log.info(
-            "Session ended: client {client}, {mode} mode, upstream {upstream}, user {user}",
+            "Session ended: client {client}, {mode} mode, upstream {upstream}, user {user}"
+            + (", proxy user {proxy_user}" if proxy_user else ""),
             client=str(self.peer),
             mode=self.session.mode,
             upstream=self._upstream_name(),
             user=self.session.user or "-",
+            proxy_user=proxy_user,
             event=Event.SESSION_ENDED,
         )
         for timer in (self._login_timer, self._idle_timer, self._reply_timer):

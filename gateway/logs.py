@@ -248,7 +248,9 @@ def xferlog_line(event: LogEvent) -> str | None:
         return None
     code = event.get("code")
     complete = kind == Event.TRANSFER_FINISHED and isinstance(code, int) and 200 <= code < 300
-    user = event.get("user") or "*"
+    # The user the gateway authenticated, where it did (proxy login): the upstream's own
+    # xferlog already names its account, but only the gateway knows who stood behind it.
+    user = event.get("proxy_user") or event.get("user") or "*"
     when = time.localtime(event.get("log_time", time.time()))
     fields = [
         time.strftime("%a %b %d %H:%M:%S %Y", when),

@@ -124,6 +124,10 @@ class Session:
         return self.login.proxy_user or self.passing.logged_in_as
 
     @property
+    def proxy_user(self) -> str | None:
+        return self.login.proxy_user
+
+    @property
     def transfer_type(self) -> TransferType:
         return self.passing.transfer_type
 

@@ -55,8 +55,8 @@ class GracefulShutdown(Service):
             protocol.shutdown(immediate=False)
         transferring = [p for p in self.factory.protocols if not p.ended]
         _log.info(
-            "Shutting down: stopped accepting; {idle} idle sessions closed, {transfers} "
-            "transfers may run for up to {grace:g} s",
+            "Shutting down: stopped accepting; idle sessions closed: {idle}; running "
+            "transfers: {transfers}, given up to {grace:g} s",
             idle=len(sessions) - len(transferring),
             transfers=len(transferring),
             grace=self.grace,

@@ -480,7 +480,7 @@ class TransferDriver:
         self.current = None
         record = Log(
             "info" if answer.positive else "warn",
-            "Transfer {verb} {path} via {upstream}: {code} {text}",
+            "Transfer {command} via {upstream}: {code} {text}",
             {
                 **self._record(transfer),
                 "code": answer.code,
@@ -499,7 +499,7 @@ class TransferDriver:
         self.current = None
         record = Log(
             "info",
-            "Transfer {verb} {path} aborted by client",
+            "Transfer {command} aborted by client",
             {**self._record(transfer), "event": Event.TRANSFER_ABORTED},
         )
         return [
@@ -514,11 +514,14 @@ class TransferDriver:
 
     def _record(self, transfer: Transfer) -> dict[str, object]:
         """What a transfer's log record (and so the transfer log) says about it."""
+        verb, path = transfer.command.verb, transfer.command.arg
         return {
-            "verb": transfer.command.verb,
-            "path": transfer.command.arg,
+            "command": f"{verb} {path}" if path else verb,
+            "verb": verb,
+            "path": path,
             "upstream": str(self._view.upstream_peer),
             "direction": "download" if transfer.source is Side.UPSTREAM else "upload",
             "user": self._view.user,
+            "proxy_user": self._view.proxy_user,
             "type": self._view.transfer_type,
         }

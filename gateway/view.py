@@ -64,6 +64,11 @@ class SessionView(Protocol):
         ...
 
     @property
+    def proxy_user(self) -> str | None:
+        """The user the gateway itself authenticated (proxy login), for the logs."""
+        ...
+
+    @property
     def transfer_type(self) -> str:
         """The representation type in force ("a" or "b"), for the logs."""
         ...

@@ -362,3 +362,38 @@ def test_unknown_log_level_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and "log.level: expected one of debug, info, warn, error" in (
         done.stderr
     )
+
+
+def test_a_proxy_login_is_named_in_the_session_line_and_the_transfer_log(
+    tmp_path: Path, server: RunningServer
+) -> None:
+    # Forward mode with proxy authentication, joined style: alice logs in to the gateway and
+    # as the server's own user upstream. The upstream's xferlog can only name its account;
+    # the gateway's names alice.
+    xferlog = tmp_path / "xferlog"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        'allow_upstream = ["127.0.0.0/8"]\nproxy_auth = ["memory:alice:proxy-secret"]\n'
+        f'[log]\ntransfer_log = "{xferlog}"\n'
+    )
+    gateway = start_gateway(tmp_path, "--config", str(config))
+    try:
+        ftp = ftplib.FTP(timeout=TIMEOUT)
+        ftp.connect(gateway.host, gateway.port)
+        ftp.login(
+            f"{server.user}@alice@{server.host}:{server.port}", f"{server.password}@proxy-secret"
+        )
+        received = io.BytesIO()
+        ftp.retrbinary("RETR data.bin", received.write)
+        assert received.getvalue() == PAYLOAD
+        ftp.retrlines("LIST", lambda _: None)
+        ftp.quit()
+        log = wait_for(gateway, "Session ended", 2)
+    finally:
+        gateway.stop()
+    ended = [line for line in log.splitlines() if "Session ended" in line and "alice" in line]
+    assert len(ended) == 1, log[-3000:]
+    assert ended[0].endswith(f"user {server.user}, proxy user alice"), ended[0]
+    assert re.search(r"Transfer LIST via 127\.0\.0\.1:\d+: 226", log), log[-3000:]
+    (download,) = xferlog_lines(xferlog)
+    assert download[8] == "data.bin" and download[12:14] == ["r", "alice"]

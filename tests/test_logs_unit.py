@@ -15,8 +15,9 @@ def event(**fields: object) -> dict[str, object]:
         "log_time": time.mktime((2026, 11, 28, 8, 48, 51, 0, 0, -1)),
         "log_level": LogLevel.info,
         "log_namespace": "gateway.session",
-        "log_format": "Transfer {verb} {path} via {upstream}: {code} {text}",
+        "log_format": "Transfer {command} via {upstream}: {code} {text}",
         "event": "transfer_finished",
+        "command": "RETR pub/a file.bin",
         "verb": "RETR",
         "path": "pub/a file.bin",
         "upstream": "203.0.113.5:21",
@@ -38,6 +39,13 @@ def test_complete_download_line() -> None:
     assert xferlog_line(event()) == (
         "Sat Nov 28 08:48:51 2026 3 192.0.2.10 1048576 pub/a_file.bin b _ o r alice ftp 0 * c\n"
     )
+
+
+def test_the_proxy_user_is_the_user_of_a_proxy_login() -> None:
+    # alice logged in to the gateway, then as anonymous to the upstream: the gateway's log
+    # names alice, who the upstream's own xferlog cannot know.
+    line = xferlog_line(event(user="anonymous", proxy_user="alice"))
+    assert line is not None and line.split()[12:14] == ["r", "alice"]
 
 
 def test_failed_upload_of_anonymous_user_over_ipv6_is_incomplete() -> None:

@@ -177,7 +177,7 @@ def test_running_transfer_completes_and_idle_session_gets_421(
     assert hashlib.sha256(download.data).digest() == hashlib.sha256(SMALL).digest()
     assert codes(download.replies) == ["226", "421"], download.replies
     log = gateway.log()
-    assert "1 idle sessions closed, 1 transfers may run for up to 60 s" in log
+    assert "idle sessions closed: 1; running transfers: 1, given up to 60 s" in log
     assert "Shutdown complete: 1 transfers ran to their end, 0 ended with 426" in log
     # The transfer log was still open when the transfer ended during the grace period.
     (record,) = [line.split() for line in (tmp_path / "xferlog").read_text().splitlines()]

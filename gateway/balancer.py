@@ -168,7 +168,10 @@ class Balancer:
                     last = f"backend {backend.name}: {reason}"
                     continue
                 _log_change(self.pool.served(backend.name))
-                _log.info(
+                # At debug: the session's own line ("Connected to upstream ..., backend ...")
+                # says it with the session's id, and one line less per session is written
+                # before the client sees its greeting.
+                _log.debug(
                     "Session from {client} sent to backend {backend}",
                     client=client,
                     backend=backend.name,

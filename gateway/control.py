@@ -75,6 +75,7 @@ from gateway.sockets import (
     no_delay,
     original_destination,
     urgent_inline,
+    write_now,
 )
 from gateway.tls import (
     client_options,
@@ -209,8 +210,8 @@ class ClientControl(Protocol):
             stuck.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused:
-            return
+        if self._refused or self.session.closed:
+            return  # a closing session reads only to see the client close (`gateway.flow`)
         if self._idle_timer.active():
             self._idle_timer.reset(self.factory.config.timeouts.idle)
         for event in self.reader.feed(data):
@@ -310,7 +311,7 @@ class ClientControl(Protocol):
     def _write_client(self, answer: Reply) -> None:
         if self.log.tracing:
             self.log.debug("To client: {code}", code=answer.code)
-        self.transport.write(answer.encode())  # type: ignore[union-attr]
+        write_now(self.transport, answer.encode())
 
     # ------------------------------------------------------------------- upstream control
 

@@ -19,6 +19,13 @@ registered on it (ITransport.loseConnection; a TLS transport does not even start
 so the producer is unregistered first, and a peer that reads nothing would still keep the
 connection open while the last replies wait in its buffer: it is aborted after `timeout`.
 
+A plain TCP client connection closes in two steps (a "lingering close"): the gateway sends FIN
+after its last reply and reads on, dropping whatever the client still sends, until the client
+closes too or `LINGER` seconds have passed since the FIN. Closing a socket at once while bytes
+the client sent are still unread makes the kernel send a reset (RFC 1122 section 4.2.2.13),
+and a reset can destroy the last replies on their way: a client that pipelined commands past
+`max_pending_commands` would lose the very 421 that says why the session ended.
+
 One exception: during a TLS handshake the TLS layer holds what the gateway writes (a greeting)
 and pauses the producer until the handshake is done, which needs the peer's bytes read. So the
 client's own full buffer does not stop reading the client while its handshake runs (nothing is
@@ -30,10 +37,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
 from gateway.effects import Side
+
+#: Seconds a closing client connection is read (and its bytes dropped) after the gateway's FIN,
+#: waiting for the client to close its side; checked this often until the FIN has gone out.
+LINGER = 2.0
+
+
+def _lingers(transport: Any) -> bool:
+    """Plain TCP, open: a transport that can send FIN and go on reading."""
+    return (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+    )
 
 
 @implementer(IPushProducer)
@@ -90,6 +113,15 @@ class ControlFlow:
             del self._transports[side]
             self._cancel(side)
             transport.unregisterProducer()
+        if side is Side.CLIENT and _lingers(transport):
+            transport.loseWriteConnection()  # FIN once what is queued has been sent
+            transport.resumeProducing()  # read on, to see the client close (bytes dropped)
+            self._cancel_close(side)
+            deadline = self._clock.seconds() + self._timeout
+            self._closing[side] = self._clock.callLater(
+                LINGER, self._linger, side, transport, deadline
+            )
+            return
         transport.loseConnection()
         if side not in self._closing:
             self._closing[side] = self._clock.callLater(self._timeout, self._abort, side, transport)
@@ -137,6 +169,20 @@ class ControlFlow:
     def _abort(self, side: Side, transport: Any) -> None:
         self._closing.pop(side, None)
         transport.abortConnection()
+
+    def _linger(self, side: Side, transport: Any, deadline: float) -> None:
+        """The client has not closed its side `LINGER` seconds after the gateway's close: close
+        now if the FIN has gone out, abort if the last replies are still unsent at `deadline`
+        (a client that reads nothing), otherwise look again later."""
+        self._closing.pop(side, None)
+        if transport._writeDisconnected:
+            transport.loseConnection()
+        elif self._clock.seconds() >= deadline:
+            transport.abortConnection()
+        else:
+            self._closing[side] = self._clock.callLater(
+                LINGER, self._linger, side, transport, deadline
+            )
 
     def _stuck(self, side: Side) -> None:
         self._full.pop(side, None)

@@ -76,4 +76,5 @@ class PassThrough:
             effects.append(Log("info", "User {user} logged in", fields))
         if answer.code == 230 and self._host.phase is Phase.LOGIN:
             self._host.enter(Phase.READY)
-        return [*effects, *self._host.answer(answer)]
+        # The log lines follow the reply: the client need not wait for them to be written.
+        return self._host.answer(answer, *effects)

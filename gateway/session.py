@@ -218,10 +218,11 @@ class Session:
             return []
         return self.login.resolved(addresses, error)
 
-    def backend_connected(self, config: Config) -> None:
-        """Reverse mode: the shell connected a backend; `config` carries its upstream TLS
-        settings (`Config.for_backend`), which apply from now on."""
+    def backend_connected(self, config: Config, name: str | None = None) -> None:
+        """Reverse mode: the shell connected a backend (`name`, for the logs); `config`
+        carries its upstream TLS settings (`Config.for_backend`), which apply from now on."""
         self.config = config
+        self.upstream.backend = name
 
     def upstream_connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         """The upstream control connection is open; its greeting comes next."""

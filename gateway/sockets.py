@@ -11,6 +11,7 @@ import contextlib
 import socket
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -88,3 +89,31 @@ def tls_handle(transport: Any) -> Any:
 def reason_of(failure: Failure) -> str:
     """A failure as one short line for the logs and the session."""
     return failure.getErrorMessage() or failure.type.__name__
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write `data` to a control connection, sending it at once when nothing is queued before
+    it. Twisted's `write` only queues and sends when the reactor next finds the socket
+    writable: one more turn of the event loop, and two more epoll_ctl calls, for every reply
+    and command the gateway passes on, on the critical path of every session's set-up.
+
+    Only a plain TCP transport that is open, not closing and has nothing queued takes the
+    short way; TLS, wrapped transports (PROXY protocol) and anything queued go through `write`,
+    which keeps the order and Twisted's producer bookkeeping. What the socket does not take at
+    once is queued by `write` as usual."""
+    if (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport.TLS
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            data = data[sent:]
+        # An error (an int below 0 or an exception object) is left to the reactor: queued,
+        # the bytes make it try the socket, find the error and close the connection.
+    if data:
+        transport.write(data)

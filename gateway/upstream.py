@@ -67,6 +67,8 @@ class Upstream:
         self.ftps = UpstreamFTPS(host, name=self._tls_name, secured=self.secured)
         self.peer: HostPort | None = None
         self.local: HostPort | None = None
+        #: Reverse mode: the name of the backend connected, for the logs.
+        self.backend: str | None = None
         #: Reverse mode: the upstream's greeting, shown once the upstream side is secured
         #: (with `tls.upstream = "auto"` it is shown at once, never kept here).
         self._greeting: Reply | None = None
@@ -134,7 +136,15 @@ class Upstream:
     def connected(self, local: HostPort, peer: HostPort) -> list[Effect]:
         self.local, self.peer = local, peer
         self.pairing.expect(self._on_greeting, on_preliminary=self._on_early_greeting)
-        return [Log("info", "Connected to upstream {peer}", {"peer": str(peer)})]
+        if self.backend is None or self.backend == str(peer):
+            return [Log("info", "Connected to upstream {peer}", {"peer": str(peer)})]
+        return [
+            Log(
+                "info",
+                "Connected to upstream {peer}, backend {backend}",
+                {"peer": str(peer), "backend": self.backend},
+            )
+        ]
 
     def forget(self) -> None:
         """The upstream chosen is refused or gone (forward mode: the client may choose again)."""

@@ -30,7 +30,7 @@ from gateway.events import Event
 from gateway.flow import ControlFlow
 from gateway.logs import SessionLogger
 from gateway.session import Session
-from gateway.sockets import hostport, no_delay, reason_of, tls_handle
+from gateway.sockets import hostport, no_delay, reason_of, tls_handle, write_now
 
 
 class ControlOwner(typing.Protocol):
@@ -192,7 +192,7 @@ class UpstreamSide:
         line = command.encode()
         control = self.control
         if control is not None and control.transport is not None:
-            control.transport.write(line)
+            write_now(control.transport, line)
         else:
             self._pending.append(line)
 
@@ -276,7 +276,7 @@ class UpstreamSide:
                 upstream.transport.loseConnection()  # type: ignore[union-attr]
                 return
             self.backend = backend
-            owner.session.backend_connected(config)
+            owner.session.backend_connected(config, backend.name)
             upstream.release()
 
         def failed(failure: Failure) -> None:

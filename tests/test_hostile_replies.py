@@ -10,10 +10,12 @@ asserts how fast a reply came.
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import random
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +165,45 @@ def test_port_refused_while_the_upstream_waits_for_its_data_connection_gets_425_
         assert ftp.pwd() == "/"
         assert up.saw("answered ABOR with 225"), up.events
         assert ftp.quit().startswith("221")
+
+
+def test_last_reply_reaches_a_client_whose_pipelined_commands_were_never_read(
+    gateway: GatewayProcess,
+) -> None:
+    # The upstream answers nothing after login; the client pipelines far more commands than
+    # the gateway queues (`max_pending_commands`, 32), so the gateway closes with 421 while
+    # most of them are still unread in its socket. Closing a socket with unread bytes sends a
+    # reset, which can destroy the replies still on their way to the client; the gateway
+    # sends FIN after its last reply instead and reads (and drops) what the client still
+    # sends until the client closes too.
+    kept: list[ftplib.FTP] = []
+    with HostileUpstream(Mode.DEAF_AFTER_LOGIN) as up:
+        for _ in range(5):
+            ftp = login_hostile(gateway, up)
+            kept.append(ftp)
+            sock = ftp.sock
+            assert sock is not None
+            # More than one read of the gateway takes (64 KiB): much is still unread at 421.
+            sender = threading.Thread(target=_send_quietly, args=(sock, b"NOOP\r\n" * 40000))
+            sender.start()
+            received = bytearray()
+            while chunk := sock.recv(65536):  # a reset raises here: the test fails
+                received.extend(chunk)
+            last = bytes(received).decode("latin-1").splitlines()[-1]
+            assert last.startswith("421 Too many commands"), last
+            sender.join(timeout=TIMEOUT)
+        # The clients keep their sockets open: the gateway closes them itself a little later.
+        deadline = time.monotonic() + TIMEOUT
+        while gateway.log().count("Session ended") < 6:  # and start_gateway's probe
+            assert time.monotonic() < deadline, gateway.log()[-2000:]
+            time.sleep(0.1)
+        for ftp in kept:
+            ftp.close()
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
 
 
 # ---------------------------------------------------------------- an upstream falls silent

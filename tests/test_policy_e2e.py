@@ -129,6 +129,11 @@ def test_per_ip_session_limit(tmp_path: Path) -> None:
         tmp_path, "--config", config(tmp_path, "[limits]\nmax_sessions_per_ip = 2\n")
     )
     try:
+        # start_gateway's probe connection is a session too: wait until it has ended.
+        deadline = time.monotonic() + 10
+        while "Session ended" not in gw.log():
+            assert time.monotonic() < deadline, gw.log()
+            time.sleep(0.05)
         held = [ftplib.FTP(timeout=30) for _ in range(2)]
         for ftp in held:
             assert ftp.connect("127.0.0.1", gw.port).startswith("220")

@@ -983,3 +983,20 @@ def test_client_data_failure_after_the_upstream_1xx_answers_425_at_once_and_abor
     assert to_upstream(s.client_line(line("NOOP"))) == ["NOOP"]
     assert to_client(s.upstream_reply(r(225, "ABOR command successful."))) == []
     assert to_client(s.upstream_reply(r(200, "NOOP ok."))) == [(200, "NOOP ok.")]
+
+
+def test_the_upstream_line_names_the_backend_when_its_name_is_not_its_address() -> None:
+    config = build({"backends": [{"name": "east", "address": "ftp.test:21"}]})
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    assert s.start() == [ConnectBackend()]
+    s.backend_connected(config.for_backend(config.pool_backends[0]), "east")
+    (log,) = [e for e in s.upstream_connected(UP_LOCAL, UP_PEER) if isinstance(e, Log)]
+    assert log.format.endswith("backend {backend}") and log.fields["backend"] == "east"
+    # One upstream: the backend's name is its address, said once.
+    config = build({"upstream": f"{UP_PEER.host}:{UP_PEER.port}"})
+    plain = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    plain.start()
+    (backend,) = config.pool_backends
+    plain.backend_connected(config.for_backend(backend), backend.name)
+    (log,) = [e for e in plain.upstream_connected(UP_LOCAL, UP_PEER) if isinstance(e, Log)]
+    assert log.format == "Connected to upstream {peer}", backend.name

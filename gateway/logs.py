@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from gateway.config import Config, ConfigError
 from gateway.events import Event
+from gateway.logtext import escape_lines
 
 _log = Logger(namespace="gateway.logs")
 
@@ -141,6 +142,8 @@ def format_text(event: LogEvent) -> str | None:
     `2026-11-28T08:52:03+0000 [gateway.session#info] [9ce0f6ca] Session started: ...`, so
     `grep '#warn]'` and `grep 9ce0f6ca` both work."""
     text = formatEventAsClassicLogText(event, formatTime=_time_as_text)
+    if text is not None and "log_failure" in event:
+        text = escape_lines(text)
     session = event.get("session")
     if text is None or session is None:
         return text
@@ -168,7 +171,7 @@ def format_json(event: LogEvent) -> str:
         record[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
     failure = event.get("log_failure")
     if failure is not None:
-        record["traceback"] = failure.getTraceback()
+        record["traceback"] = escape_lines(failure.getTraceback())
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 

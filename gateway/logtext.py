@@ -10,7 +10,8 @@ were not UTF-8 (`surrogateescape`) are written as Python escapes (``\\x1b``, ``\
 
 `escape_event` is a twisted.logger observer added ahead of the log files (`gateway.tap`), so
 every event is escaped in one place, whichever module logged it and whichever fields it has;
-nothing here imports Twisted.
+nothing here imports Twisted. A traceback (`log_failure`) is escaped as it is written
+(`escape_lines`, from `gateway.logs`), keeping its lines.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def _escape_char(match: re.Match[str]) -> str:
 def escape_text(text: str) -> str:
     """`text` with every character that could break, forge or hide a log line escaped."""
     return _UNSAFE.sub(_escape_char, text)
+
+
+def escape_lines(text: str) -> str:
+    """`text` of several lines (a traceback, whose last line holds an exception's message,
+    which may be peer text) with every unsafe character escaped but the line ends and the tab
+    that starts each continuation line."""
+    return "\n".join(
+        "\t" + escape_text(line[1:]) if line.startswith("\t") else escape_text(line)
+        for line in text.split("\n")
+    )
 
 
 @functools.lru_cache(maxsize=256)

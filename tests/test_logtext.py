@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
 
+from gateway.logs import format_json, format_text
 from gateway.logtext import escape_event, escape_text
 
 
@@ -61,3 +64,27 @@ def test_escape_event_escapes_every_peer_field_and_keeps_numbers() -> None:
         "Transfer RETR a\\x0d\\x0a2026-01-01 [gateway] forged by evil\\x0aline: 550 \\x1b[2Kgone"
     )
     assert event["code"] == 550 and event["message"] == ("legacy\\u2028text",)
+
+
+def test_a_traceback_keeps_its_lines_but_not_the_peer_text_in_its_message() -> None:
+    # An exception whose message holds peer text: a terminal escape, a CR and a line that
+    # would look like one of the gateway's own.
+    try:
+        raise ValueError("bad \x1b[2J\r\n2026-01-01T00:00:00+0000 [gateway.session#info] forged")
+    except ValueError:
+        failure = Failure()
+    event = {
+        "log_format": "Unhandled error",
+        "log_failure": failure,
+        "log_time": 0.0,
+        "log_level": LogLevel.error,
+        "log_namespace": "gateway.session",
+    }
+    text = format_text(event)
+    assert text is not None
+    lines = text.splitlines()
+    assert lines[0].endswith("Unhandled error") and len(lines) > 3
+    assert all(line.startswith("\t") for line in lines[1:])  # nothing starts a line of its own
+    assert "\x1b" not in text and "\r" not in text and "\\x1b[2J\\x0d" in text
+    record = json.loads(format_json(event))
+    assert "\x1b" not in record["traceback"] and "Traceback" in record["traceback"]

@@ -205,6 +205,7 @@ class Balancer:
             backend=backend.name,
             address=backend.address,
             reason=reason,
+            event=Event.BACKEND_FAILED,
         )
         if self._current(backend):
             _log_change(self.pool.failed(backend.name, reason))

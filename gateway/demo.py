@@ -18,6 +18,7 @@ from pyftpdlib.servers import FTPServer
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from gateway.events import Event
 from gateway.logs import forward_stdlib_logger
 
 _log = Logger(namespace="gateway.demo")
@@ -60,7 +61,10 @@ class DemoUpstream(Service):
         )
         self._thread.start()
         _log.info(
-            "Demo upstream serving {root} on 127.0.0.1:{port}", root=str(self.root), port=self.port
+            "Demo upstream serving {root} on 127.0.0.1:{port}",
+            root=str(self.root),
+            port=self.port,
+            event=Event.DEMO_STARTED,
         )
 
     def stopService(self) -> None:

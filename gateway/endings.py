@@ -75,7 +75,7 @@ class Endings:
                 return []
             return host.reply_timed_out()
         return [
-            Log("info", "Session {what} timeout", {"what": what}),
+            Log("info", "Session {what} timeout", {"what": what, "event": Event.SESSION_TIMEOUT}),
             *host.close(Reply.of(421, _TIMEOUT_TEXTS[what])),
         ]
 

@@ -20,6 +20,7 @@ from gateway import features
 from gateway.codec import Command, Reply
 from gateway.config import Config
 from gateway.effects import Effect, Log, StartUpstreamTLS
+from gateway.events import Event
 from gateway.view import SessionView
 
 #: Commands a client may send before AUTH TLS when TLS is required.
@@ -148,7 +149,7 @@ class UpstreamFTPS:
                 "warn",
                 "Upstream offered AUTH TLS in FEAT but refused it ({answer}); "
                 "continuing in clear text",
-                {"answer": str(answer)},
+                {"answer": str(answer), "event": Event.UPSTREAM_TLS_REFUSED},
             )
             return [log, *self._done()]
         text = (

@@ -232,6 +232,7 @@ class Login:
         self.proxy_ok = True
         self.proxy_user = login.proxy_user
         self._view.enter(Phase.LOGIN)
+        fields["event"] = Event.PROXY_LOGGED_IN
         effects: list[Effect] = [Log("info", "Proxy user {user} authenticated", fields)]
         target = login.target
         if target is None:

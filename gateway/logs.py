@@ -356,6 +356,7 @@ class LogService(Service):
                     "Cannot reopen the transfer log {path}: {error}",
                     path=self.transfer_log.path,
                     error=e.strerror,
+                    event=Event.TRANSFER_LOG_FAILED,
                 )
                 return
         _log.info("Log files reopened", event=Event.LOGS_REOPENED)

@@ -110,7 +110,8 @@ class RouteLogin:
             self._view.enter(Phase.PROXY_LOGIN)
             return proxy_login_refused(self._view, name)
         self.proxy_user = name
-        log = Log("info", "Proxy user {user} authenticated", {"user": name})
+        fields = {"user": name, "event": Event.PROXY_LOGGED_IN}
+        log = Log("info", "Proxy user {user} authenticated", fields)
         return [log, *self._route(name, groups, plan.password)]
 
     def _route(self, name: str, groups: frozenset[str], password: str | None) -> list[Effect]:
@@ -151,6 +152,7 @@ class RouteLogin:
                 "user": name,
                 "backends": ", ".join(sorted(names)) if names is not None else "any backend",
                 "upstream_user": user,
+                "event": Event.ROUTED,
             },
         )
         return [log, ConnectBackend(user=name, names=names)]

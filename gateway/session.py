@@ -52,6 +52,7 @@ from gateway.effects import (
 )
 from gateway.endings import SHUTDOWN_TEXT, Endings
 from gateway.errors import ProtocolError
+from gateway.events import Event
 from gateway.ftps import ClientFTPS
 from gateway.login import Login, check_destination
 from gateway.pairing import MAX_OWED_REPLIES, Handler, Pairing, ignore
@@ -322,7 +323,7 @@ class Session:
         log = Log(
             "warn",
             "{side} data connection failed: {reason}",
-            {"side": side.value, "reason": reason},
+            {"side": side.value, "reason": reason, "event": Event.DATA_CONNECTION_FAILED},
         )
         if self.transfers.current is None:
             return [log, *(self.data_channel.failed(reason) if side is Side.CLIENT else [])]

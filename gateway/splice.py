@@ -130,7 +130,11 @@ def _pipe() -> tuple[int, int, int] | None:
     try:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        _log.warn("No pipe for a spliced transfer ({error}); copying instead", error=e.strerror)
+        _log.warn(
+            "No pipe for a spliced transfer ({error}); copying instead",
+            error=e.strerror,
+            event=Event.SPLICE_UNAVAILABLE,
+        )
         return None
     if os.geteuid() == 0 or not _PIPE_BUDGET or _enlarged + _PIPE_WANTED <= _PIPE_BUDGET:
         # Over pipe-user-pages-soft or pipe-max-size the default size works too.

@@ -246,7 +246,12 @@ def raise_open_files(config: Config) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (OSError, ValueError) as e:
-            _log.warn("Cannot set the open files limit to {target}: {e}", target=target, e=str(e))
+            _log.warn(
+                "Cannot set the open files limit to {target}: {e}",
+                target=target,
+                e=str(e),
+                event=Event.OPEN_FILES_LIMIT,
+            )
     _log.info(
         "Open files limit: {limit} (hard limit {hard})",
         limit=soft,
@@ -360,7 +365,11 @@ class ReloadOnHangup(Service):
         running = self.factory.config
         for key in _RESTART_ONLY:
             if attrgetter(key)(config) != attrgetter(key)(running):
-                _log.warn("Reload: {setting} changes only on restart", setting=key)
+                _log.warn(
+                    "Reload: {setting} changes only on restart",
+                    setting=key,
+                    event=Event.RELOAD_NEEDS_RESTART,
+                )
                 config = with_setting(config, key, attrgetter(key)(running))
         self.factory.reconfigure(config)
         _log.info("Configuration reloaded", event=Event.CONFIG_RELOADED, result="ok")

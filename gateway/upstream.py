@@ -115,14 +115,18 @@ class Upstream:
         log = Log(
             "warn",
             "TLS to upstream {peer} failed: {reason}",
-            {"peer": str(self.peer), "reason": reason},
+            {"peer": str(self.peer), "reason": reason, "event": Event.UPSTREAM_TLS_FAILED},
         )
         text = f"Cannot secure the connection to the upstream: {reason}."
         return [log, *self._host.close(Reply.of(421, text))]
 
     def failed(self, error: ProtocolError) -> list[Effect]:
         return [
-            Log("warn", "Upstream protocol error: {error}", {"error": str(error)}),
+            Log(
+                "warn",
+                "Upstream protocol error: {error}",
+                {"error": str(error), "event": Event.UPSTREAM_PROTOCOL_ERROR},
+            ),
             *self._host.close(Reply.of(421, f"Upstream server error: {error}")),
         ]
 
@@ -137,12 +141,13 @@ class Upstream:
         self.local, self.peer = local, peer
         self.pairing.expect(self._on_greeting, on_preliminary=self._on_early_greeting)
         if self.backend is None or self.backend == str(peer):
-            return [Log("info", "Connected to upstream {peer}", {"peer": str(peer)})]
+            fields = {"peer": str(peer), "event": Event.UPSTREAM_OPENED}
+            return [Log("info", "Connected to upstream {peer}", fields)]
         return [
             Log(
                 "info",
                 "Connected to upstream {peer}, backend {backend}",
-                {"peer": str(peer), "backend": self.backend},
+                {"peer": str(peer), "backend": self.backend, "event": Event.UPSTREAM_OPENED},
             )
         ]
 
@@ -228,7 +233,8 @@ class Upstream:
             effects = self.pairing.deliver(answer, horizon)
         except ProtocolError as e:
             # A reply the gateway must understand (227, 229) was malformed.
-            log = Log("warn", "Bad upstream reply: {error}", {"error": e.message})
+            fields = {"error": e.message, "event": Event.UPSTREAM_PROTOCOL_ERROR}
+            log = Log("warn", "Bad upstream reply: {error}", fields)
             if self._host.transfers.current is not None:
                 text = f"Cannot open data connection: {e.message}"
                 return [log, *self._host.transfers.fail(Reply.of(425, text))]

@@ -6,6 +6,7 @@ from gateway.addresses import HostPort
 from gateway.codec import Command, CommandReader, Reply
 from gateway.config import Config, build
 from gateway.effects import Authenticate, CloseClient, ConnectBackend, Log, ToClient, ToUpstream
+from gateway.events import Event
 from gateway.session import Session
 
 CLIENT = HostPort.of("192.0.2.10", 40000)
@@ -106,7 +107,12 @@ def test_user_hash_without_routes_connects_by_the_login_name() -> None:
         Log(
             "info",
             "User {user} routed to {backends} as {upstream_user}",
-            {"user": "bob", "backends": "any backend", "upstream_user": "bob"},
+            {
+                "user": "bob",
+                "backends": "any backend",
+                "upstream_user": "bob",
+                "event": Event.ROUTED,
+            },
         ),
         ConnectBackend(user="bob", names=None),
     ]

@@ -11,7 +11,9 @@ ratio gateway/direct:
 3. session set-up latency: connect, log in, PWD, QUIT (Python's ftplib), median and p90;
 4. concurrency: N sessions started at once (log in, PASV, RETR a file), directly and through
    the gateway: successes, wall time, aggregate MB/s, the gateway's peak RSS;
-5. idle sessions: the gateway's resident memory per logged-in idle session.
+5. idle sessions: the gateway's resident memory per logged-in idle session;
+6. the relay alone, without FTP (benchmarks/relays.py): the gateway's relays against the
+   fastest relay a process can be, and against no relay at all.
 
 Parts 4 and 5 use pyftpdlib as the server, with a listen backlog of 4096: vsftpd listens with a
 fixed backlog of 32, so a burst of hundreds of connections overflows its accept queue, directly
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from gateway_process import GatewayProcess, start_gateway  # noqa: E402
 from pki import Pki, make_pki  # noqa: E402
+from relays import relay_ceiling  # noqa: E402
 from servers import RunningServer, start_server  # noqa: E402
 
 MIB = 1 << 20
@@ -551,7 +554,7 @@ def raise_open_files() -> int:
 
 
 #: The parts, in the order they run; `--parts` picks some of them.
-PARTS = ("throughput", "ftps", "setup", "concurrency", "idle")
+PARTS = ("throughput", "ftps", "setup", "concurrency", "idle", "relay")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -620,6 +623,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     results["idle"] = idle_sessions(work, many, idle, print)
             finally:
                 many.stop()
+        if "relay" in parts:
+            repeat = 1 if args.quick else max(args.repeat, 5)
+            results["relay"] = relay_ceiling(work, args.size_mib, repeat, print)
     args.json.write_text(json.dumps(results, indent=2))
     return results
 

@@ -34,7 +34,10 @@ def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
         assert level["direct"]["successes"] == level["gateway"]["successes"] == 5
         assert level["gateway"]["peak_rss_kib"] > 0
     assert results["idle"]["30"]["logged_in"] == 30
-    for part in ("1. Throughput", "2. FTPS", "3. Session set-up", "4. Concurrency", "5. Idle"):
+    for path in ("direct", "minimal", "splice", "copy"):
+        assert results["relay"][path]["median"] > 0  # each checked that every byte arrived
+    parts = ("1. Throughput", "2. FTPS", "3. Session set-up", "4. Concurrency", "5. Idle", "6. ")
+    for part in parts:
         assert part in run.stdout
 
 
@@ -57,7 +60,7 @@ def test_benchmark_runs_only_the_parts_and_relays_asked_for(tmp_path: Path) -> N
     for case in ("RETR passive", "RETR active", "STOR passive", "STOR active"):
         assert set(results["throughput"][case]) == {"direct", "splice"}
         assert results["throughput"][case]["splice"]["median"] > 0
-    assert not {"ftps", "setup", "concurrency", "idle"} & set(results)
+    assert not {"ftps", "setup", "concurrency", "idle", "relay"} & set(results)
     assert "1. Throughput" in run.stdout and "2. FTPS" not in run.stdout
 
 

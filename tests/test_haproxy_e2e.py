@@ -7,7 +7,8 @@ the shipped example is what runs here. The client is bound to 127.0.0.5, HAProxy
 hop it belongs to.
 
 Also here: `upstream_proxy_protocol` against a scripted upstream that parses the header with
-Twisted's parsers (proftpd's mod_proxy_protocol is not among Debian's proftpd modules).
+Twisted's parsers, and against real HAProxy reading it (`accept-proxy`) in front of a real
+server (proftpd's mod_proxy_protocol is not among Debian's proftpd modules).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def haproxy_config(frontend: int, ports: tuple[int, int]) -> str:
 
 
 class Balancer:
-    def __init__(self, workdir: Path, config: str, port: int) -> None:
+    def __init__(self, workdir: Path, config: str, port: int, host: str = BALANCER) -> None:
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if not Path(binary).exists():
             raise FileNotFoundError("haproxy is not installed (scripts/install-test-deps)")
@@ -88,7 +89,7 @@ class Balancer:
             stderr=subprocess.STDOUT,
         )
         self.port = port
-        wait_for_port(BALANCER, port, proc=self.proc)
+        wait_for_port(host, port, proc=self.proc)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -360,6 +361,70 @@ def test_upstream_proxy_protocol_names_the_client(version: str, tmp_path: Path) 
     finally:
         upstream.close()
         gateway.stop()
+
+
+#: HAProxy in front of the upstream, reading the gateway's header as an FTP server with PROXY
+#: protocol support would: `accept-proxy` takes the client's address from it, and tcplog
+#: writes that address first on the line of each connection.
+HEADER_READER = """\
+global
+    log stdout format raw local0 info
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend upstream-in
+    bind {host}:{port} accept-proxy
+    default_backend server
+backend server
+    server ftp {server}
+"""
+READER_HOST = "127.0.0.21"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_haproxy_reads_the_upstream_header_and_the_session_works(
+    version: str, tmp_path: Path, server: RunningServer
+) -> None:
+    port = free_port(READER_HOST)
+    config = HEADER_READER.format(
+        host=READER_HOST, port=port, server=f"{server.host}:{server.port}"
+    )
+    reader = Balancer(tmp_path, config, port, host=READER_HOST)
+    (tmp_path / "gateway.toml").write_text(f'upstream_proxy_protocol = "{version}"\n')
+    gateway = start_gateway(
+        tmp_path,
+        "--config",
+        str(tmp_path / "gateway.toml"),
+        "--upstream",
+        f"{READER_HOST}:{port}",
+        host=INSTANCES[0],
+    )
+    try:
+        ftp = client()
+        ftp.connect(gateway.host, gateway.port)
+        local_port = ftp.sock.getsockname()[1]
+        # The control connection only: a data connection would not pass HAProxy (an upstream
+        # behind a TCP proxy needs its passive range forwarded, as in etc/examples/haproxy.cfg),
+        # and the server's own data connections come from an address the gateway refuses.
+        assert ftp.login(server.user, server.password).startswith("230")
+        assert ftp.pwd() == "/"
+        assert ftp.quit().startswith("221")
+        ftp.close()
+        # HAProxy logs each connection as it ends, under the address the header gave it.
+        wait_for(
+            lambda: f"{CLIENT}:{local_port} " in reader.output.read_text(errors="replace"),
+            "HAProxy's line for the session, under the client's address",
+        )
+        log = reader.output.read_text(errors="replace")
+        assert "upstream-in server/ftp" in log, log
+        assert f"{INSTANCES[0]}:" not in log, log  # never the gateway's own address
+    finally:
+        gateway.stop()
+        reader.stop()
 
 
 def test_real_address_passes_from_haproxy_listener_to_upstream_header(tmp_path: Path) -> None:

@@ -4,8 +4,12 @@ Every `health.interval` seconds each backend gets one check, as a session would 
 connect (with implicit TLS if that is its mode), read a 220 greeting within
 `health.timeout`, then say QUIT and wait as long again for its answer (or the close): a
 server whose accept loop still greets while its workers hang answers no command, and must
-not pass. Results go to the pool (`Balancer.checked`), which takes a
-backend out after `health.fall` failures in a row and back after `health.rise` successes.
+not pass. Where the backend's upstream TLS is "required", the check also says AUTH TLS and
+completes the handshake, verified as a session's would be (RFC 4217 section 4), before the
+QUIT: a backend whose certificate no session would accept (expired, renamed, signed by
+another CA) is taken out instead of failing one session in N with 421. Results go to the
+pool (`Balancer.checked`), which takes a backend out after `health.fall` failures in a row and
+back after `health.rise` successes.
 A check still running when the next round starts is not doubled. The one-server `upstream`
 shorthand is not checked: with nowhere else to send sessions, a down mark would only refuse
 clients the server might still serve.
@@ -17,12 +21,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway.backends import Backend
-from gateway.balancer import Balancer, failure_reason
+from gateway.balancer import Balancer, failure_reason, tls_options
 from gateway.codec import DEFAULT_MAX_LINE, Reply, ReplyReader
 from gateway.config import Config
 from gateway.errors import RemoteProtocolError
@@ -33,18 +39,27 @@ class HungBackend(Exception):
     """A backend greeted a health check, then did not answer its QUIT."""
 
 
+class TLSRefused(Exception):
+    """A backend whose upstream TLS is required did not accept AUTH TLS."""
+
+
+@implementer(IHandshakeListener)
 class GreetingProbe(Protocol):
     """Reads a server's first final reply into `greeting`, then says QUIT; `answered` fires
     at the answer to it (RFC 959 section 4.2: every command gets a reply), or when the server
     closes the connection instead, and the probe closes. With
     `upstream_proxy_protocol` on, it first sends a PROXY header saying no client is relayed
-    (a server that expects the header would drop the check otherwise)."""
+    (a server that expects the header would drop the check otherwise). With `tls` (client
+    TLS options), a 220 is answered with AUTH TLS, and `greeting` fires only once the
+    handshake has completed and the certificate was verified; QUIT then goes encrypted."""
 
-    def __init__(self, proxy_protocol: str = "off") -> None:
+    def __init__(self, proxy_protocol: str = "off", tls: Any = None) -> None:
         self.greeting: Deferred[Reply] = Deferred()
         self.answered: Deferred[None] = Deferred()
         self._reader = ReplyReader(max_line=DEFAULT_MAX_LINE, max_lines=100, max_bytes=16384)
         self._proxy_protocol = proxy_protocol
+        self._tls = tls
+        self._greeted: Reply | None = None
 
     def connectionMade(self) -> None:
         if self._proxy_protocol != "off":
@@ -63,12 +78,35 @@ class GreetingProbe(Protocol):
             if not answer.final:
                 continue
             if not self.greeting.called:
-                self.transport.write(b"QUIT\r\n")  # type: ignore[union-attr]
-                self.greeting.callback(answer)
+                if self._tls is not None and answer.code == 220 and self._greeted is None:
+                    self._greeted = answer
+                    self.transport.write(b"AUTH TLS\r\n")  # type: ignore[union-attr]
+                elif self._greeted is not None:
+                    self._secure(answer)
+                    return
+                else:
+                    self.transport.write(b"QUIT\r\n")  # type: ignore[union-attr]
+                    self.greeting.callback(answer)
             else:
                 self.answered.callback(None)
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
+
+    def _secure(self, answer: Reply) -> None:
+        """The answer to AUTH TLS: 234 starts the handshake (its end: `handshakeCompleted`)."""
+        if answer.code != 234:
+            text = f"refused AUTH TLS: {answer.code} {answer.lines[0]}"
+            self.greeting.errback(TLSRefused(text))
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.transport.startTLS(self._tls)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done and the certificate passed verification."""
+        if self.greeting.called or self._greeted is None:
+            return
+        self.transport.write(b"QUIT\r\n")  # type: ignore[union-attr]
+        self.greeting.callback(self._greeted)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.greeting.called:
@@ -78,7 +116,8 @@ class GreetingProbe(Protocol):
 
 
 def _probe(backend: Backend, config: Config, tls: Any) -> GreetingProbe:
-    return GreetingProbe(config.upstream_proxy_protocol)
+    explicit = tls_options(config) if config.tls.upstream == "required" else None
+    return GreetingProbe(config.upstream_proxy_protocol, explicit)
 
 
 class HealthChecks(Service):

@@ -444,6 +444,58 @@ def test_each_backend_has_its_own_upstream_tls_settings(tmp_path: Path, trusted:
         pure.stop()
 
 
+def test_health_checks_take_out_a_backend_whose_required_tls_would_fail(tmp_path: Path) -> None:
+    """vsftpd requires TLS and its backend entry requires it too, but names a CA that did not
+    sign its certificate: every session sent there would end with 421. The health checks do
+    the AUTH TLS handshake as a session would, so the backend goes down, with the reason, and
+    sessions go to the other one; with the right CA the same backend passes its checks."""
+    pki = make_pki(tmp_path / "pki")
+    vs = start_server(
+        "vsftpd",
+        tmp_path / "vs-tls",
+        tls="required",
+        cert=pki.server_cert,
+        key=pki.server_key,
+        tls_max_version="1.2",
+    )
+    pure = start_server("pure-ftpd", tmp_path / "pure")
+    try:
+        for ca, expected in ((pki.untrusted_ca_cert, "down"), (pki.ca_cert, "up")):
+            config = tmp_path / f"{expected}.toml"
+            config.write_text(
+                f'[[backends]]\nname = "vs"\naddress = "127.0.0.1:{vs.port}"\n'
+                f'tls_upstream = "required"\ntls_upstream_ca_file = "{ca}"\n'
+                'tls_upstream_name = "localhost"\n'
+                f'[[backends]]\nname = "pure"\naddress = "127.0.0.1:{pure.port}"\n'
+                '[tls]\nupstream = "off"\n'
+                "[health]\ninterval = 0.3\ntimeout = 5\nfall = 2\nrise = 1\n"
+            )
+            process = start_gateway(tmp_path, "--config", str(config))
+            try:
+                if expected == "down":
+                    deadline = time.monotonic() + TIMEOUT
+                    while "is down" not in process.log():
+                        assert time.monotonic() < deadline, process.log()[-3000:]
+                        time.sleep(0.1)
+                else:
+                    time.sleep(1.5)  # five rounds of checks, any of which could take it out
+                gateway = Gateway(process, 0, config)
+                served = Counter(backend_of(gateway.greeting()) for _ in range(4))
+                log = process.log()
+            finally:
+                process.stop()
+            if expected == "down":
+                assert "Backend vs (127.0.0.1:" in log and "is down: 2 checks failed" in log, log
+                assert "certificate verify failed" in log, log[-3000:]
+                assert served == {"pure": 4}
+            else:
+                assert "is down" not in log, log[-3000:]
+                assert served == {"vs": 2, "pure": 2}
+    finally:
+        vs.stop()
+        pure.stop()
+
+
 def test_sighup_changes_the_backends_for_new_sessions(
     farm: Farm, make_gateway: Callable[..., Gateway]
 ) -> None:

@@ -314,7 +314,10 @@ class HeaderUpstream:
             )
             if rest:
                 self.errors.append(f"bytes before the greeting: {rest!r}")
-            conn.sendall(b"220 scripted\r\n")
+            try:
+                conn.sendall(b"220 scripted\r\n")
+            except OSError:  # the start-up probe's session: its upstream side is dropped
+                return
             for line in conn.makefile("rb"):
                 verb = line.split(b" ", 1)[0].strip().upper()
                 if verb == b"USER":

@@ -23,6 +23,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import clients
@@ -30,7 +31,7 @@ import pytest
 from clients import reset
 from gateway_process import GatewayProcess, StartGateway
 from hostile_upstream import HostileUpstream, Mode
-from servers import RunningServer
+from servers import RunningServer, start_server
 
 MIB = 1024 * 1024
 TIMEOUT = 30.0
@@ -374,6 +375,26 @@ def test_random_command_streams(gateway: GatewayProcess, server: RunningServer, 
     assert lines > 250
     assert closes <= 2, f"{closes} sessions closed by the gateway during the random streams"
     after_attack(base)
+
+
+@pytest.fixture(scope="module", params=["vsftpd", "pure-ftpd", "proftpd"])
+def other_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    with start_server(request.param, tmp_path_factory.mktemp(request.param)) as running:
+        for name, data in SERVED.items():
+            (running.root / name).write_bytes(data)
+            (running.root / name).chmod(0o644)
+        yield running
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_random_command_streams_against_other_servers(
+    gateway: GatewayProcess, other_server: RunningServer, seed: int
+) -> None:
+    """The same streams with vsftpd, pure-ftpd and proftpd upstream: each answers the odd
+    commands, ABOR and the refused data connections its own way."""
+    test_random_command_streams(gateway, other_server, seed)
 
 
 # ------------------------------------------------------------------------ hostile clients

@@ -136,16 +136,19 @@ class Balancer:
         client: str,
         user: str | None = None,
         names: frozenset[str] | None = None,
+        exclude: frozenset[str] = frozenset(),
+        last: str = "no backend is configured for this login",
     ) -> Deferred[tuple[Backend, Config, P]]:
         """Connect a session from `client` (logging in as `user`, among backends `names`) to
         the first backend the policy chooses that greets with 220, failing over to the next.
         `make(backend, config, tls)` builds the protocol, given the backend's effective
         configuration and its implicit-TLS options (or None). Fails with NoBackend naming the
-        last reason when every candidate failed. Cancelling stops the attempt."""
+        last reason when every candidate failed (`last`, when none is left to try: the
+        session already tried those in `exclude`). Cancelling stops the attempt."""
 
         async def attempt() -> tuple[Backend, Config, P]:
-            tried: set[str] = set()
-            last = "no backend is configured for this login"
+            tried: set[str] = set(exclude)
+            nonlocal last
             while True:
                 backend = self.pool.choose(
                     client=client, user=user, names=names, exclude=frozenset(tried)

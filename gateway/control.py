@@ -56,6 +56,7 @@ from gateway.effects import (
     ListenData,
     Log,
     ResolveUpstream,
+    RetryBackend,
     Side,
     StartClientTLS,
     StartRelay,
@@ -359,6 +360,7 @@ _CARRY_OUT: dict[type[Any], Callable[[ClientControl, Any], None]] = {
     Authenticate: lambda control, e: control._authenticate(e.user, e.password),
     ResolveUpstream: lambda control, e: control._resolve(e.host, e.port),
     ConnectBackend: lambda control, e: control.upstream_side.connect_backend(e),
+    RetryBackend: lambda control, e: control.upstream_side.retry_backend(e),
     ConnectUpstream: lambda control, e: control.upstream_side.connect(
         e.host, e.port, e.tls_name if e.implicit_tls else None
     ),

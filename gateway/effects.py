@@ -64,6 +64,17 @@ class ConnectBackend:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBackend:
+    """Reverse mode: the backend just connected cannot serve the session (its TLS failed)
+    while the client has seen nothing yet. Drop it, mark it failed, and connect the next one
+    the pool chooses among those not tried, answered as `ConnectBackend` is; with none left,
+    answer with `backend_retry_failed(reply)`."""
+
+    reason: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticate:
     """Check proxy credentials (forward mode); answer with `proxy_auth_result`. The password
     is never logged."""
@@ -143,6 +154,7 @@ Effect = (
     | ResolveUpstream
     | ConnectUpstream
     | ConnectBackend
+    | RetryBackend
     | Authenticate
     | StartClientTLS
     | StartUpstreamTLS

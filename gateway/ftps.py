@@ -104,10 +104,13 @@ class UpstreamFTPS:
         *,
         name: Callable[[], str],
         secured: Callable[[], list[Effect]],
+        refused: Callable[[Reply], list[Effect]] | None = None,
     ) -> None:
         self._view = view
         self._name = name
         self._secured = secured
+        #: What a refusal that leaves the upstream unusable does (default: close with it).
+        self._refused = refused or view.close
         self.step = UpstreamStep.IDLE
         #: The upstream control connection is protected.
         self.active = False
@@ -156,7 +159,7 @@ class UpstreamFTPS:
             f"The upstream refused TLS ({answer.code} {answer.lines[0]}); "
             "policy does not allow continuing in clear text."
         )
-        return self._view.close(Reply.of(421, text))
+        return self._refused(Reply.of(421, text))
 
     def handshake_done(self) -> list[Effect]:
         """The shell's handshake succeeded and the certificate was verified."""

@@ -232,6 +232,11 @@ class Session:
     def upstream_connect_failed(self, reason: str) -> list[Effect]:
         return [] if self.closed else self.upstream.connect_failed(reason)
 
+    def backend_retry_failed(self, reply: Reply) -> list[Effect]:
+        """`RetryBackend` found no other backend: the session ends with the first one's
+        reason (`reply`)."""
+        return [] if self.closed else self.close(reply)
+
     def upstream_tls_ready(self) -> list[Effect]:
         """The upstream control connection's TLS handshake succeeded and was verified."""
         return [] if self.closed else self.upstream.ftps.handshake_done()

@@ -14,7 +14,14 @@ from typing import Protocol
 
 from gateway.addresses import HostPort
 from gateway.codec import Reply
-from gateway.effects import ConnectUpstream, Effect, Log, StartUpstreamTLS, ToClient
+from gateway.effects import (
+    ConnectUpstream,
+    Effect,
+    Log,
+    RetryBackend,
+    StartUpstreamTLS,
+    ToClient,
+)
 from gateway.errors import ProtocolError
 from gateway.events import Event
 from gateway.ftps import UpstreamFTPS
@@ -64,7 +71,7 @@ class Upstream:
     def __init__(self, host: UpstreamHost, pairing: Pairing) -> None:
         self._host = host
         self.pairing = pairing
-        self.ftps = UpstreamFTPS(host, name=self._tls_name, secured=self.secured)
+        self.ftps = self._new_ftps()
         self.peer: HostPort | None = None
         self.local: HostPort | None = None
         #: Reverse mode: the name of the backend connected, for the logs.
@@ -75,6 +82,11 @@ class Upstream:
         #: The phase to return to after a negotiation a client's AUTH TLS started.
         self._resume: Phase | None = None
         self._unsolicited = 0
+
+    def _new_ftps(self) -> UpstreamFTPS:
+        return UpstreamFTPS(
+            self._host, name=self._tls_name, secured=self.secured, refused=self._tls_refused
+        )
 
     # ------------------------------------------------------------ the connection itself
 
@@ -118,7 +130,32 @@ class Upstream:
             {"peer": str(self.peer), "reason": reason, "event": Event.UPSTREAM_TLS_FAILED},
         )
         text = f"Cannot secure the connection to the upstream: {reason}."
-        return [log, *self._host.close(Reply.of(421, text))]
+        return [log, *self._unusable(reason, Reply.of(421, text))]
+
+    def _tls_refused(self, reply: Reply) -> list[Effect]:
+        """The upstream refused AUTH TLS that policy requires (`UpstreamFTPS`)."""
+        log = Log(
+            "warn",
+            "TLS to upstream {peer} refused: {text}",
+            {"peer": str(self.peer), "text": reply.text, "event": Event.UPSTREAM_TLS_FAILED},
+        )
+        return [log, *self._unusable(reply.text, reply)]
+
+    def _unusable(self, reason: str, reply: Reply) -> list[Effect]:
+        """This upstream cannot be used. In reverse mode, while its greeting is still held
+        (TLS required: the client has seen nothing yet), another backend can serve the session
+        unseen, as when a backend does not greet (`gateway.balancer`); otherwise the session
+        ends with `reply`."""
+        if self._greeting is None or self.backend is None or self._host.own_login:
+            return self._host.close(reply)
+        self.pairing.clear()
+        self.forget()
+        self.ftps = self._new_ftps()
+        self._greeting = None
+        self._unsolicited = 0
+        self.backend = None
+        self._host.enter(Phase.GREETING)
+        return [RetryBackend(reason, reply)]
 
     def failed(self, error: ProtocolError) -> list[Effect]:
         return [

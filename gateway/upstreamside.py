@@ -24,7 +24,7 @@ from gateway.addresses import HostPort
 from gateway.backends import Backend
 from gateway.codec import MAX_REPLY_LINE, Command, Reply, ReplyReader
 from gateway.config import Config
-from gateway.effects import ConnectBackend, Effect, Side
+from gateway.effects import ConnectBackend, Effect, RetryBackend, Side
 from gateway.errors import RemoteProtocolError
 from gateway.events import Event
 from gateway.flow import ControlFlow
@@ -184,6 +184,9 @@ class UpstreamSide:
         self._pending: list[bytes] = []
         #: Reverse mode: the backend this session was sent to (`gateway.balancer`).
         self.backend: Backend | None = None
+        #: Reverse mode: what the session asked for, and the backends it could not use.
+        self._request: ConnectBackend | None = None
+        self._tried: set[str] = set()
 
     def send(self, command: Command) -> None:
         """Send `command` upstream, or keep it until the connection is made."""
@@ -255,16 +258,24 @@ class UpstreamSide:
 
         d.addCallbacks(connected, failed)
 
-    def connect_backend(self, effect: ConnectBackend) -> None:
+    def connect_backend(self, effect: ConnectBackend, retry: RetryBackend | None = None) -> None:
         """Reverse mode: have the balancer connect a backend, failing over until one greets
-        with 220; the session learns of it only then (or of the last failure, for its 421)."""
+        with 220; the session learns of it only then (or of the last failure, for its 421).
+        With `retry`, the backends this session tried already are left out, and with none
+        left the session ends with the first one's reason."""
         owner = self._owner
+        self._request = effect
 
         def make(backend: Backend, config: Config, tls: Any) -> UpstreamControl:
             return UpstreamControl(owner, tls, held=True)
 
         d = owner.factory.balancer.connect(
-            make, client=owner.peer.host, user=effect.user, names=effect.names
+            make,
+            client=owner.peer.host,
+            user=effect.user,
+            names=effect.names,
+            exclude=frozenset(self._tried),
+            **({"last": retry.reason} if retry is not None else {}),
         )
         self._connecting = d
 
@@ -281,10 +292,31 @@ class UpstreamSide:
 
         def failed(failure: Failure) -> None:
             self._connecting = None
-            if not failure.check(CancelledError, error.ConnectingCancelledError):
+            if failure.check(CancelledError, error.ConnectingCancelledError):
+                return
+            if retry is not None:
+                owner.run(owner.session.backend_retry_failed(retry.reply))
+            else:
                 owner.run(owner.session.upstream_connect_failed(failure.getErrorMessage()))
 
         d.addCallbacks(connected, failed)
+
+    def retry_backend(self, effect: RetryBackend) -> None:
+        """The session cannot use the backend it was given (`RetryBackend`): drop the
+        connection without telling the session, mark the backend failed, try the next."""
+        owner = self._owner
+        control, backend = self.control, self.backend
+        self.control = None  # its close is not the session's
+        if control is not None:
+            owner.flow.detach(Side.UPSTREAM)
+            if control.transport is not None:
+                control.transport.abortConnection()
+        if backend is not None:
+            owner.factory.balancer.failed(backend, effect.reason)
+            owner.factory.balancer.release(backend)
+            self._tried.add(backend.name)
+            self.backend = None
+        self.connect_backend(self._request or ConnectBackend(), effect)
 
     def made(self, upstream: UpstreamControl) -> None:
         owner = self._owner

@@ -18,6 +18,7 @@ from gateway.effects import (
     ListenData,
     Log,
     ResolveUpstream,
+    RetryBackend,
     Side,
     StartRelay,
     StartUpstreamTLS,
@@ -1000,3 +1001,59 @@ def test_the_upstream_line_names_the_backend_when_its_name_is_not_its_address() 
     plain.backend_connected(config.for_backend(backend), backend.name)
     (log,) = [e for e in plain.upstream_connected(UP_LOCAL, UP_PEER) if isinstance(e, Log)]
     assert log.format == "Connected to upstream {peer}", backend.name
+
+
+def _two_tls_backends() -> tuple[Config, Session]:
+    config = build(
+        {
+            "backends": [
+                {"name": "east", "address": "ftp-east.test:21"},
+                {"name": "west", "address": "ftp-west.test:21"},
+            ],
+            "tls.upstream": "required",
+        }
+    )
+    s = Session(config, client_peer=CLIENT, client_local=LOCAL)
+    assert s.start() == [ConnectBackend()]
+    east, _ = config.pool_backends
+    s.backend_connected(config.for_backend(east), "east")
+    s.upstream_connected(UP_LOCAL, UP_PEER)
+    assert to_upstream(s.upstream_reply(r(220, "east ready"))) == ["AUTH TLS"]
+    return config, s
+
+
+@pytest.mark.parametrize("failure", ["handshake", "auth refused"])
+def test_required_tls_failing_on_a_backend_tries_the_next_before_the_client_sees_anything(
+    failure: str,
+) -> None:
+    config, s = _two_tls_backends()
+    assert s.client_line(line("USER alice")) == []  # queued: the greeting is still held
+    if failure == "handshake":
+        assert s.upstream_reply(r(234, "go ahead")) == [StartUpstreamTLS("ftp-east.test")]
+        effects = s.upstream_tls_failed("certificate verify failed")
+    else:
+        effects = s.upstream_reply(r(502, "AUTH not understood"))
+    (retry,) = [e for e in effects if isinstance(e, RetryBackend)]
+    assert retry.reply.code == 421
+    assert to_client(effects) == [] and CloseClient() not in effects
+    assert any(isinstance(e, Log) and e.level == "warn" for e in effects)
+    # The next backend: the session starts over with it, and the client sees one greeting.
+    _, west = config.pool_backends
+    s.backend_connected(config.for_backend(west), "west")
+    s.upstream_connected(UP_LOCAL, HostPort.of("198.51.100.2", 21))
+    assert to_upstream(s.upstream_reply(r(220, "west ready"))) == ["AUTH TLS"]
+    assert s.upstream_reply(r(234, "go ahead")) == [StartUpstreamTLS("ftp-west.test")]
+    assert to_upstream(s.upstream_tls_ready()) == ["PBSZ 0"]
+    assert to_upstream(s.upstream_reply(r(200, "PBSZ=0"))) == ["PROT P"]
+    effects = s.upstream_reply(r(200, "PROT ok"))
+    assert to_client(effects) == [(220, "west ready")] and to_upstream(effects) == ["USER alice"]
+
+
+def test_no_backend_left_after_a_tls_failure_ends_with_its_421() -> None:
+    _, s = _two_tls_backends()
+    s.upstream_reply(r(234, "go ahead"))
+    (retry,) = [
+        e for e in s.upstream_tls_failed("certificate verify failed") if isinstance(e, RetryBackend)
+    ]
+    effects = s.backend_retry_failed(retry.reply)
+    assert to_client(effects) == [(421, retry.reply.text)] and CloseClient() in effects

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from gateway_process import GatewayProcess, free_port, start_gateway
 from hostile_upstream import HostileUpstream, Mode
-from pki import make_pki
+from pki import Pki, make_pki
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RunningServer, start_server
 
@@ -389,13 +389,9 @@ def test_a_backend_that_greets_then_hangs_fails_its_checks(farm: Farm, tmp_path:
     assert "greeted, then did not answer QUIT within health.timeout" in log
 
 
-@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-ca", "untrusted-ca"])
-def test_each_backend_has_its_own_upstream_tls_settings(tmp_path: Path, trusted: bool) -> None:
-    """[tls] says clear text; one backend (vsftpd requiring TLS) says TLS with its own CA
-    and name. Sessions there are protected and verified, sessions on the other are not. With
-    a CA that did not sign vsftpd's certificate, the session sent there fails over to the
-    other backend before the client sees anything (its greeting is held until the upstream
-    is secured), and vsftpd is marked down."""
+def tls_and_plain_servers(tmp_path: Path) -> tuple[Pki, RunningServer, RunningServer]:
+    """vsftpd requiring TLS (TLS 1.2; Debian's vsftpd fails many TLS 1.3 uploads) with the
+    test PKI's certificate, and pure-ftpd in clear text."""
     pki = make_pki(tmp_path / "pki")
     vs = start_server(
         "vsftpd",
@@ -405,20 +401,36 @@ def test_each_backend_has_its_own_upstream_tls_settings(tmp_path: Path, trusted:
         key=pki.server_key,
         tls_max_version="1.2",
     )
-    pure = start_server("pure-ftpd", tmp_path / "pure")
+    return pki, vs, start_server("pure-ftpd", tmp_path / "pure")
+
+
+def tls_backends(vs: RunningServer, pure: RunningServer, ca: Path, extra: str = "") -> str:
+    """Backend vs with its own upstream TLS (required, verified against `ca` as localhost),
+    backend pure in clear text, as [tls] says."""
+    return (
+        f'[[backends]]\nname = "vs"\naddress = "127.0.0.1:{vs.port}"\n'
+        f'tls_upstream = "required"\ntls_upstream_ca_file = "{ca}"\n'
+        'tls_upstream_name = "localhost"\n'
+        f'[[backends]]\nname = "pure"\naddress = "127.0.0.1:{pure.port}"\n'
+        '[tls]\nupstream = "off"\n' + extra
+    )
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-ca", "untrusted-ca"])
+def test_each_backend_has_its_own_upstream_tls_settings(tmp_path: Path, trusted: bool) -> None:
+    """[tls] says clear text; one backend (vsftpd requiring TLS) says TLS with its own CA
+    and name. Sessions there are protected and verified, sessions on the other are not. With
+    a CA that did not sign vsftpd's certificate, the session sent there fails over to the
+    other backend before the client sees anything (its greeting is held until the upstream
+    is secured), and vsftpd is marked down."""
+    pki, vs, pure = tls_and_plain_servers(tmp_path)
     farm = Farm(tmp_path, {"vs": vs, "pure": pure})
     for server in farm.servers.values():
         (server.root / "data.bin").write_bytes(PAYLOAD)
         (server.root / "data.bin").chmod(0o644)
     ca = pki.ca_cert if trusted else pki.untrusted_ca_cert
     config = tmp_path / "tls.toml"
-    config.write_text(
-        f'[[backends]]\nname = "vs"\naddress = "127.0.0.1:{vs.port}"\n'
-        f'tls_upstream = "required"\ntls_upstream_ca_file = "{ca}"\n'
-        'tls_upstream_name = "localhost"\n'
-        f'[[backends]]\nname = "pure"\naddress = "127.0.0.1:{pure.port}"\n'
-        '[tls]\nupstream = "off"\n'
-    )
+    config.write_text(tls_backends(vs, pure, ca))
     process = start_gateway(tmp_path, "--config", str(config))
     try:
         gateway = Gateway(process, 0, config)
@@ -453,27 +465,12 @@ def test_health_checks_take_out_a_backend_whose_required_tls_would_fail(tmp_path
     sign its certificate: every session sent there would end with 421. The health checks do
     the AUTH TLS handshake as a session would, so the backend goes down, with the reason, and
     sessions go to the other one; with the right CA the same backend passes its checks."""
-    pki = make_pki(tmp_path / "pki")
-    vs = start_server(
-        "vsftpd",
-        tmp_path / "vs-tls",
-        tls="required",
-        cert=pki.server_cert,
-        key=pki.server_key,
-        tls_max_version="1.2",
-    )
-    pure = start_server("pure-ftpd", tmp_path / "pure")
+    pki, vs, pure = tls_and_plain_servers(tmp_path)
     try:
         for ca, expected in ((pki.untrusted_ca_cert, "down"), (pki.ca_cert, "up")):
             config = tmp_path / f"{expected}.toml"
-            config.write_text(
-                f'[[backends]]\nname = "vs"\naddress = "127.0.0.1:{vs.port}"\n'
-                f'tls_upstream = "required"\ntls_upstream_ca_file = "{ca}"\n'
-                'tls_upstream_name = "localhost"\n'
-                f'[[backends]]\nname = "pure"\naddress = "127.0.0.1:{pure.port}"\n'
-                '[tls]\nupstream = "off"\n'
-                "[health]\ninterval = 0.3\ntimeout = 5\nfall = 2\nrise = 1\n"
-            )
+            health = "[health]\ninterval = 0.3\ntimeout = 5\nfall = 2\nrise = 1\n"
+            config.write_text(tls_backends(vs, pure, ca, health))
             process = start_gateway(tmp_path, "--config", str(config))
             try:
                 if expected == "down":

@@ -338,18 +338,23 @@ class HeaderUpstream:
         self.thread.join(timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_upstream_proxy_protocol_names_the_client(version: str, tmp_path: Path) -> None:
-    upstream = HeaderUpstream(version)
+def header_sender(tmp_path: Path, version: str, upstream: str) -> GatewayProcess:
+    """A gateway on the first instance's address sending `upstream` a PROXY header."""
     (tmp_path / "gateway.toml").write_text(f'upstream_proxy_protocol = "{version}"\n')
-    gateway = start_gateway(
+    return start_gateway(
         tmp_path,
         "--config",
         str(tmp_path / "gateway.toml"),
         "--upstream",
-        f"127.0.0.1:{upstream.port}",
+        upstream,
         host=INSTANCES[0],
     )
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_upstream_proxy_protocol_names_the_client(version: str, tmp_path: Path) -> None:
+    upstream = HeaderUpstream(version)
+    gateway = header_sender(tmp_path, version, f"127.0.0.1:{upstream.port}")
     try:
         ftp = client()
         ftp.connect(gateway.host, gateway.port)
@@ -397,15 +402,7 @@ def test_haproxy_reads_the_upstream_header_and_the_session_works(
         host=READER_HOST, port=port, server=f"{server.host}:{server.port}"
     )
     reader = Balancer(tmp_path, config, port, host=READER_HOST)
-    (tmp_path / "gateway.toml").write_text(f'upstream_proxy_protocol = "{version}"\n')
-    gateway = start_gateway(
-        tmp_path,
-        "--config",
-        str(tmp_path / "gateway.toml"),
-        "--upstream",
-        f"{READER_HOST}:{port}",
-        host=INSTANCES[0],
-    )
+    gateway = header_sender(tmp_path, version, f"{READER_HOST}:{port}")
     try:
         ftp = client()
         ftp.connect(gateway.host, gateway.port)

@@ -314,22 +314,24 @@ class HeaderUpstream:
             )
             if rest:
                 self.errors.append(f"bytes before the greeting: {rest!r}")
-            try:
-                conn.sendall(b"220 scripted\r\n")
-            except OSError:  # the start-up probe's session: its upstream side is dropped
+            # The start-up probe's session is dropped by the gateway (a reset) at any point.
+            with contextlib.suppress(OSError):
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.sendall(b"220 scripted\r\n")
+        for line in conn.makefile("rb"):
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"USER":
+                conn.sendall(b"331 password\r\n")
+            elif verb == b"PASS":
+                conn.sendall(b"230 in\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                self.quits += 1
                 return
-            for line in conn.makefile("rb"):
-                verb = line.split(b" ", 1)[0].strip().upper()
-                if verb == b"USER":
-                    conn.sendall(b"331 password\r\n")
-                elif verb == b"PASS":
-                    conn.sendall(b"230 in\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    self.quits += 1
-                    return
-                else:
-                    conn.sendall(b"502 no\r\n")
+            else:
+                conn.sendall(b"502 no\r\n")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

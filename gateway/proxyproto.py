@@ -274,7 +274,10 @@ class ForwardedData(Protocol):
         transport.protocol = protocol  # type: ignore[union-attr]
         protocol.makeConnection(transport)
         if rest:
-            protocol.dataReceived(rest)
+            # What came with the header goes where the socket's next bytes go: a protected
+            # data connection started TLS as it was made, so a ClientHello the balancer sent
+            # in the same segment as the header belongs to the TLS layer, not to the protocol.
+            transport.protocol.dataReceived(rest)  # type: ignore[union-attr]
 
     def _drop(self, reason: str) -> None:
         if self._timer is not None and self._timer.active():

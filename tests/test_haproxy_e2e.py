@@ -596,3 +596,56 @@ def test_ftps_data_through_the_balancer(
     finally:
         ftp.close()
     assert (server.root / name).read_bytes() == PAYLOAD
+
+
+def test_tls_client_hello_in_the_same_segment_as_the_forwarded_header(
+    farm: tuple[Balancer, list[GatewayProcess]], server: RunningServer, farm_pki: Pki
+) -> None:
+    """HAProxy sends a forwarded data connection's header and what the client already sent
+    in one segment when the client was quicker than HAProxy's connection to the instance:
+    for a protected upload that is the TLS ClientHello. Sent here exactly that way, as
+    HAProxy would (from its address, 127.0.0.1), the upload completes byte for byte."""
+    balancer, _ = farm
+    context = ssl.create_default_context(cafile=str(farm_pki.ca_cert))
+    context.check_hostname = False
+    ftp = ftplib.FTP_TLS(context=context, timeout=TIMEOUT, source_address=(CLIENT, 0))
+    ftp.connect(BALANCER, balancer.port)
+    try:
+        ftp.auth()
+        ftp.login(server.user, server.password)
+        ftp.prot_p()
+        ftp.voidcmd("TYPE I")
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, session=ftp.sock.session)  # type: ignore[union-attr]
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        client_hello = outgoing.read()
+        client_port = ftp.sock.getsockname()[1]  # type: ignore[union-attr]
+        forwarded = header("v2", HostPort.of(CLIENT, client_port), HostPort.of(BALANCER, port))
+        with socket.create_connection((host, port), timeout=TIMEOUT) as data:
+            data.sendall(forwarded + client_hello)  # one segment, as HAProxy may send it
+            ftp.putcmd("STOR hello.bin")
+            assert ftp.getresp()[:3] in ("125", "150")
+            while True:  # the rest of the handshake
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    data.sendall(outgoing.read())
+                    chunk = data.recv(65536)
+                    assert chunk, "the gateway closed the data connection in the handshake"
+                    incoming.write(chunk)
+            tls.write(PAYLOAD)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.unwrap()
+            data.sendall(outgoing.read())
+            data.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                while data.recv(65536):
+                    pass
+        assert ftp.voidresp().startswith("226")
+        ftp.quit()
+    finally:
+        ftp.close()
+    assert (server.root / "hello.bin").read_bytes() == PAYLOAD

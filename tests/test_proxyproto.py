@@ -339,6 +339,27 @@ def test_forwarded_data_is_handed_to_the_client_protocol(chunk: int) -> None:
     assert not transport.disconnecting
 
 
+class Layering(Recorder):
+    """A data connection that puts a layer between itself and the socket as it is made, as
+    a protected one does with startTLS."""
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        self.layer = Recorder()
+        transport.protocol = self.layer
+
+
+def test_bytes_that_came_with_the_header_go_to_the_layer_the_connection_put_in() -> None:
+    # HAProxy sends the header and what the client sent so far (a TLS ClientHello) in one
+    # segment when the client was quicker than the connection to this instance.
+    accept = Accepting("192.0.2.5")
+    accept.protocol = Layering()
+    _, transport = forwarded(accept, Clock())
+    transport.protocol.dataReceived(V2 + b"\x16\x03\x01 a ClientHello")  # type: ignore[attr-defined]
+    assert accept.protocol.layer.received == b"\x16\x03\x01 a ClientHello"
+    assert accept.protocol.received == b""
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [

@@ -2,9 +2,11 @@
 gateway processes with `haproxy:` listeners, proxying to a real pyftpdlib server.
 
 The HAProxy configuration is etc/examples/haproxy.cfg with only its addresses substituted, so
-the shipped example is what runs here. The client is bound to 127.0.0.5, HAProxy listens on
-127.0.0.20 and the gateways on 127.0.0.11 and 127.0.0.12: every address in the logs says which
-hop it belongs to.
+the shipped example is what runs here. The client is bound to 127.W.0.5, HAProxy listens on
+127.W.0.20 and the gateways on 127.W.0.11 and 127.W.0.12: every address in the logs says which
+hop it belongs to. W is one more than the pytest-xdist worker's number: the example binds the
+same passive port ranges for every farm, and HAProxy binds with SO_REUSEPORT, so two workers'
+farms on one address would take each other's data connections.
 
 Also here: `upstream_proxy_protocol` against a scripted upstream that parses the header with
 Twisted's parsers, and against real HAProxy reading it (`accept-proxy`) in front of a real
@@ -39,9 +41,10 @@ from gateway.addresses import HostPort
 from gateway.proxyproto import header
 
 TIMEOUT = 30.0
-CLIENT = "127.0.0.5"
-BALANCER = "127.0.0.20"
-INSTANCES = ("127.0.0.11", "127.0.0.12")
+_NET = f"127.{int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0').removeprefix('gw') or 0) + 1}.0"
+CLIENT = f"{_NET}.5"
+BALANCER = f"{_NET}.20"
+INSTANCES = (f"{_NET}.11", f"{_NET}.12")
 RANGES = ("40100-40149", "40150-40199")
 EXAMPLE = PROJECT / "etc" / "examples" / "haproxy.cfg"
 PAYLOAD = os.urandom(300_000)
@@ -392,7 +395,7 @@ frontend upstream-in
 backend server
     server ftp {server}
 """
-READER_HOST = "127.0.0.21"
+READER_HOST = f"{_NET}.21"
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -126,6 +126,8 @@ class Event(StrEnum):
     """--demo: the demonstration upstream is serving."""
     LOGS_REOPENED = "logs_reopened"
     """SIGUSR1: the log files were reopened (after rotation)."""
+    STOP_REQUESTED = "stop_requested"
+    """SIGTERM or SIGINT: the gateway is asked to stop (the shutdown follows)."""
     SHUTDOWN_STARTED = "shutdown_started"
     """SIGTERM: the gateway stopped accepting and waits for running transfers."""
     SHUTDOWN_FORCED = "shutdown_forced"

@@ -11,15 +11,25 @@ one uses that to give running transfers `timeouts.shutdown` seconds:
    transferring are ended: 426 for the transfer, 421 for the session.
 
 What each session answers is the pure session's decision; only the timing lives here.
+
+The first SIGTERM or SIGINT is taken here too, once the reactor runs, in place of Twisted's own
+handlers: those log "Received SIGTERM" from inside the signal handler, and a signal that lands
+while the main thread is writing a log line then waits for the log file's lock that very
+thread holds (twisted.python.logfile is synchronized with a pure-Python RLock, which a signal
+can interrupt between taking the lock and recording its owner): the gateway hung instead of
+stopping, until systemd killed it and every transfer with it. Here the handler only hands the
+work to the reactor (`callFromThread`, which is safe in a signal handler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from gateway.control import ClientControl, GatewayFactory
@@ -45,6 +55,31 @@ class GracefulShutdown(Service):
         self._ended_at_once = False
         self._transfers_at_start = 0
         self._aborted = 0
+
+    def startService(self) -> None:
+        super().startService()
+        # After the reactor has installed its own handlers, which these replace.
+        self.reactor.callWhenRunning(self._take_signals)
+
+    def _take_signals(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_first_signal)
+
+    def _on_first_signal(self, signum: int, frame: Any) -> None:
+        # Nothing here may log or take a lock (see the module docstring).
+        self.reactor.callFromThread(self._stop, signum)
+
+    def _stop(self, signum: int) -> None:
+        _log.info(
+            "Received {signal}, shutting down.",
+            signal=signal.Signals(signum).name,
+            event=Event.STOP_REQUESTED,
+        )
+        # As Twisted's handler does: twistd ends the process with this signal, unless the stop
+        # was clean (`_check`).
+        self.reactor._exitSignal = signum
+        with contextlib.suppress(ReactorNotRunning):  # a second signal before the first acted
+            self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -177,6 +177,7 @@ def test_running_transfer_completes_and_idle_session_gets_421(
     assert hashlib.sha256(download.data).digest() == hashlib.sha256(SMALL).digest()
     assert codes(download.replies) == ["226", "421"], download.replies
     log = gateway.log()
+    assert "[gateway.shutdown#info] Received SIGTERM, shutting down." in log
     assert "idle sessions closed: 1; running transfers: 1, given up to 60 s" in log
     assert "Shutdown complete: 1 transfers ran to their end, 0 ended with 426" in log
     # The transfer log was still open when the transfer ended during the grace period.
@@ -226,3 +227,40 @@ def test_second_sigterm_ends_transfers_at_once(
     assert len(download.data) < len(LARGE)
     assert codes(download.replies) == ["426", "421"], download.replies
     assert "ending 1 transfers with 426 (second signal)" in gateway.log()
+
+
+class _Reactor:
+    """What the shutdown service asks of the reactor when a signal comes."""
+
+    def __init__(self) -> None:
+        self.from_thread: list[tuple[object, tuple[object, ...]]] = []
+        self.stopped = 0
+        self._exitSignal: int | None = None
+
+    def callFromThread(self, f: object, *args: object) -> None:
+        self.from_thread.append((f, args))
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+def test_the_first_signal_only_hands_the_stop_to_the_reactor() -> None:
+    """A signal handler that logs can wait for ever on the log file's lock its own thread
+    holds (Twisted's did). This one logs nothing and takes no lock until the reactor's turn."""
+    from twisted.logger import globalLogPublisher
+
+    from gateway.shutdown import GracefulShutdown
+
+    reactor = _Reactor()
+    service = GracefulShutdown(None, 60.0, reactor)  # type: ignore[arg-type]
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service._on_first_signal(signal.SIGTERM, None)
+        assert events == [] and reactor.stopped == 0  # nothing in the handler itself
+        ((stop, args),) = reactor.from_thread
+        stop(*args)  # the reactor's turn
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert reactor.stopped == 1 and reactor._exitSignal == signal.SIGTERM
+    assert [event.get("event") for event in events] == ["stop_requested"]

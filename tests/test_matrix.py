@@ -43,7 +43,7 @@ from typing import Final
 
 import pytest
 from clients import curl, file_sha256, lftp, lftp_sent, sent_commands, sha256
-from gateway_process import GatewayProcess, free_port, start_gateway
+from gateway_process import GatewayProcess, free_port, start_gateway, wait_for_port
 from servers import KINDS, RunningServer, start_server
 
 CLIENTS: Final = ("ftplib", "curl", "lftp")
@@ -106,6 +106,9 @@ class Site:
                 "--log-level=debug",  # UpstreamLog reads the commands sent upstream
                 *args,
             )
+            # start_gateway waits for the first listener; the second binds a moment later,
+            # and on a busy machine a client can come in between.
+            wait_for_port(V6, port6, proc=gateway.proc)
             self.gateways[key] = (gateway, port6)
         gateway, port6 = self.gateways[key]
         return gateway, port6 if family == 6 else gateway.port

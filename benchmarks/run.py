@@ -427,6 +427,11 @@ def concurrency(
                     "aggregate_mb_s": ok * size / wall / 1e6,
                     "errors": errors[:5],
                 }
+            if gw.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the gateway exited with {gw.proc.returncode} during the concurrency "
+                    f"part; its log ends:\n{gw.log()[-3000:]}"
+                )
             rows["gateway"]["peak_rss_kib"] = status_kib(gw.proc.pid, "VmHWM")
         finally:
             gw.stop()

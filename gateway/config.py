@@ -29,6 +29,7 @@ from gateway.rates import DIRECTIONS, UNLIMITED, Rate, parse_rate
 from gateway.routes import Route, RouteError, check_private, load_routes_file, parse_routes
 
 #: `data.upstream_mode`: how the gateway opens data connections to the upstream.
+Mode = Literal["reverse", "forward", "transparent"]
 UpstreamDataMode = Literal["passive", "pasv", "epsv", "active", "client"]
 #: `tls.client`: explicit FTPS (AUTH TLS) for clients.
 ClientTLSMode = Literal["off", "optional", "required"]
@@ -808,6 +809,13 @@ class Config:
     def forward(self) -> bool:
         """Forward (egress proxy) mode: no fixed upstream, USER name@host chooses it."""
         return self.upstream is None and not self.backends and not self.transparent
+
+    @property
+    def mode(self) -> Mode:
+        """How the upstream is chosen, for the logs."""
+        if self.transparent:
+            return "transparent"
+        return "forward" if self.forward else "reverse"
 
     @property
     def reverse(self) -> bool:

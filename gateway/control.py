@@ -138,7 +138,7 @@ class ClientControl(Protocol):
         self.log.info(
             "Session started: client {client}, {mode} mode, upstream {upstream}",
             client=str(peer),
-            mode=self.session.mode,
+            mode=self.session.config.mode,
             upstream=self._upstream_name(),
             event=Event.SESSION_STARTED,
         )
@@ -260,7 +260,7 @@ class ClientControl(Protocol):
             "Session ended: client {client}, {mode} mode, upstream {upstream}, user {user}"
             + (", proxy user {proxy_user}" if proxy_user else ""),
             client=str(self.peer),
-            mode=self.session.mode,
+            mode=self.session.config.mode,
             upstream=self._upstream_name(),
             user=self.session.user or "-",
             proxy_user=proxy_user,

@@ -67,11 +67,9 @@ class ConnectBackend:
 class RetryBackend:
     """Reverse mode: the backend just connected cannot serve the session (its TLS failed)
     while the client has seen nothing yet. Drop it, mark it failed, and connect the next one
-    the pool chooses among those not tried, answered as `ConnectBackend` is; with none left,
-    answer with `backend_retry_failed(reply)`."""
+    the pool chooses among those not tried, answered as `ConnectBackend` is."""
 
     reason: str
-    reply: Reply
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Literal
 
 from gateway import verbs
 from gateway.addresses import HostPort
@@ -66,7 +65,6 @@ from gateway.view import ACCEPTS_COMMANDS, Phase
 __all__ = ["MAX_OWED_REPLIES", "MAX_UNSOLICITED_REPLIES", "SHUTDOWN_TEXT", "Session"]
 
 #: How the upstream is chosen.
-Mode = Literal["reverse", "forward", "transparent"]
 
 
 class Session:
@@ -139,13 +137,6 @@ class Session:
     @property
     def transferring(self) -> bool:
         return self.phase is Phase.TRANSFER
-
-    @property
-    def mode(self) -> Mode:
-        """How the upstream is chosen, for the logs."""
-        if self.config.transparent:
-            return "transparent"
-        return "forward" if self.config.forward else "reverse"
 
     @property
     def forward(self) -> bool:
@@ -231,11 +222,6 @@ class Session:
 
     def upstream_connect_failed(self, reason: str) -> list[Effect]:
         return [] if self.closed else self.upstream.connect_failed(reason)
-
-    def backend_retry_failed(self, reply: Reply) -> list[Effect]:
-        """`RetryBackend` found no other backend: the session ends with the first one's
-        reason (`reply`)."""
-        return [] if self.closed else self.close(reply)
 
     def upstream_tls_ready(self) -> list[Effect]:
         """The upstream control connection's TLS handshake succeeded and was verified."""

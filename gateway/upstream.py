@@ -82,6 +82,8 @@ class Upstream:
         #: The phase to return to after a negotiation a client's AUTH TLS started.
         self._resume: Phase | None = None
         self._unsolicited = 0
+        #: Why the last backend could not be used (`_unusable`): the 421 when none is left.
+        self._unusable_reply: Reply | None = None
 
     def _new_ftps(self) -> UpstreamFTPS:
         return UpstreamFTPS(
@@ -115,7 +117,9 @@ class Upstream:
         if self._host.forward:
             assert isinstance(self._host.login, Login)
             return [log, *self._host.login.connect_failed(reason)]
-        return [log, *self._host.close(Reply.of(421, f"Upstream server unavailable: {reason}."))]
+        last = self._unusable_reply  # no other backend after one that could not be used
+        reply = last or Reply.of(421, f"Upstream server unavailable: {reason}.")
+        return [log, *self._host.close(reply)]
 
     def tls_failed(self, reason: str) -> list[Effect]:
         if self._host.config.tls.upstream == "auto" and "certificate" in reason:
@@ -155,7 +159,8 @@ class Upstream:
         self._unsolicited = 0
         self.backend = None
         self._host.enter(Phase.GREETING)
-        return [RetryBackend(reason, reply)]
+        self._unusable_reply = reply
+        return [RetryBackend(reason)]
 
     def failed(self, error: ProtocolError) -> list[Effect]:
         return [

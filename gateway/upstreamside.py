@@ -261,8 +261,8 @@ class UpstreamSide:
     def connect_backend(self, effect: ConnectBackend, retry: RetryBackend | None = None) -> None:
         """Reverse mode: have the balancer connect a backend, failing over until one greets
         with 220; the session learns of it only then (or of the last failure, for its 421).
-        With `retry`, the backends this session tried already are left out, and with none
-        left the session ends with the first one's reason."""
+        With `retry`, the backends this session tried already are left out (with none left,
+        the session ends with the reason the first could not be used, `Upstream._unusable`)."""
         owner = self._owner
         self._request = effect
 
@@ -294,10 +294,7 @@ class UpstreamSide:
             self._connecting = None
             if failure.check(CancelledError, error.ConnectingCancelledError):
                 return
-            if retry is not None:
-                owner.run(owner.session.backend_retry_failed(retry.reply))
-            else:
-                owner.run(owner.session.upstream_connect_failed(failure.getErrorMessage()))
+            owner.run(owner.session.upstream_connect_failed(failure.getErrorMessage()))
 
         d.addCallbacks(connected, failed)
 

@@ -70,7 +70,7 @@ def test_transfer_record_names_user_type_and_direction() -> None:
     ]
     assert record.fields["user"] == "alice" and record.fields["type"] == "b"
     assert record.fields["direction"] == "download" and record.fields["path"] == "f"
-    assert s.user == "alice" and s.mode == "reverse"
+    assert s.user == "alice" and s.config.mode == "reverse"
 
 
 def test_transfer_type_stays_ascii_when_the_upstream_refuses_type() -> None:

@@ -114,31 +114,29 @@ class RouteLogin:
         log = Log("info", "Proxy user {user} authenticated", fields)
         return [log, *self._route(name, groups, plan.password)]
 
+    def _refuse_route(self, name: str, log_format: str, text: str) -> list[Effect]:
+        """The routes give `name` nowhere to go: 530 with `text`, and the login starts over."""
+        log = Log("warn", log_format, {"user": name, "event": Event.REFUSED, "refused": "route"})
+        self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
+        return [log, *self._view.answer(Reply.of(530, text))]
+
     def _route(self, name: str, groups: frozenset[str], password: str | None) -> list[Effect]:
         """Send the session where the routes say, or refuse the name with 530."""
         if self._routes:
             decision: Decision | None = decide(self._routes, name, groups, self._groups)
             if decision is None:
-                log = Log(
-                    "warn",
-                    "No route for user {user}",
-                    {"user": name, "event": Event.REFUSED, "refused": "route"},
+                return self._refuse_route(
+                    name, "No route for user {user}", "No route for this user on this gateway."
                 )
-                self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
-                text = "No route for this user on this gateway."
-                return [log, *self._view.answer(Reply.of(530, text))]
             user = decision.upstream_user
             if not user:
                 # "USER @site-b" with upstream_user = "{local}": an empty USER upstream would
                 # get a 501 the client cannot make sense of, with no way to log in again.
-                log = Log(
-                    "warn",
+                return self._refuse_route(
+                    name,
                     "Route for user {user} gives an empty upstream name",
-                    {"user": name, "event": Event.REFUSED, "refused": "route"},
+                    "The route for this user gives no name to log in with.",
                 )
-                self._view.enter(Phase.PROXY_LOGIN if self._proxy_auth else Phase.LOGIN)
-                text = "The route for this user gives no name to log in with."
-                return [log, *self._view.answer(Reply.of(530, text))]
             password = decision.upstream_password or password
             names: frozenset[str] | None = decision.names
         else:

@@ -8,14 +8,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
+def quick_run(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """`benchmarks/run.py --quick` with `args`: what it printed and its JSON results."""
     out = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)],
+        [sys.executable, "benchmarks/run.py", "--quick", "--json", str(out), *args],
         cwd=PROJECT,
         capture_output=True,
         text=True,
@@ -23,7 +25,11 @@ def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    results = json.loads(out.read_text())
+    return run.stdout, json.loads(out.read_text())
+
+
+def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
+    stdout, results = quick_run(tmp_path)
     for case in ("RETR passive", "RETR active", "STOR passive", "STOR active"):
         for path in ("direct", "splice", "copy"):
             assert results["throughput"][case][path]["median"] > 0
@@ -38,30 +44,17 @@ def test_benchmark_quick_mode_runs_every_part(tmp_path: Path) -> None:
         assert results["relay"][path]["median"] > 0  # each checked that every byte arrived
     parts = ("1. Throughput", "2. FTPS", "3. Session set-up", "4. Concurrency", "5. Idle", "6. ")
     for part in parts:
-        assert part in run.stdout
+        assert part in stdout
 
 
 def test_benchmark_runs_only_the_parts_and_relays_asked_for(tmp_path: Path) -> None:
     """`--parts throughput --relays splice` measures direct and spliced throughput only."""
-    out = tmp_path / "results.json"
-    run = subprocess.run(
-        [
-            *(sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)),
-            *("--parts", "throughput", "--relays", "splice"),
-        ],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    results = json.loads(out.read_text())
+    stdout, results = quick_run(tmp_path, "--parts", "throughput", "--relays", "splice")
     for case in ("RETR passive", "RETR active", "STOR passive", "STOR active"):
         assert set(results["throughput"][case]) == {"direct", "splice"}
         assert results["throughput"][case]["splice"]["median"] > 0
     assert not {"ftps", "setup", "concurrency", "idle", "relay"} & set(results)
-    assert "1. Throughput" in run.stdout and "2. FTPS" not in run.stdout
+    assert "1. Throughput" in stdout and "2. FTPS" not in stdout
 
 
 def test_benchmark_refuses_an_unknown_part(tmp_path: Path) -> None:

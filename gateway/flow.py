@@ -37,26 +37,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
 from gateway.effects import Side
+from gateway.sockets import open_plain_tcp
 
 #: Seconds a closing client connection is read (and its bytes dropped) after the gateway's FIN,
 #: waiting for the client to close its side; checked this often until the FIN has gone out.
 LINGER = 2.0
-
-
-def _lingers(transport: Any) -> bool:
-    """Plain TCP, open: a transport that can send FIN and go on reading."""
-    return (
-        isinstance(transport, tcp.Connection)
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-    )
 
 
 @implementer(IPushProducer)
@@ -113,7 +102,7 @@ class ControlFlow:
             del self._transports[side]
             self._cancel(side)
             transport.unregisterProducer()
-        if side is Side.CLIENT and _lingers(transport):
+        if side is Side.CLIENT and open_plain_tcp(transport):  # can send FIN and read on
             transport.loseWriteConnection()  # FIN once what is queued has been sent
             transport.resumeProducing()  # read on, to see the client close (bytes dropped)
             self._cancel_close(side)

@@ -91,6 +91,17 @@ def reason_of(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
 
+def open_plain_tcp(transport: Any) -> bool:
+    """A plain TCP transport (no TLS, no wrapper) that is open and not closing either way."""
+    return (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport.TLS
+    )
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """Write `data` to a control connection, sending it at once when nothing is queued before
     it. Twisted's `write` only queues and sends when the reactor next finds the socket
@@ -101,15 +112,7 @@ def write_now(transport: Any, data: bytes) -> None:
     short way; TLS, wrapped transports (PROXY protocol) and anything queued go through `write`,
     which keeps the order and Twisted's producer bookkeeping. What the socket does not take at
     once is queued by `write` as usual."""
-    if (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.TLS
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-    ):
+    if open_plain_tcp(transport) and not transport.dataBuffer and not transport._tempDataBuffer:
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:
             data = data[sent:]
